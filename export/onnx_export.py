@@ -1,0 +1,192 @@
+"""Trace one wrapped component to ONNX, clean the graph, and check it against PyTorch with ONNX Runtime.
+
+Names and dynamic axes come from the component's :class:`~sdxl_trt.contracts.ComponentSpec`. Files over
+2 GB (the full-size UNets) are saved with their weights in one external-data file beside the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from sdxl_trt.contracts import ComponentSpec, TensorSpec
+from sdxl_trt.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 17
+TWO_GB = 2**31 - 1
+TRACE_DIMS = {"B": 2, "S": 77, "h": 32, "w": 40}
+"""Shape used for tracing: distinct values per named dimension so no two are confused or specialised."""
+
+TORCH_DTYPES = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
+
+
+def torch_dtype(t: TensorSpec, precision: torch.dtype) -> torch.dtype:
+    return precision if t.dtype == "float" else TORCH_DTYPES[t.dtype]
+
+
+def sample_inputs(
+    spec: ComponentSpec, dims: Mapping[str, int], precision: torch.dtype, *, seed: int = 0,
+    device: str | torch.device = "cpu", vocab_size: int = 49408,
+) -> dict[str, torch.Tensor]:
+    """Seeded random inputs in each tensor's domain (token ids, timesteps in [0, 1000), normals)."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for t in spec.inputs:
+        shape = t.shape(dims)
+        dtype = torch_dtype(t, precision)
+        if t.name == "input_ids":
+            x = torch.randint(0, vocab_size, shape, generator=g, dtype=dtype)
+        elif t.name == "timestep":
+            x = torch.rand(shape, generator=g) * 999
+        elif t.name == "time_ids":
+            x = torch.randint(0, 1024, shape, generator=g).float()
+        elif t.name == "images":
+            x = torch.rand(shape, generator=g) * 2 - 1
+        else:
+            x = torch.randn(shape, generator=g)
+        out[t.name] = x.to(device=device, dtype=dtype)
+    return out
+
+
+@dataclass
+class Verification:
+    """How far ONNX Runtime's outputs are from PyTorch's, per output tensor."""
+
+    dims: dict[str, int]
+    relative_error: dict[str, float]  # ||onnx - torch||_2 / ||torch||_2
+    max_abs_error: dict[str, float]
+
+    @property
+    def worst_relative_error(self) -> float:
+        return max(self.relative_error.values())
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    spec: ComponentSpec,
+    path: Path,
+    *,
+    precision: torch.dtype,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Trace ``module`` with the TorchScript exporter (fast and reliable for the 2.6 B UNet) and save it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = sample_inputs(spec, TRACE_DIMS, precision, device=device)
+    dynamic_axes = {t.name: t.dynamic_axes() for t in spec.tensors if t.dynamic_axes()}
+    raw_dir = path.parent / f".{path.stem}.raw"
+    raw_dir.mkdir(exist_ok=True)
+    raw = raw_dir / "model.onnx"
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module,
+                tuple(inputs[n] for n in spec.input_names),
+                str(raw),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=ONNX_OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except Exception as e:  # noqa: BLE001 - report which component failed and why
+            raise ExportError(f"torch.onnx.export failed for {spec.name}: {e}") from e
+    model = onnx.load(str(raw), load_external_data=True)
+    model = clean_graph(model)
+    save_onnx(model, path)
+    for f in raw_dir.iterdir():
+        f.unlink()
+    raw_dir.rmdir()
+    return path
+
+
+def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold constants, drop dead nodes, infer shapes (onnx-graphsurgeon; shape inference for < 2 GB)."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    try:
+        graph.fold_constants(error_ok=True)
+    except Exception as e:  # noqa: BLE001 - folding is an optimisation; keep the unfolded graph
+        log.warning("constant folding skipped: %s", e)
+    graph.cleanup()
+    cleaned = gs.export_onnx(graph)
+    if cleaned.ByteSize() < TWO_GB:
+        cleaned = onnx.shape_inference.infer_shapes(cleaned)
+    return cleaned
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Save ``model``; over 2 GB, all weights go to one ``<name>.onnx.data`` file beside it."""
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    large = model.ByteSize() >= TWO_GB
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+
+
+def check_onnx(path: Path) -> None:
+    """``onnx.checker`` on the file (by path, so external data is fine)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path} fails onnx.checker: {e}") from e
+
+
+def verify_onnx(
+    module: torch.nn.Module,
+    spec: ComponentSpec,
+    path: Path,
+    *,
+    dims: Mapping[str, int],
+    precision: torch.dtype,
+    device: str | torch.device = "cpu",
+    seed: int = 1,
+) -> Verification:
+    """Run the same random inputs through PyTorch and ONNX Runtime (CPU) and compare."""
+    import onnxruntime as ort
+
+    inputs = sample_inputs(spec, dims, precision, device=device, seed=seed)
+    with torch.inference_mode():
+        expected = module(*(inputs[n] for n in spec.input_names))
+    if isinstance(expected, torch.Tensor):
+        expected = (expected,)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = session.run(spec.output_names, {k: v.cpu().numpy() for k, v in inputs.items()})
+    rel, mx = {}, {}
+    for name, e, g in zip(spec.output_names, expected, got, strict=True):
+        e64 = e.detach().cpu().double().numpy()
+        g64 = np.asarray(g, dtype=np.float64)
+        if e64.shape != g64.shape:
+            raise ExportError(f"{spec.name}.{name}: ONNX shape {g64.shape} != PyTorch shape {e64.shape} at {dict(dims)}")
+        diff = g64 - e64
+        rel[name] = float(np.linalg.norm(diff) / max(np.linalg.norm(e64), 1e-30))
+        mx[name] = float(np.abs(diff).max())
+    return Verification(dict(dims), rel, mx)
+
+
+def timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,208 @@
+"""The component contract: the one place that says what each SDXL network takes and returns.
+
+Every component (``text_encoder``, ``text_encoder_2``, ``unet``, ``refiner``, ``vae_decoder``,
+``vae_encoder``) is a frozen :class:`ComponentSpec`: ordered input and output tensors with dtypes and
+*named* dimensions. export/ reads names and dynamic axes from it, engine/ derives optimization profiles
+from it, runtime/ sizes its buffers from it. Nothing else in the project restates a shape.
+
+Named dimensions:
+
+* ``B`` batch (for the UNets the doubled, classifier-free-guidance batch),
+* ``S`` context tokens seen by a UNet (77 per prompt chunk: long prompts are chunked, so S = 77 k),
+* ``h`` / ``w`` latent height / width (image side / 8).
+
+Widths (hidden sizes, context width, number of micro-conditioning numbers) are properties of the model,
+not of the contract, so the specs are built from a :class:`ModelDims` read off the model's configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+TOKENS_PER_CHUNK = 77
+"""CLIP's context length: every text-encoder call sees exactly this many tokens."""
+
+VAE_SCALE = 8
+"""Image pixels per latent pixel, per side (KL-f8)."""
+
+DType = Literal["float", "float32", "int32", "int64"]
+"""``float`` follows the engine's precision (fp16 or fp32); the others are fixed."""
+
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "refiner", "vae_decoder", "vae_encoder")
+BASE_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A named dimension, optionally scaled: ``Dim("h", 8)`` is an image height of 8 latent rows each."""
+
+    name: str
+    scale: int = 1
+
+    def __str__(self) -> str:
+        return self.name if self.scale == 1 else f"{self.scale}{self.name}"
+
+
+DimLike = Dim | int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: DType
+    dims: tuple[DimLike, ...]
+
+    def shape(self, values: Mapping[str, int]) -> tuple[int, ...]:
+        """Concrete shape for the given named-dimension values (``{"B": 2, "h": 128, ...}``)."""
+        out = []
+        for d in self.dims:
+            if isinstance(d, int):
+                out.append(d)
+            else:
+                if d.name not in values:
+                    raise KeyError(f"tensor {self.name!r} needs a value for dimension {d.name!r}")
+                out.append(values[d.name] * d.scale)
+        return tuple(out)
+
+    @property
+    def named_dims(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.dims if isinstance(d, Dim))
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """ONNX dynamic-axis map (axis index -> symbolic name)."""
+        return {i: str(d) for i, d in enumerate(self.dims) if isinstance(d, Dim)}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    doc: str = ""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return self.inputs + self.outputs
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"component {self.name!r} has no tensor {name!r}; it has {[t.name for t in self.tensors]}")
+
+    @property
+    def named_dims(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for t in self.inputs:
+            for n in t.named_dims:
+                seen[n] = None
+        return tuple(seen)
+
+    def shapes(self, values: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape(values) for t in self.tensors}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The widths of one SDXL model, read off its component configs."""
+
+    text_hidden_1: int = 768  # CLIP ViT-L/14 hidden size
+    text_hidden_2: int = 1280  # OpenCLIP ViT-bigG/14 hidden size
+    pooled_dim: int = 1280  # text_encoder_2 projection
+    unet_context: int = 2048  # = text_hidden_1 + text_hidden_2
+    unet_time_ids: int = 6  # original (h, w), crop (top, left), target (h, w)
+    latent_channels: int = 4
+    refiner_context: int = 1280  # the refiner conditions on text_encoder_2 alone
+    refiner_time_ids: int = 5  # original (h, w), crop (top, left), aesthetic score
+    refiner_pooled_dim: int = 1280
+    vae_scale_factor: int = VAE_SCALE
+    unet_downsamples: int = 2  # latent sides must be divisible by 2**unet_downsamples
+    refiner_downsamples: int = 3  # 0 when the model has no refiner
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> ModelDims:
+        return cls(**dict(data))
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides must be multiples of this for every UNet the model has."""
+        return 2 ** max(self.unet_downsamples, self.refiner_downsamples)
+
+
+B, S, H, W = Dim("B"), Dim("S"), Dim("h"), Dim("w")
+
+
+def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
+    """All six component contracts for a model of the given widths."""
+    t = TOKENS_PER_CHUNK
+    c = dims.latent_channels
+    f = dims.vae_scale_factor
+    latent = (B, c, H, W)
+    image = (B, 3, Dim("h", f), Dim("w", f))
+
+    def unet_like(name: str, context: int, pooled: int, time_ids: int, doc: str) -> ComponentSpec:
+        return ComponentSpec(
+            name,
+            inputs=(
+                TensorSpec("sample", "float", latent),
+                TensorSpec("timestep", "float32", (B,)),
+                TensorSpec("encoder_hidden_states", "float", (B, S, context)),
+                TensorSpec("text_embeds", "float", (B, pooled)),
+                TensorSpec("time_ids", "float", (B, time_ids)),
+            ),
+            outputs=(TensorSpec("noise_pred", "float", latent),),
+            doc=doc,
+        )
+
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", "int64", (B, t)),),
+            outputs=(TensorSpec("hidden_states", "float", (B, t, dims.text_hidden_1)),),
+            doc="CLIP ViT-L/14: penultimate hidden states",
+        ),
+        "text_encoder_2": ComponentSpec(
+            "text_encoder_2",
+            inputs=(TensorSpec("input_ids", "int64", (B, t)),),
+            outputs=(
+                TensorSpec("hidden_states", "float", (B, t, dims.text_hidden_2)),
+                TensorSpec("text_embeds", "float", (B, dims.pooled_dim)),
+            ),
+            doc="OpenCLIP ViT-bigG/14: penultimate hidden states and the projected EOS token",
+        ),
+        "unet": unet_like(
+            "unet", dims.unet_context, dims.pooled_dim, dims.unet_time_ids, "SDXL base UNet: predicts noise"
+        ),
+        "refiner": unet_like(
+            "refiner",
+            dims.refiner_context,
+            dims.refiner_pooled_dim,
+            dims.refiner_time_ids,
+            "SDXL refiner UNet: predicts noise on the low-noise end",
+        ),
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            inputs=(TensorSpec("latent", "float", latent),),
+            outputs=(TensorSpec("images", "float", image),),
+            doc="VAE decoder: unscaled latents -> images in [-1, 1]",
+        ),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            inputs=(TensorSpec("images", "float", image),),
+            outputs=(TensorSpec("latent_parameters", "float", (B, 2 * c, H, W)),),
+            doc="VAE encoder: images in [-1, 1] -> mean and log-variance of the latent distribution",
+        ),
+    }
