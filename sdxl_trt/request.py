@@ -1,0 +1,104 @@
+"""The runtime's request and result types: what a service (or the CLI) asks a :class:`Pipeline` for.
+
+These are plain dataclasses, free of any web library: serve/ translates each HTTP API's shape into a
+:class:`GenerationRequest` at the edge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+RefinerMode = Literal["ensemble", "img2img"]
+Mode = Literal["txt2img", "img2img", "inpaint"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation call. Defaults follow diffusers' SDXL pipelines.
+
+    ``width``/``height`` must be a built bucket unless ``snap_to_bucket`` is set. ``seed`` None draws a
+    random seed (reported back). ``init_image`` makes it img2img (``strength``), ``mask_image`` with it
+    makes it inpainting (white = repaint). ``refiner_mode``: ``ensemble`` stops the base at
+    ``refiner_start`` of the schedule and lets the refiner finish; ``img2img`` re-noises the base latent
+    to ``refiner_strength`` and denoises it with the refiner.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int = 30
+    guidance_scale: float = 5.0
+    scheduler: str = "euler"
+    seed: int | None = None
+    num_images: int = 1
+    init_image: Image.Image | None = None
+    strength: float = 0.8
+    mask_image: Image.Image | None = None
+    refiner_mode: RefinerMode | None = None
+    refiner_start: float = 0.8
+    refiner_strength: float = 0.3
+    refiner_steps: int | None = None  # img2img refiner: defaults to ``steps``
+    original_size: tuple[int, int] | None = None  # (height, width); default: the target size
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None  # (height, width); default: the image size
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    snap_to_bucket: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def mode(self) -> Mode:
+        if self.init_image is None:
+            if self.mask_image is not None:
+                raise InvalidRequestError("mask_image needs init_image (inpainting repaints an image)", param="mask")
+            return "txt2img"
+        return "inpaint" if self.mask_image is not None else "img2img"
+
+    def with_seed(self, seed: int) -> GenerationRequest:
+        return replace(self, seed=seed)
+
+    def validate(self, *, max_images: int = 64, max_steps: int = 1000) -> None:
+        """Range checks that do not need the engines (sizes are checked against the built buckets later)."""
+        if not isinstance(self.prompt, str):
+            raise InvalidRequestError("prompt must be a string", param="prompt")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= max_steps:
+            raise InvalidRequestError(f"steps must be an integer in 1..{max_steps}, got {self.steps!r}", param="steps")
+        if not isinstance(self.num_images, int) or not 1 <= self.num_images <= max_images:
+            raise InvalidRequestError(
+                f"num_images must be an integer in 1..{max_images}, got {self.num_images!r}", param="n"
+            )
+        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale) or not (
+            0.0 <= self.guidance_scale <= 100.0
+        ):
+            raise InvalidRequestError(
+                f"guidance_scale must be a finite number in 0..100, got {self.guidance_scale!r}", param="guidance_scale"
+            )
+        for name in ("strength", "refiner_start", "refiner_strength"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 < v <= 1.0:
+                raise InvalidRequestError(f"{name} must be in (0, 1], got {v!r}", param=name)
+        if self.refiner_mode not in (None, "ensemble", "img2img"):
+            raise InvalidRequestError(
+                f"refiner_mode must be 'ensemble' or 'img2img', got {self.refiner_mode!r}", param="refiner_mode"
+            )
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+            raise InvalidRequestError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}", param="seed")
+        self.mode  # noqa: B018 - raises for a mask without an image
+
+
+@dataclass
+class GenerationResult:
+    """Images (PIL, RGB) with the seed each was drawn from, per-stage seconds and the parameters used."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    timings: dict[str, float]
+    parameters: dict[str, Any]
