@@ -21,6 +21,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+CONTRACT_VERSION = 1
+"""Bump when a component's inputs or outputs change: exported files and engines become stale."""
+
 TOKENS_PER_CHUNK = 77
 """CLIP's context length: every text-encoder call sees exactly this many tokens."""
 

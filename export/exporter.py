@@ -1,0 +1,224 @@
+"""Export a whole SDXL model (and optionally its refiner) to verified ONNX files plus ``manifest.json``.
+
+For each component: trace -> clean -> ``onnx.checker`` -> compare with PyTorch through ONNX Runtime.
+The relative error of every output is stored in the manifest and returned for the CLI's table. A
+component whose file, model and settings are unchanged since the last export is not exported again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdxl_trt.contracts import CONTRACT_VERSION, VAE_SCALE, component_specs
+from sdxl_trt.engine.manifest import current_device, library_versions, sha256_file
+from sdxl_trt.errors import ExportError
+from sdxl_trt.identity import model_identity_hash
+from sdxl_trt.presets import PRESETS
+
+from .loading import LoadedModel, load_model, model_dims
+from .onnx_export import check_onnx, export_onnx, verify_onnx
+from .wrappers import wrap_components
+
+log = logging.getLogger(__name__)
+
+EXPORT_MANIFEST = "manifest.json"
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
+
+
+def component_precision(component: str, precision: str, vae_precision: str = "fp32") -> str:
+    """The SDXL VAE overflows in fp16 (NaN/black images), so it stays fp32 unless asked otherwise."""
+    return vae_precision if component in VAE_COMPONENTS else precision
+
+
+def _settings_key(component: str, precision: str, identity: str) -> str:
+    """What an exported file depends on: the model, the component, its precision, the contract."""
+    return f"{identity}:{component}:{precision}:contract-v{CONTRACT_VERSION}"
+
+
+def read_export_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / EXPORT_MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) and data.get("stage") == "export" else None
+    except json.JSONDecodeError:
+        log.warning("%s is corrupt; exporting everything again", path)
+        return None
+
+
+def stale_components(
+    out: Path, components: Sequence[str], *, identities: dict[str, str], precision: str, vae_precision: str = "fp32"
+) -> list[str]:
+    """Components whose ONNX is missing, changed on disk, or was exported from another model/precision."""
+    previous = read_export_manifest(out) or {}
+    entries = previous.get("components", {})
+    stale = []
+    for name in components:
+        e = entries.get(name)
+        p = component_precision(name, precision, vae_precision)
+        identity = identities["refiner" if name == "refiner" else "base"]
+        if (
+            e is None
+            or e.get("settings") != _settings_key(name, p, identity)
+            or not (out / e["file"]).exists()
+            or sha256_file(out / e["file"]) != e.get("sha256")
+        ):
+            stale.append(name)
+    return stale
+
+
+def export_model(
+    model: str,
+    *,
+    out: Path,
+    refiner: str | None = None,
+    precision: str = "fp32",
+    vae_precision: str = "fp32",
+    device: str = "cpu",
+    components: Sequence[str] | None = None,
+    model_config: str | None = None,
+    force: bool = False,
+    loaded: tuple[LoadedModel, LoadedModel | None] | None = None,
+) -> dict[str, Any]:
+    """Export ``model`` (a preset or a local path) to ``out``; returns the export manifest (also saved)."""
+    if precision not in PRECISIONS or vae_precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {list(PRECISIONS)}, got {precision!r}/{vae_precision!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    identities = {"base": model_identity_hash(model)}
+    if refiner is not None:
+        identities["refiner"] = model_identity_hash(refiner)
+    wanted = list(components) if components else [
+        "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", *(["refiner"] if refiner else [])
+    ]
+    todo = wanted if force else stale_components(
+        out, wanted, identities=identities, precision=precision, vae_precision=vae_precision
+    )
+    previous = read_export_manifest(out) or {}
+    if not todo and previous:
+        log.info("export: all %d components up to date in %s", len(wanted), out)
+        return previous
+
+    if loaded is None:
+        base_m = load_model(model, dtype=torch.float32, device=device, config=model_config)
+        ref_m = load_model(refiner, dtype=torch.float32, device=device) if refiner else None
+    else:
+        base_m, ref_m = loaded
+    dims = model_dims(base_m, ref_m)
+    specs = component_specs(dims)
+    modules = wrap_components(base_m, ref_m)
+    buckets = PRESETS[model].buckets if model in PRESETS else None
+    verify_bucket = min(buckets, key=lambda b: b.pixels) if buckets else None
+    vh, vw = verify_bucket.latent_hw if verify_bucket else (64, 64)
+
+    entries: dict[str, Any] = dict(previous.get("components", {})) if not force else {}
+    for i, name in enumerate(todo, 1):
+        prec = component_precision(name, precision, vae_precision)
+        dtype = PRECISIONS[prec]
+        module = modules[name].to(device=device, dtype=dtype)
+        path = out / f"{name}.onnx"
+        log.info("[%d/%d] %s: exporting (%s)", i, len(todo), name, prec)
+        t0 = time.perf_counter()
+        export_onnx(module, specs[name], path, precision=dtype, device=device)
+        t_export = time.perf_counter() - t0
+        log.info("[%d/%d] %s: checking with onnx.checker", i, len(todo), name)
+        check_onnx(path)
+        verify_dims = {"B": 1 if name in VAE_COMPONENTS else 2, "S": 77, "h": vh, "w": vw}
+        log.info("[%d/%d] %s: verifying against PyTorch with ONNX Runtime at %s", i, len(todo), name, verify_dims)
+        t1 = time.perf_counter()
+        ver = verify_onnx(module, specs[name], path, dims=verify_dims, precision=dtype, device=device)
+        t_verify = time.perf_counter() - t1
+        data_file = path.with_name(path.name + ".data")
+        entries[name] = {
+            "file": path.name,
+            "external_data": data_file.name if data_file.exists() else None,
+            "sha256": sha256_file(path),
+            "size_bytes": path.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0),
+            "precision": prec,
+            "settings": _settings_key(name, prec, identities["refiner" if name == "refiner" else "base"]),
+            "export_seconds": round(t_export, 3),
+            "verify_seconds": round(t_verify, 3),
+            "verify_dims": ver.dims,
+            "relative_error": ver.relative_error,
+            "max_abs_error": ver.max_abs_error,
+        }
+        log.info("[%d/%d] %s: done in %.1f s, relative error %.2e", i, len(todo), name,
+                 t_export + t_verify, ver.worst_relative_error)
+        module.to(dtype=torch.float32)
+
+    _copy_runtime_assets(base_m, ref_m, out)
+    manifest = {
+        "stage": "export",
+        "model": _model_entry(base_m, identities["base"]),
+        "refiner": _model_entry(ref_m, identities["refiner"]) if ref_m else None,
+        "precision": precision,
+        "vae_precision": vae_precision,
+        "model_dims": dims.to_json(),
+        "native_buckets": [str(b) for b in buckets] if buckets else None,
+        "pipeline": {
+            "vae_scaling_factor": base_m.vae_scaling_factor,
+            "vae_scale": VAE_SCALE,
+            **base_m.options,
+            "refiner_requires_aesthetics_score": bool(ref_m.options.get("requires_aesthetics_score", True)) if ref_m else None,
+        },
+        "versions": library_versions(),
+        "device": current_device(),
+        "components": {k: entries[k] for k in wanted if k in entries},
+    }
+    tmp = out / (EXPORT_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / EXPORT_MANIFEST)
+    return manifest
+
+
+def _model_entry(m: LoadedModel, identity: str) -> dict[str, Any]:
+    return {"name": m.name, "kind": m.kind, "source": m.source, "identity_hash": identity}
+
+
+def _copy_runtime_assets(base: LoadedModel, refiner: LoadedModel | None, out: Path) -> None:
+    """Tokenizers and the scheduler config travel with the ONNX (the runtime needs no model directory)."""
+    for sub in ("tokenizer", "tokenizer_2", "scheduler"):
+        src = base.config_dir / sub
+        if src.is_dir():
+            dst = out / sub
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(src, dst)
+    if refiner is not None and (refiner.config_dir / "scheduler").is_dir():
+        dst = out / "refiner_scheduler"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(refiner.config_dir / "scheduler", dst)
+
+
+def format_export_table(manifest: dict[str, Any]) -> str:
+    """The verification table the CLI prints."""
+    rows = [("component", "precision", "size", "export s", "verify s", "rel. error (worst output)")]
+    for name, e in manifest["components"].items():
+        rows.append((
+            name, e["precision"], _human(e["size_bytes"]), f"{e['export_seconds']:.1f}", f"{e['verify_seconds']:.1f}",
+            f"{max(e['relative_error'].values()):.2e}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"

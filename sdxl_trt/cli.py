@@ -1,0 +1,174 @@
+"""``sdxl-trt``: export, build, info, run, serve, bench.
+
+Each subcommand is a thin layer over the library: parse flags, call one function, print its result.
+Errors the user can fix (:class:`~sdxl_trt.errors.SdxlTrtError`) print as one line and exit 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import SdxlTrtError
+
+log = logging.getLogger("sdxl_trt")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "PIL", "diffusers", "transformers", "torch"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except ImportError:
+        pass
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.exporter import export_model, format_export_table
+
+    manifest = export_model(
+        args.model, out=Path(args.out), refiner=args.refiner, precision=args.precision,
+        device=args.device, model_config=args.model_config, force=args.force,
+    )
+    print(format_export_table(manifest))
+    print(f"\nwrote {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .engine.build import BuildOptions, build_engines, format_build_table
+
+    opts = BuildOptions(
+        model=args.model, refiner=args.refiner, out=Path(args.out), backend=args.backend, precision=args.precision,
+        buckets=args.buckets, max_batch=args.max_batch, profile_mode=args.profile, device=args.device,
+        model_config=args.model_config, max_prompt_chunks=args.max_prompt_chunks, workspace_gib=args.workspace_gib,
+        refittable=args.refittable, weight_streaming=args.weight_streaming, compile_torch=args.compile,
+        build_command=" ".join(["sdxl-trt", *map(shlex.quote, sys.argv[1:])]),
+    )
+    manifest = build_engines(opts)
+    print(format_build_table(manifest))
+    print(f"\nengines in {args.out} (backend {manifest.backend}, precision {manifest.precision})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .engine.build import format_manifest
+    from .engine.manifest import Manifest
+
+    manifest = Manifest.load(Path(args.engines))
+    print(json.dumps(manifest.to_json(), indent=2) if args.json else format_manifest(manifest))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime.cli_run import run_from_args
+
+    return run_from_args(args)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", required=True, help="engine directory made by `sdxl-trt build`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--width", type=int, default=None, help="default: the first built bucket")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--snap-to-bucket", action="store_true", help="use the nearest built bucket instead of refusing")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--scheduler", default="euler")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
+    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
+    p.add_argument("--refiner-mode", choices=["ensemble", "img2img"], default=None)
+    p.add_argument("--refiner-start", type=float, default=0.8, help="ensemble: fraction of the schedule the base runs")
+    p.add_argument("--refiner-strength", type=float, default=0.3, help="img2img refiner: how much to re-noise")
+    p.add_argument("--out", required=True, help="PNG path; with --batch > 1, _0, _1, ... are appended")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdxl-trt", description="Compiled SDXL inference: export, build, run, serve.")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="tiny", help="preset (tiny, sdxl-base-1.0, ...), diffusers dir or .safetensors")
+        p.add_argument("--refiner", default=None, help="refiner: preset (tiny-refiner, sdxl-refiner-1.0) or local path")
+        p.add_argument("--model-config", default=None, help="diffusers-format config dir for a single-file --model")
+        p.add_argument("--out", required=True)
+        p.add_argument("--device", default="cpu", help="where PyTorch runs during export (cpu or cuda)")
+
+    p = sub.add_parser("export", help="export every component to verified ONNX")
+    model_args(p)
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--force", action="store_true", help="export again even if up to date")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build", help="export what is missing or stale, then build engines")
+    model_args(p)
+    p.add_argument("--backend", choices=["tensorrt", "onnxruntime", "torch"], default=None,
+                   help="default: tensorrt if importable with a CUDA GPU, else onnxruntime")
+    p.add_argument("--precision", choices=["fp16", "int8", "fp32"], default=None,
+                   help="default: fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--buckets", default="all", help="'all' or WxH,WxH,...")
+    p.add_argument("--max-batch", type=int, default=1, help="images per request the engines are built for")
+    p.add_argument("--profile", choices=["per-bucket", "range"], default="per-bucket")
+    p.add_argument("--max-prompt-chunks", type=int, default=3, help="prompt length in 75-token chunks")
+    p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT memory-pool limit")
+    p.add_argument("--refittable", action="store_true", help="TensorRT: keep weights refittable (LoRA)")
+    p.add_argument("--weight-streaming", action="store_true", help="TensorRT: allow weight streaming")
+    p.add_argument("--compile", action="store_true", help="torch: compile the requested shapes with Inductor now")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("info", help="print an engine directory's manifest")
+    p.add_argument("engines")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="generate images with built engines")
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_run)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
+    """serve and bench live in their own modules; they register themselves when importable."""
+    for module, attr in (("sdxl_trt.serve.cli", "register"), ("sdxl_trt.bench_cli", "register")):
+        try:
+            register: Callable[[argparse._SubParsersAction], None] = getattr(__import__(module, fromlist=[attr]), attr)
+        except ImportError:
+            continue
+        register(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args))
+    except SdxlTrtError as e:
+        print(f"sdxl-trt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
