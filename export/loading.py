@@ -162,7 +162,8 @@ def _load_preset(preset: Preset, *, dtype: torch.dtype, device: str | torch.devi
         if preset.text_encoder is not None:
             torch.manual_seed(preset.seed * 100 + 3)
             te1 = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
-        torch.manual_seed(preset.seed * 100 + 4)
+        # SDXL's refiner ships the base's OpenCLIP encoder unchanged; one seed for both keeps that true.
+        torch.manual_seed(4)
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder_2))
     ident = hashlib.sha256(
         json.dumps({"preset": preset.name, "seed": preset.seed, "unet": preset.unet, "vae": preset.vae,
