@@ -166,12 +166,7 @@ def export_model(
         "vae_precision": vae_precision,
         "model_dims": dims.to_json(),
         "native_buckets": [str(b) for b in buckets] if buckets else None,
-        "pipeline": {
-            "vae_scaling_factor": base_m.vae_scaling_factor,
-            "vae_scale": VAE_SCALE,
-            **base_m.options,
-            "refiner_requires_aesthetics_score": bool(ref_m.options.get("requires_aesthetics_score", True)) if ref_m else None,
-        },
+        "pipeline": _pipeline_entry(base_m, ref_m),
         "versions": library_versions(),
         "device": current_device(),
         "components": {k: entries[k] for k in wanted if k in entries},
@@ -222,3 +217,71 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def _config_only(config_dir: Path, name: str, source: dict[str, Any], identity: str) -> LoadedModel:
+    """A LoadedModel whose modules are just their configs: enough for widths and options, no weights."""
+    from types import SimpleNamespace
+
+    from .loading import _pipeline_options, _read_json, check_config_dir
+
+    check_config_dir(config_dir)
+    index = _read_json(config_dir / "model_index.json")
+
+    def cfg(sub: str) -> Any:
+        path = config_dir / sub / "config.json"
+        return SimpleNamespace(config=SimpleNamespace(**_read_json(path))) if path.exists() else None
+
+    te1 = cfg("text_encoder")
+    return LoadedModel(
+        name=name, kind="base" if te1 is not None else "refiner", source=source, identity_hash=identity,
+        unet=cfg("unet"), vae=cfg("vae"), text_encoder=te1, text_encoder_2=cfg("text_encoder_2"),
+        config_dir=config_dir, options=_pipeline_options(index),
+    )
+
+
+def _config_dir_of(source: str, model_config: str | None) -> tuple[Path, dict[str, Any]]:
+    import tempfile
+
+    if source in PRESETS:
+        preset = PRESETS[source]
+        d = preset.write_config_dir(Path(tempfile.mkdtemp(prefix=f"sdxl-trt-{source}-")))
+        return d, {"type": "preset", "name": source, "seed": preset.seed}
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path, {"type": "diffusers", "path": str(path.resolve())}
+    if model_config is None:
+        raise ExportError(f"{source}: a single-file model needs --model-config for the torch backend's summary")
+    return Path(model_config), {"type": "single_file", "path": str(path.resolve()), "config": model_config}
+
+
+def model_summary(model: str, *, refiner: str | None = None, model_config: str | None = None) -> dict[str, Any]:
+    """Identity, widths, pipeline options and runtime assets of a model, read from configs only."""
+    base_dir, base_src = _config_dir_of(model, model_config)
+    base = _config_only(base_dir, model, base_src, model_identity_hash(model))
+    ref = None
+    if refiner:
+        ref_dir, ref_src = _config_dir_of(refiner, None)
+        ref = _config_only(ref_dir, refiner, ref_src, model_identity_hash(refiner))
+    dims = model_dims(base, ref)
+    buckets = PRESETS[model].buckets if model in PRESETS else None
+    assets = Path(tempfile_dir := __import__("tempfile").mkdtemp(prefix="sdxl-trt-assets-"))
+    _copy_runtime_assets(base, ref, assets)
+    return {
+        "model": _model_entry(base, base.identity_hash),
+        "refiner": _model_entry(ref, ref.identity_hash) if ref else None,
+        "model_dims": dims.to_json(),
+        "native_buckets": [str(b) for b in buckets] if buckets else None,
+        "pipeline": _pipeline_entry(base, ref),
+        "assets_dir": tempfile_dir,
+        "components": {},
+    }
+
+
+def _pipeline_entry(base: LoadedModel, ref: LoadedModel | None) -> dict[str, Any]:
+    return {
+        "vae_scaling_factor": float(base.vae.config.scaling_factor),
+        "vae_scale": VAE_SCALE,
+        **base.options,
+        "refiner_requires_aesthetics_score": bool(ref.options.get("requires_aesthetics_score", True)) if ref else None,
+    }

@@ -1,0 +1,345 @@
+"""``sdxl-trt build``: export what is missing or stale, then build each component's engine.
+
+Layout of an engine directory::
+
+    DIR/manifest.json          what was built, from what, for which machine (engine/manifest.py)
+    DIR/<component>.<ext>      .onnx (onnxruntime), .plan (tensorrt), .pt2 (torch)
+    DIR/tokenizer/ tokenizer_2/ scheduler/   what the runtime needs besides engines
+    DIR/onnx/                  the verified ONNX export and its own manifest.json
+
+A component is rebuilt only when its source (ONNX hash, or the model identity for torch), precision,
+profiles or backend changed, or its file no longer matches the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdxl_trt.buckets import SDXL_BUCKETS, Bucket, check_bucket_divisible, parse_buckets
+from sdxl_trt.contracts import ModelDims, component_specs
+from sdxl_trt.errors import BackendUnavailableError, BuildError
+from sdxl_trt.identity import model_identity_hash
+
+from .manifest import ComponentEntry, Manifest, library_versions, sha256_file
+from .profiles import Profile, component_profiles
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+EXTENSIONS = {"tensorrt": ".plan", "onnxruntime": ".onnx", "torch": ".pt2"}
+RUNTIME_ASSETS = ("tokenizer", "tokenizer_2", "scheduler", "refiner_scheduler")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str = "tiny"
+    out: Path = Path("engines")
+    refiner: str | None = None
+    backend: str | None = None  # None: tensorrt if usable, else onnxruntime
+    precision: str | None = None  # None: fp16 on a GPU, fp32 on the CPU
+    buckets: str = "all"
+    max_batch: int = 1
+    profile_mode: str = "per-bucket"
+    max_prompt_chunks: int = 3
+    device: str = "cpu"  # where PyTorch runs for export
+    model_config: str | None = None
+    workspace_gib: float | None = None
+    refittable: bool = False
+    weight_streaming: bool = False
+    compile_torch: bool = False
+    build_command: str = ""
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def resolve_backend(requested: str | None) -> str:
+    """The backend to use; the default is stated in the log so a fallback is never silent."""
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise BuildError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+        if requested == "tensorrt":
+            from .tensorrt_backend import require_tensorrt
+
+            require_tensorrt()
+        return requested
+    from .tensorrt_backend import tensorrt_status
+
+    ok, why = tensorrt_status()
+    if ok:
+        log.info("backend: tensorrt (importable, CUDA GPU present)")
+        return "tensorrt"
+    log.warning("backend: onnxruntime, because TensorRT is not usable here (%s); pass --backend to choose", why)
+    return "onnxruntime"
+
+
+def resolve_precision(backend: str, requested: str | None) -> str:
+    gpu = cuda_available()
+    precision = requested or ("fp16" if gpu else "fp32")
+    if backend == "torch" and precision == "int8":
+        raise BuildError("--precision int8 is for tensorrt and onnxruntime engines (explicit Q/DQ); "
+                         "use fp16 or fp32 with --backend torch")
+    if backend in ("onnxruntime", "torch") and precision == "fp16" and not gpu:
+        raise BuildError(f"--precision fp16 with --backend {backend} needs a CUDA GPU (CPU kernels for fp16 are "
+                         "missing or slow); use --precision fp32 on this machine")
+    return precision
+
+
+def _components(refiner: str | None) -> list[str]:
+    return ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", *(["refiner"] if refiner else [])]
+
+
+def _previous_manifest(out: Path) -> Manifest | None:
+    try:
+        return Manifest.load(out)
+    except Exception:  # noqa: BLE001 - any unreadable manifest means: rebuild everything
+        return None
+
+
+def _fresh(prev: Manifest | None, out: Path, name: str, entry_key: dict[str, Any], backend: str) -> bool:
+    if prev is None or prev.backend != backend or name not in prev.components:
+        return False
+    e = prev.components[name]
+    if (e.source_hash, e.precision, e.profiles) != (entry_key["source_hash"], entry_key["precision"], entry_key["profiles"]):
+        return False
+    path = out / e.file
+    return path.exists() and path.stat().st_size == e.size_bytes and sha256_file(path) == e.sha256
+
+
+def build_engines(opts: BuildOptions) -> Manifest:
+    """Build (or bring up to date) every engine in ``opts.out``; returns the saved manifest."""
+    backend = resolve_backend(opts.backend)  # raises before anything is written
+    precision = resolve_precision(backend, opts.precision)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    components = _components(opts.refiner)
+    onnx_dir = out / "onnx"
+    t_start = time.perf_counter()
+
+    loaded = None
+    if backend == "torch":
+        export_info = _torch_model_info(opts)
+    else:
+        from sdxl_trt.export.exporter import export_model
+
+        export_precision = "fp16" if precision == "fp16" else "fp32"
+        log.info("export: %s -> %s (%s)", opts.model, onnx_dir, export_precision)
+        export_info = export_model(opts.model, out=onnx_dir, refiner=opts.refiner, precision=export_precision,
+                                   device=opts.device, model_config=opts.model_config)
+    dims = ModelDims.from_json(export_info["model_dims"])
+    specs = component_specs(dims)
+    native = [Bucket.parse(b) for b in export_info.get("native_buckets") or []] or list(SDXL_BUCKETS)
+    buckets = parse_buckets(opts.buckets, default=native)
+    for b in buckets:
+        check_bucket_divisible(b, dims.latent_multiple)
+
+    prev = _previous_manifest(out)
+    manifest = Manifest(
+        backend=backend, precision=precision, model=export_info["model"], refiner=export_info.get("refiner"),
+        model_dims=dims.to_json(), buckets=[str(b) for b in buckets], max_batch=opts.max_batch,
+        max_prompt_chunks=opts.max_prompt_chunks, profile_mode=opts.profile_mode, pipeline=export_info["pipeline"],
+        build_command=opts.build_command or f"sdxl-trt build --model {opts.model} --out {out} --backend {backend}",
+        versions=library_versions(),
+    )
+    for i, name in enumerate(components, 1):
+        profiles = component_profiles(specs[name], buckets=buckets, max_batch=opts.max_batch,
+                                      mode=opts.profile_mode,  # type: ignore[arg-type]
+                                      max_prompt_chunks=opts.max_prompt_chunks)
+        comp_precision = _component_precision(name, precision, backend)
+        source_hash = _source_hash(backend, name, export_info, onnx_dir, comp_precision)
+        key = {"source_hash": source_hash, "precision": comp_precision, "profiles": [p.to_json() for p in profiles]}
+        if _fresh(prev, out, name, key, backend):
+            log.info("[%d/%d] %s: up to date", i, len(components), name)
+            assert prev is not None
+            manifest.components[name] = prev.components[name]
+            continue
+        log.info("[%d/%d] %s: building %s %s engine (%d profile%s)", i, len(components), name, backend,
+                 comp_precision, len(profiles), "" if len(profiles) == 1 else "s")
+        t0 = time.perf_counter()
+        if backend == "onnxruntime":
+            info = _build_onnxruntime(name, comp_precision, onnx_dir, out, opts, export_info)
+        elif backend == "tensorrt":
+            info = _build_tensorrt(name, comp_precision, specs, profiles, onnx_dir, out, opts, export_info)
+        else:
+            if loaded is None:
+                loaded = _load_for_torch(opts)
+            info = _build_torch(name, comp_precision, specs, profiles, out, opts, loaded)
+        path = out / info.pop("file")
+        manifest.components[name] = ComponentEntry(
+            file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size, precision=comp_precision,
+            profiles=key["profiles"], source_hash=source_hash, build_seconds=round(time.perf_counter() - t0, 3),
+            export_error=export_info.get("components", {}).get(name, {}).get("relative_error", {}), extra=info,
+        )
+        log.info("[%d/%d] %s: built in %.1f s (%s)", i, len(components), name,
+                 manifest.components[name].build_seconds, _human(manifest.components[name].size_bytes))
+    _copy_assets(onnx_dir if backend != "torch" else Path(export_info["assets_dir"]), out)
+    manifest.save(out)
+    log.info("build finished in %.1f s", time.perf_counter() - t_start)
+    return manifest
+
+
+def _component_precision(name: str, precision: str, backend: str) -> str:
+    """The SDXL VAE overflows in fp16, so it stays fp32; INT8 applies to the UNets only."""
+    if name in ("vae_decoder", "vae_encoder"):
+        return "fp32"
+    if precision == "int8" and name not in ("unet",):
+        return "fp16" if backend == "tensorrt" else "fp32"
+    return precision
+
+
+def _source_hash(backend: str, name: str, export_info: dict[str, Any], onnx_dir: Path, precision: str) -> str:
+    if backend == "torch":
+        ident = export_info["refiner" if name == "refiner" else "model"]["identity_hash"]
+        return f"{ident}:{precision}"
+    return export_info["components"][name]["sha256"]
+
+
+def _build_onnxruntime(name: str, precision: str, onnx_dir: Path, out: Path, opts: BuildOptions,
+                       export_info: dict[str, Any]) -> dict[str, Any]:
+    from .onnxruntime_backend import build_onnxruntime_engine
+
+    src = onnx_dir / f"{name}.onnx"
+    info: dict[str, Any] = {}
+    if precision == "int8":
+        src, info = _quantize_unet(onnx_dir, opts)
+    dst = out / f"{name}.onnx"
+    info.update(build_onnxruntime_engine(src, dst) if src.name == dst.name else _copy_renamed(src, dst))
+    return {"file": dst.name, **info}
+
+
+def _copy_renamed(src: Path, dst: Path) -> dict[str, Any]:
+    shutil.copy2(src, dst)
+    return {"external_data": None}
+
+
+def _quantize_unet(onnx_dir: Path, opts: BuildOptions) -> tuple[Path, dict[str, Any]]:
+    """Explicit INT8 (Q/DQ) UNet from calibration on the shipped prompt set (engine/int8.py)."""
+    from sdxl_trt.export.loading import load_model
+
+    from .int8 import build_int8_unet
+
+    model = load_model(opts.model, config=opts.model_config)
+    out = onnx_dir / "unet.int8.onnx"
+    buckets = parse_buckets(opts.buckets)
+    b = min(buckets, key=lambda x: x.pixels)
+    report = build_int8_unet(model, onnx_dir / "unet.onnx", out, width=b.width, height=b.height)
+    log.info("int8 UNet: error against fp32 %s", report.to_json().get("error"))
+    return out, {"int8": report.to_json()}
+
+
+def _build_tensorrt(name: str, precision: str, specs: dict, profiles: list[Profile], onnx_dir: Path, out: Path,
+                    opts: BuildOptions, export_info: dict[str, Any]) -> dict[str, Any]:
+    from .tensorrt_backend import TensorRTBuildConfig, build_engine
+
+    src = onnx_dir / f"{name}.onnx"
+    extra: dict[str, Any] = {}
+    if precision == "int8":
+        src, extra = _quantize_unet(onnx_dir, opts)
+    config = TensorRTBuildConfig(
+        precision=precision,  # type: ignore[arg-type]
+        strongly_typed=precision in ("int8",) or export_info.get("precision") == "fp16",
+        workspace_gib=opts.workspace_gib, timing_cache=out / "timing.cache", refittable=opts.refittable,
+        weight_streaming=opts.weight_streaming,
+    )
+    plan = out / f"{name}.plan"
+    info = build_engine(src, plan, spec=specs[name], profiles=profiles, config=config)
+    return {"file": plan.name, **extra, **info}
+
+
+def _torch_model_info(opts: BuildOptions) -> dict[str, Any]:
+    """What the torch backend records without exporting ONNX: identity, widths, assets."""
+    from sdxl_trt.export.exporter import model_summary
+
+    return model_summary(opts.model, refiner=opts.refiner, model_config=opts.model_config)
+
+
+def _load_for_torch(opts: BuildOptions) -> Any:
+    import torch
+
+    from sdxl_trt.export.loading import load_model
+
+    base = load_model(opts.model, dtype=torch.float32, device=opts.device, config=opts.model_config)
+    ref = load_model(opts.refiner, dtype=torch.float32, device=opts.device) if opts.refiner else None
+    return base, ref
+
+
+def _build_torch(name: str, precision: str, specs: dict, profiles: list[Profile], out: Path, opts: BuildOptions,
+                 loaded: Any) -> dict[str, Any]:
+    import torch
+
+    from sdxl_trt.export.wrappers import wrap_components
+
+    from .torch_backend import build_torch_engine
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    module = wrap_components(*loaded)[name].to(device=opts.device, dtype=dtype)
+    path = out / f"{name}.pt2"
+    info = build_torch_engine(module, specs[name], path, profiles=profiles, precision=dtype, device=opts.device)
+    return {"file": path.name, **info}
+
+
+def _copy_assets(src_dir: Path, out: Path) -> None:
+    for sub in RUNTIME_ASSETS:
+        src = src_dir / sub
+        if src.is_dir():
+            dst = out / sub
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(src, dst)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def format_build_table(manifest: Manifest) -> str:
+    rows = [("component", "backend", "precision", "profiles", "size", "build s", "export rel. error")]
+    for name, e in manifest.components.items():
+        err = max(e.export_error.values()) if e.export_error else float("nan")
+        rows.append((name, manifest.backend, e.precision, str(len(e.profiles)), _human(e.size_bytes),
+                     f"{e.build_seconds:.1f}", f"{err:.2e}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_manifest(manifest: Manifest) -> str:
+    """``sdxl-trt info``: the manifest as a person reads it."""
+    m = manifest
+    dev = m.device
+    lines = [
+        f"model:      {m.model.get('name')} ({m.model.get('kind')}, hash {str(m.model.get('identity_hash'))[:12]})",
+        *([f"refiner:    {m.refiner.get('name')} (hash {str(m.refiner.get('identity_hash'))[:12]})"] if m.refiner else []),
+        f"backend:    {m.backend}   precision: {m.precision}   profiles: {m.profile_mode}",
+        f"buckets:    {', '.join(m.buckets)}",
+        f"max batch:  {m.max_batch} images   prompt chunks: {m.max_prompt_chunks} (x 75 tokens)",
+        f"built on:   {dev.get('name')} ({dev.get('type')}"
+        + (f", compute capability {dev['compute_capability']})" if dev.get("compute_capability") else ")"),
+        f"versions:   {json.dumps(m.versions)}",
+        f"created:    {m.created}",
+        f"command:    {m.build_command}",
+        "",
+        format_build_table(m),
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["BuildOptions", "build_engines", "resolve_backend", "format_build_table", "format_manifest",
+           "BackendUnavailableError", "model_identity_hash"]

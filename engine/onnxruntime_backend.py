@@ -1,0 +1,47 @@
+"""ONNX Runtime engines: the verified ONNX files plus session settings.
+
+Building copies (hard-links where possible) each ONNX file and its external data into the engine
+directory, so the engine directory is self-contained. The execution providers are chosen at load time
+from what is installed, in the order TensorRT, CUDA, CPU; the choice is logged, never silent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def preferred_providers(device_type: str = "cpu") -> list[str]:
+    """Installed providers in preference order; only CPU when the pipeline runs on the CPU."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    wanted = PROVIDER_ORDER if device_type == "cuda" else ("CPUExecutionProvider",)
+    return [p for p in wanted if p in available]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def build_onnxruntime_engine(onnx_path: Path, out_path: Path) -> dict[str, Any]:
+    """Place ``onnx_path`` (and its ``.data`` file) at ``out_path``; returns build info for the manifest."""
+    _link_or_copy(onnx_path, out_path)
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    info: dict[str, Any] = {"external_data": None}
+    if data.exists():
+        # The graph names its data file relatively; keep the same base name beside the copy.
+        if out_path.name != onnx_path.name:
+            raise ValueError(f"an ONNX file with external data must keep its name: {onnx_path.name} -> {out_path.name}")
+        _link_or_copy(data, out_path.with_name(data.name))
+        info["external_data"] = data.name
+    return info
