@@ -1,0 +1,391 @@
+"""TensorRT build side: one ONNX file -> one serialized plan, written to TensorRT 10's Python API.
+
+TensorRT is an optional extra (``pip install 'sdxl-trt[tensorrt]'``, NVIDIA GPU and driver). It is imported
+only inside the functions that need it, so the pure parts (build config, flag mapping, per-component
+precision, profile translation) import and test anywhere. Rules of this module:
+
+* ``require_tensorrt()`` runs before anything is written: a machine without TensorRT gets one clear
+  error and no half-written files.
+* Which builder and network flags a config means is decided by the pure :func:`flag_names`; the build
+  only translates names to enums. A strongly typed network never gets precision flags.
+* The plan and the timing cache are written atomically (temp file + rename).
+* Progress goes to ``logging``; TensorRT's own messages are forwarded there too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
+
+from sdxl_trt.contracts import COMPONENT_NAMES, ComponentSpec
+from sdxl_trt.errors import BackendUnavailableError, BuildError, ProfileError
+
+from .profiles import VAE_COMPONENTS, Profile, validate_shapes
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp16", "int8", "fp32"]
+
+INSTALL_HINT = (
+    "install it with `pip install 'sdxl-trt[tensorrt]'` on a machine with an NVIDIA GPU and driver, "
+    "or build with another backend (onnxruntime, torch)"
+)
+BUILDER_FLAG_NAMES = ("FP16", "REFIT", "REFIT_IDENTICAL", "WEIGHT_STREAMING")
+"""Every ``trt.BuilderFlag`` name :func:`flag_names` can return."""
+NETWORK_FLAG_NAMES = ("STRONGLY_TYPED",)
+"""Every ``trt.NetworkDefinitionCreationFlag`` name :func:`flag_names` can return."""
+MAX_OPTIMIZATION_LEVEL = 5
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """Whether TensorRT 10 can build here, and why (not) in words."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer cannot load
+        return False, f"the tensorrt package cannot be imported ({e})"
+    version = getattr(trt, "__version__", None)
+    if version is None or not hasattr(trt, "Builder"):
+        # tensorrt-stubs installs a bare tensorrt/ folder, which imports as an empty namespace package.
+        where = ", ".join(getattr(trt, "__path__", [])) or "?"
+        return False, f"'tensorrt' ({where}) holds only type stubs (tensorrt-stubs), not the TensorRT library"
+    if not str(version).startswith("10."):
+        return False, f"TensorRT {version} is installed but this backend is written for TensorRT 10"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, f"TensorRT {version} is installed but no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    return True, f"TensorRT {version} on {torch.cuda.get_device_name()}"
+
+
+def require_tensorrt() -> None:
+    """Raise :class:`BackendUnavailableError` saying how to install TensorRT unless it can build here."""
+    ok, reason = tensorrt_status()
+    if not ok:
+        raise BackendUnavailableError(f"the TensorRT backend is unavailable: {reason}; {INSTALL_HINT}")
+
+
+@dataclass(frozen=True)
+class TensorRTBuildConfig:
+    """How to build a plan. Saved beside the engine (``to_json``) so a rebuild can repeat it."""
+
+    precision: Precision = "fp16"
+    """fp16: FP16 kernels on tensor cores, about 2x fp32's speed and half its plan size (the VAE stays fp32,
+    see :func:`component_precision`). int8: explicit quantization only: the ONNX must carry Q/DQ nodes from
+    calibration, and the network is strongly typed; applies to the base UNet, the others fall back to fp16.
+    fp32: the slowest; reference numerics."""
+
+    strongly_typed: bool | None = None
+    """Tensor dtypes come from the ONNX (``STRONGLY_TYPED``) and TensorRT may not pick precisions, so no
+    precision flag is set (TensorRT rejects them). Needed for Q/DQ int8 and weight streaming; fp16 then
+    needs an fp16 ONNX (an fp32 ONNX builds an fp32 engine). None: decide from precision and
+    weight_streaming. Costs: no precision autotuning; a wrongly typed ONNX is slow rather than wrong."""
+
+    workspace_gib: float | None = None
+    """Cap on the builder's workspace pool (``MemoryPoolType.WORKSPACE``). None: TensorRT's default (the
+    whole device). A cap lets builds share a GPU but can rule out the fastest tactics."""
+
+    timing_cache: Path | None = None
+    """Tactic timings, loaded before and saved after each build: cuts a UNet rebuild from tens of minutes
+    to a few. A cache from another GPU or TensorRT version is dropped with a warning, never trusted."""
+
+    refittable: bool | Literal["identical"] = False
+    """True (``REFIT``): all weights stay in the plan and any can be replaced later with a Refitter, e.g.
+    a fused LoRA without a rebuild; costs some speed (no constant folding across weights).
+    "identical" (``REFIT_IDENTICAL``): refit only with the very weights built with (weight-stripped
+    plans); near full speed but takes no LoRA. False: fastest, weights frozen."""
+
+    weight_streaming: bool = False
+    """``WEIGHT_STREAMING``: the runtime may keep part of the weights in host memory
+    (``weight_streaming_budget_v2``), fitting a UNet into less GPU memory at the price of host-to-device
+    traffic on every step. Needs a strongly typed network."""
+
+    builder_optimization_level: int | None = None
+    """0..5 (TensorRT's default 3). Higher tries more tactics: much longer builds for a few percent at
+    best; 0-1 build fast for tests."""
+
+    vae_fp16_safe: bool = False
+    """The VAE ONNX is an fp16-safe VAE (e.g. sdxl-vae-fp16-fix), so fp16 is allowed for it. Otherwise the
+    VAE is built in fp32: about 2x its fp16 time and memory, but SDXL's VAE overflows to NaN in fp16."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in get_args(Precision):
+            raise BuildError(f"precision must be one of {get_args(Precision)}, got {self.precision!r}")
+        if self.refittable not in (False, True, "identical"):
+            raise BuildError(f"refittable must be False, True (any weights, e.g. LoRA) or 'identical', got {self.refittable!r}")
+        if self.strongly_typed is False:
+            if self.precision == "int8":
+                raise BuildError(
+                    "precision='int8' needs a Q/DQ ONNX built as a strongly typed network, but strongly_typed=False; "
+                    "leave strongly_typed unset or use precision='fp16'"
+                )
+            if self.weight_streaming:
+                raise BuildError(
+                    "weight_streaming=True needs a strongly typed network (a TensorRT 10 rule), but strongly_typed=False; "
+                    "build from an fp16 ONNX with strongly_typed=True (or unset), or turn weight streaming off"
+                )
+        if self.workspace_gib is not None and not self.workspace_gib > 0:
+            raise BuildError(f"workspace_gib must be positive (GiB) or None for TensorRT's default, got {self.workspace_gib}")
+        level = self.builder_optimization_level
+        if level is not None and not 0 <= level <= MAX_OPTIMIZATION_LEVEL:
+            raise BuildError(f"builder_optimization_level must be 0..{MAX_OPTIMIZATION_LEVEL} (default 3), got {level}")
+
+    @property
+    def is_strongly_typed(self) -> bool:
+        """The resolved ``strongly_typed``: int8 and weight streaming imply it."""
+        if self.strongly_typed is not None:
+            return self.strongly_typed
+        return self.precision == "int8" or self.weight_streaming
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["timing_cache"] = None if self.timing_cache is None else str(self.timing_cache)
+        return out
+
+
+class FlagNames(NamedTuple):
+    builder: list[str]  # trt.BuilderFlag names
+    network: list[str]  # trt.NetworkDefinitionCreationFlag names
+
+
+def flag_names(config: TensorRTBuildConfig) -> FlagNames:
+    """The TensorRT flags a (per-component) config means, by name. Pure: testable without TensorRT."""
+    builder: list[str] = []
+    network: list[str] = []
+    if config.is_strongly_typed:
+        network.append("STRONGLY_TYPED")  # the ONNX dtypes decide; precision flags are rejected
+    elif config.precision == "fp16":
+        builder.append("FP16")
+    if config.refittable == "identical":
+        builder.append("REFIT_IDENTICAL")
+    elif config.refittable is True:
+        builder.append("REFIT")
+    if config.weight_streaming:
+        builder.append("WEIGHT_STREAMING")
+    return FlagNames(builder, network)
+
+
+def component_precision(component: str, requested: Precision, *, vae_fp16_safe: bool = False) -> Precision:
+    """The precision one component is built in when ``requested`` is asked for the model.
+
+    The SDXL VAE overflows in fp16 (NaN images), so it is built in fp32 unless its ONNX is fp16-safe.
+    int8 means Q/DQ nodes from calibrating the base UNet (engine/int8.py); the other components have none
+    and build in fp16 (an fp32 ONNX without Q/DQ in a strongly typed network would build a slow fp32 engine).
+    """
+    if component not in COMPONENT_NAMES:
+        raise BuildError(f"unknown component {component!r}; expected one of {COMPONENT_NAMES}")
+    if requested == "fp32":
+        return "fp32"
+    if component in VAE_COMPONENTS:
+        return "fp16" if vae_fp16_safe else "fp32"
+    if requested == "int8" and component != "unet":
+        return "fp16"
+    return requested
+
+
+def config_for_component(config: TensorRTBuildConfig, component: str) -> TensorRTBuildConfig:
+    """``config`` with the precision :func:`component_precision` picks for ``component``."""
+    precision = component_precision(component, config.precision, vae_fp16_safe=config.vae_fp16_safe)
+    return config if precision == config.precision else replace(config, precision=precision)
+
+
+def profile_shapes(spec: ComponentSpec, profile: Profile) -> list[tuple[str, list[int], list[int], list[int]]]:
+    """``IOptimizationProfile.set_shape`` arguments ``(input name, min, opt, max)``, in contract order.
+
+    The shapes are checked against the contract first (ProfileError names the tensors that disagree).
+    """
+    extra = sorted(set(profile.shapes) - set(spec.input_names))
+    if extra:
+        raise ProfileError(f"{spec.name}: profile {profile.name!r} has shapes for unknown input(s) {extra}; "
+                           f"the contract's inputs are {spec.input_names}")
+    validate_shapes(spec, profile.shapes)
+    out = []
+    for name in spec.input_names:
+        lo, opt, hi = profile.shapes[name]
+        out.append((name, list(lo), list(opt), list(hi)))
+    return out
+
+
+def build_engine(
+    onnx_path: str | os.PathLike[str],
+    plan_path: str | os.PathLike[str],
+    *,
+    spec: ComponentSpec,
+    profiles: Sequence[Profile],
+    config: TensorRTBuildConfig,
+) -> dict[str, Any]:
+    """Build ``plan_path`` from ``onnx_path`` (external data next to it is found); return build info."""
+    require_tensorrt()
+    import tensorrt as trt
+
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if not onnx_path.is_file():
+        raise BuildError(f"{spec.name}: ONNX file {onnx_path} does not exist; export the component first")
+    if not profiles:
+        raise ProfileError(f"{spec.name}: no optimization profiles given; TensorRT needs at least one")
+    shapes = [profile_shapes(spec, p) for p in profiles]
+    cfg = config_for_component(config, spec.name)
+    if cfg.precision != config.precision:
+        log.info("%s: building in %s instead of %s (component rule)", spec.name, cfg.precision, config.precision)
+    flags = flag_names(cfg)
+
+    trt_logger = _logger_bridge()
+    builder = trt.Builder(trt_logger)
+    network_flags = 0
+    for name in flags.network:
+        network_flags |= 1 << int(_network_flags()[name])
+    network = builder.create_network(network_flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    log.info("%s: parsing %s", spec.name, onnx_path)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise BuildError(f"{spec.name}: TensorRT could not parse {onnx_path}:\n{_parser_errors(parser)}")
+    _check_network_io(network, spec, onnx_path)
+    if cfg.is_strongly_typed and spec.name in VAE_COMPONENTS and not cfg.vae_fp16_safe:
+        _refuse_fp16_vae(network, spec, onnx_path)
+
+    builder_config = builder.create_builder_config()
+    table = _builder_flags()
+    for name in flags.builder:
+        builder_config.set_flag(table[name])
+    if cfg.workspace_gib is not None:
+        builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gib * 2**30))
+    if cfg.builder_optimization_level is not None:
+        builder_config.builder_optimization_level = cfg.builder_optimization_level
+    for profile, args in zip(profiles, shapes, strict=True):
+        opt_profile = builder.create_optimization_profile()
+        for name, lo, opt, hi in args:
+            opt_profile.set_shape(name, trt.Dims(lo), trt.Dims(opt), trt.Dims(hi))
+        if builder_config.add_optimization_profile(opt_profile) < 0:
+            raise BuildError(f"{spec.name}: TensorRT rejected optimization profile {profile.name!r}: {args}")
+    if cfg.timing_cache is not None:
+        _attach_timing_cache(builder_config, cfg.timing_cache)
+
+    log.info("%s: building %s plan (builder flags %s, network flags %s, %d profile(s))",
+             spec.name, cfg.precision, flags.builder, flags.network, len(profiles))
+    start = time.perf_counter()
+    serialized: trt.IHostMemory | None = builder.build_serialized_network(network, builder_config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise BuildError(
+            f"{spec.name}: TensorRT failed to build {onnx_path} after {seconds:.0f} s; its errors are logged above "
+            f"(logger {__name__}). Common fixes: a larger workspace_gib, narrower profiles, or another precision"
+        )
+    if cfg.timing_cache is not None:
+        _write_atomic(cfg.timing_cache, memoryview(builder_config.get_timing_cache().serialize()))
+    log.info("%s: built in %.1f s; writing %s", spec.name, seconds, plan_path)
+    _write_atomic(plan_path, memoryview(serialized))
+    return {
+        "component": spec.name,
+        "plan": str(plan_path),
+        "seconds": round(seconds, 2),
+        "bytes": plan_path.stat().st_size,
+        "precision": cfg.precision,
+        "strongly_typed": cfg.is_strongly_typed,
+        "builder_flags": flags.builder,
+        "network_flags": flags.network,
+        "profiles": [p.name for p in profiles],
+        "tensorrt_version": trt.__version__,
+        "config": config.to_json(),
+    }
+
+
+def _builder_flags() -> dict[str, trt.BuilderFlag]:
+    import tensorrt as trt
+
+    return {
+        "FP16": trt.BuilderFlag.FP16,
+        "REFIT": trt.BuilderFlag.REFIT,
+        "REFIT_IDENTICAL": trt.BuilderFlag.REFIT_IDENTICAL,
+        "WEIGHT_STREAMING": trt.BuilderFlag.WEIGHT_STREAMING,
+    }
+
+
+def _network_flags() -> dict[str, trt.NetworkDefinitionCreationFlag]:
+    import tensorrt as trt
+
+    return {"STRONGLY_TYPED": trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED}
+
+
+def _logger_bridge() -> trt.ILogger:
+    """A TensorRT logger that forwards to this module's ``logging`` logger (TensorRT's own prints)."""
+    import tensorrt as trt
+
+    levels = {
+        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
+        trt.ILogger.Severity.ERROR: logging.ERROR,
+        trt.ILogger.Severity.WARNING: logging.WARNING,
+        trt.ILogger.Severity.INFO: logging.DEBUG,  # TensorRT's INFO is a build transcript
+        trt.ILogger.Severity.VERBOSE: logging.DEBUG - 5,
+    }
+
+    class _Bridge(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)  # TensorRT requires the explicit base-class call
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            log.log(levels.get(severity, logging.DEBUG), "TensorRT: %s", msg)
+
+    return _Bridge()
+
+
+def _parser_errors(parser: trt.OnnxParser) -> str:
+    lines = []
+    for i in range(parser.num_errors):
+        error: trt.ParserError = parser.get_error(i)
+        lines.append(f"  node {error.node()} {error.node_name()!r} ({error.node_operator()}): {error.desc()}")
+    return "\n".join(lines) or "  (the parser reported no details)"
+
+
+def _check_network_io(network: trt.INetworkDefinition, spec: ComponentSpec, onnx_path: Path) -> None:
+    """The ONNX's inputs and outputs must be the contract's, or the runtime would bind the wrong buffers."""
+    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+    outputs = {network.get_output(i).name for i in range(network.num_outputs)}
+    if inputs != set(spec.input_names) or outputs != set(spec.output_names):
+        raise BuildError(
+            f"{spec.name}: {onnx_path} has inputs {sorted(inputs)} and outputs {sorted(outputs)}, but the contract "
+            f"says {spec.input_names} and {spec.output_names}; re-export the component"
+        )
+
+
+def _refuse_fp16_vae(network: trt.INetworkDefinition, spec: ComponentSpec, onnx_path: Path) -> None:
+    """Strongly typed means the ONNX dtypes decide, so an fp16 VAE ONNX would build an fp16 VAE: NaN images."""
+    import tensorrt as trt
+
+    half = [t.name for t in (network.get_input(i) for i in range(network.num_inputs)) if t.dtype == trt.DataType.HALF]
+    if half:
+        raise BuildError(
+            f"{spec.name}: {onnx_path} takes fp16 inputs {half} and the network is strongly typed, so the SDXL VAE "
+            "would run in fp16 and overflow to NaN; export the VAE in fp32, or set vae_fp16_safe=True for an "
+            "fp16-safe VAE (e.g. sdxl-vae-fp16-fix)"
+        )
+
+
+def _attach_timing_cache(builder_config: trt.IBuilderConfig, path: Path) -> None:
+    data = path.read_bytes() if path.is_file() else b""
+    cache = builder_config.create_timing_cache(data)
+    if not builder_config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s was made on another GPU or TensorRT version; starting an empty one", path)
+        builder_config.set_timing_cache(builder_config.create_timing_cache(b""), ignore_mismatch=False)
+    else:
+        log.info("timing cache: %s (%d bytes)", path, len(data))
+
+
+def _write_atomic(path: Path, data: memoryview) -> None:
+    """Write via a temp file in the same directory and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
