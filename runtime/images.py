@@ -1,0 +1,74 @@
+"""Image conversion at the pipeline's edges, matching diffusers' VaeImageProcessor, and PNG output.
+
+* init images: RGB, resized (Lanczos) to the bucket when their size differs, scaled to [-1, 1];
+* masks: grayscale, binarized at 0.5 (white = repaint), nearest-resized to the latent grid;
+* outputs: [-1, 1] -> uint8 with diffusers' rounding; NaN or inf is an error, never a black PNG.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from sdxl_trt.errors import InvalidRequestError, NonFiniteOutputError
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL -> ``[1, 3, H, W]`` float32 in [-1, 1]."""
+    if not isinstance(image, Image.Image):
+        raise InvalidRequestError(f"init image must be a PIL image, got {type(image).__name__}", param="init_image")
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+
+
+def mask_to_tensor(mask: Image.Image, width: int, height: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """PIL -> ``[1, 1, H, W]`` float32 of 0/1 (1 = repaint)."""
+    if not isinstance(mask, Image.Image):
+        raise InvalidRequestError(f"mask must be a PIL image, got {type(mask).__name__}", param="mask")
+    if mask.size != image_size:
+        raise InvalidRequestError(
+            f"mask is {mask.size[0]}x{mask.size[1]} but the init image is {image_size[0]}x{image_size[1]}; "
+            "they must be the same size",
+            param="mask",
+        )
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.LANCZOS)
+    arr = np.asarray(mask, dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr)[None, None]
+    return (t >= 0.5).to(torch.float32)
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteOutputError(
+            f"{what} contains {bad} NaN/inf values; no image was written. With fp16 engines this is usually the "
+            "SDXL VAE overflowing: build the VAE in fp32 (the default) or use an fp16-fixed VAE"
+        )
+
+
+def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
+    """``[N, 3, H, W]`` in [-1, 1] -> RGB PIL images (diffusers: ``(x / 2 + 0.5).clamp(0, 1)``, x255, round)."""
+    check_finite(images, "decoded image")
+    arr = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (arr * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+def save_png(image: Image.Image, path: Path, parameters: dict[str, Any]) -> Path:
+    """PNG with the generation parameters as text chunks (``parameters`` as JSON, and A1111-style)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    info.add_text("Software", "sdxl-trt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path
