@@ -1,0 +1,121 @@
+"""SDXL schedulers as tensor math over precomputed device tables, numerically equal to diffusers'.
+
+The runtime captures one guided denoising step (UNet + classifier-free guidance + scheduler update) in a
+CUDA graph and replays it for every step. So, in this package:
+
+- The step index lives on the device: a 0-d or 1-element int64 tensor, incremented in place by the caller
+  (``idx += 1``). Per-step methods read their coefficients with ``index_select`` on it.
+- No host sync in a per-step method: no ``.item()``, no ``bool()``/``int()`` of a tensor, no Python
+  branching on the index or on tensor values. Branches on static facts (the sampler, the config) are fine.
+- Everything that varies per step is tabled at ``make_schedule`` time, including a multistep method's
+  first-order warm-up and final steps (a zero coefficient, not an ``if``).
+- No persistent state is allocated per step: history lives in ``make_state``'s buffers, updated with
+  ``copy_``. Step noise is pre-drawn for all steps (``draw_step_noise``) and indexed like the tables.
+- One scheduler per file, small; shared table math in ``_base``. Nothing here imports diffusers.
+
+A loop (``s = make_schedule(...)``; tables, state and noise on the device)::
+
+    latents = noise * s.init_noise_sigma            # txt2img; img2img: s.add_noise(image_latents, noise, 0)
+    step_noise = s.draw_step_noise(latents.shape, generators, unet_dtype).to(device)  # after initial draws
+    state, idx = s.make_state(latents), torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(s.num_steps):                    # the body is what gets captured
+        eps = guided_unet(s.scale_model_input(latents, idx), s.timestep(idx))
+        latents = s.step(eps, latents, idx, state, step_noise)
+        idx += 1
+
+The sampler name fixes the algorithm (diffusers class and the kwargs below); the config gives the noise
+schedule (betas, spacing, offset, prediction type). Config keys that choose an algorithm
+(``use_karras_sigmas``, ``algorithm_type``, ``solver_order``, ``solver_type``, ...) are therefore ignored,
+and config values whose math is not implemented are refused with `ModelLoadError`.
+
+| name | diffusers |
+|---|---|
+| euler | EulerDiscreteScheduler |
+| euler_karras | EulerDiscreteScheduler(use_karras_sigmas=True) |
+| euler_a | EulerAncestralDiscreteScheduler |
+| dpmpp_2m | DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2) |
+| dpmpp_2m_karras | the same with use_karras_sigmas=True |
+| dpmpp_2m_sde | DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2) |
+| dpmpp_2m_sde_karras | the same with use_karras_sigmas=True |
+| ddim | DDIMScheduler (eta 0) |
+| unipc | UniPCMultistepScheduler (solver_order 2, bh2) |
+
+Not provided: Heun and DPM2 (two UNet calls per step, so not one captured step).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from sdxl_trt.errors import InvalidRequestError
+
+from . import ddim, dpm_solver, euler, euler_ancestral, unipc
+from ._base import Schedule, Window
+
+__all__ = ["SCHEDULERS", "Schedule", "make_schedule"]
+
+_FACTORIES: dict[str, Callable[..., Schedule]] = {
+    "euler": functools.partial(euler.make, karras=False),
+    "euler_karras": functools.partial(euler.make, karras=True),
+    "euler_a": euler_ancestral.make,
+    "dpmpp_2m": functools.partial(dpm_solver.make, karras=False, sde=False),
+    "dpmpp_2m_karras": functools.partial(dpm_solver.make, karras=True, sde=False),
+    "dpmpp_2m_sde": functools.partial(dpm_solver.make, karras=False, sde=True),
+    "dpmpp_2m_sde_karras": functools.partial(dpm_solver.make, karras=True, sde=True),
+    "ddim": ddim.make,
+    "unipc": unipc.make,
+}
+
+SCHEDULERS: tuple[str, ...] = tuple(_FACTORIES)
+"""The scheduler names `make_schedule` accepts."""
+
+
+def _check_fraction(value: float | None, param: str) -> None:
+    if value is not None and not 0.0 < value < 1.0:
+        raise InvalidRequestError(f"{param} must be between 0 and 1 (exclusive) but is {value}; "
+                                  "leave it unset to run the whole schedule", param=param)
+
+
+def make_schedule(
+    name: str,
+    num_inference_steps: int,
+    *,
+    config: Mapping[str, Any],
+    strength: float = 1.0,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Schedule:
+    """The tables for `num_inference_steps` steps of sampler `name`, with the timesteps diffusers' SDXL
+    pipelines run.
+
+    config: a diffusers scheduler config (e.g. `sdxl_trt.presets.SCHEDULER_CONFIG`).
+    strength: img2img/inpaint strength; runs the last int(steps * strength) steps (1.0: all).
+    denoising_start: the refiner half of an ensemble of experts: start where the base stopped (strength is
+        then ignored, as in diffusers; the caller passes the base's latents without adding noise).
+    denoising_end: the base half: stop before the timesteps below (1 - denoising_end) * num_train_timesteps.
+    dtype: of the coefficient tables (keep float32: diffusers steps in float32 even for fp16 UNets);
+        timesteps are always float32.
+    """
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise InvalidRequestError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}",
+                                  param="scheduler")
+    num_train = int(config.get("num_train_timesteps", 1000))
+    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train:
+        raise InvalidRequestError(f"num_inference_steps must be an integer from 1 to {num_train} but is "
+                                  f"{num_inference_steps!r}", param="num_inference_steps")
+    if not 0.0 <= strength <= 1.0:
+        raise InvalidRequestError(f"strength must be in [0, 1] but is {strength}", param="strength")
+    _check_fraction(denoising_start, "denoising_start")
+    _check_fraction(denoising_end, "denoising_end")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise InvalidRequestError(f"denoising_start ({denoising_start}) must be below denoising_end "
+                                  f"({denoising_end})", param="denoising_start")
+    window = Window(strength=strength, denoising_start=denoising_start, denoising_end=denoising_end)
+    return factory(config, num_inference_steps, window, device=device, dtype=dtype)

@@ -1,0 +1,299 @@
+"""The device-table schedulers against diffusers' own schedulers, through the loops the SDXL pipelines run.
+
+The reference side uses diffusers' real scheduler classes (from SDXL's config plus the kwargs a user passes
+to pick the sampler), diffusers' own get_timesteps (img2img/inpaint/refiner) and randn_tensor. Our side runs
+the capturable loop: the step index is a device tensor incremented in place, and any host read of a tensor
+(.item(), bool(), int(), ...) raises while the loop runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
+)
+from diffusers.schedulers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from sdxl_trt.errors import InvalidRequestError, ModelLoadError
+from sdxl_trt.presets import SCHEDULER_CONFIG
+from sdxl_trt.runtime.schedulers import SCHEDULERS, make_schedule
+
+# name -> (diffusers class, from_config kwargs that select the same sampler)
+DIFFUSERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "euler": (EulerDiscreteScheduler, {"use_karras_sigmas": False}),
+    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler,
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler,
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "ddim": (DDIMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+SHAPE = (2, 4, 8, 8)  # two images, each with its own generator
+SEEDS = (1234, 99)
+
+# Tolerance, relative to the sample's scale (max |x|): both sides step in float32, but the tables hold
+# coefficients computed in float64 from the same float32 sigmas and rounded once, while diffusers evaluates
+# its formulas in float32 operation by operation (with cancellations such as lambda_t - lambda_s and
+# x - sigma * eps). Each step differs by a few float32 ulps; over 30 steps the measured worst case is
+# 1.5e-6 of the scale. An off-by-one timestep, a wrong order switch or a misplaced noise draw moves
+# results by 1e-2 of the scale or more.
+REL_TOL = 1e-5
+
+CASES: dict[str, dict[str, Any]] = {
+    "txt2img-1": {"steps": 1},
+    "txt2img-4": {"steps": 4},
+    "txt2img-20": {"steps": 20},
+    "txt2img-30": {"steps": 30},
+    "base-end0.8": {"steps": 30, "denoising_end": 0.8},
+    "base-end0.8-4": {"steps": 4, "denoising_end": 0.8},
+    "img2img-0.3": {"steps": 30, "mode": "img2img", "strength": 0.3},
+    "img2img-0.75": {"steps": 20, "mode": "img2img", "strength": 0.75},
+    "refiner-start0.8": {"steps": 30, "mode": "img2img", "denoising_start": 0.8},
+    "refiner-start0.7-5": {"steps": 5, "mode": "img2img", "denoising_start": 0.7},
+    "img2img-start0.3-end0.7": {"steps": 25, "mode": "img2img", "denoising_start": 0.3, "denoising_end": 0.7},
+    "inpaint-0.6": {"steps": 20, "mode": "inpaint", "strength": 0.6},
+    "inpaint-1.0": {"steps": 10, "mode": "inpaint", "strength": 1.0},
+    "v-trailing": {"steps": 20, "config": {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}},
+    "linspace": {"steps": 15, "config": {"timestep_spacing": "linspace", "steps_offset": 0}},
+    "one-generator": {"steps": 12, "seeds": (7,)},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """The tensors here are tiny: intra-op worker threads only add wake-up latency, and on a loaded 2-core
+    machine their spinning makes each small op cost milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fake_unet(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A deterministic stand-in for the guided UNet, depending on both the sample and the timestep. Its
+    linear part roughly tracks the noise level, so that samples stay O(1) as with a real denoiser."""
+    level = t.float() / 1000
+    return level.sqrt() * x + 0.2 * torch.sin(3 * x) + level * torch.cos(x)
+
+
+def _image() -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+
+
+def _mask() -> torch.Tensor:
+    mask = torch.zeros(SHAPE[0], 1, *SHAPE[2:])
+    mask[..., 2:6, 1:5] = 1.0
+    return mask
+
+
+def _generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def run_diffusers(name: str, steps: int, *, mode: str = "txt2img", strength: float = 1.0,
+                  denoising_start: float | None = None, denoising_end: float | None = None,
+                  config: dict[str, Any] | None = None, seeds: tuple[int, ...] = SEEDS,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' SDXL denoising loop (txt2img, img2img or inpaint) with `fake_unet`."""
+    cls, kwargs = DIFFUSERS[name]
+    sched = cls.from_config({**SCHEDULER_CONFIG, **(config or {})}, **kwargs)
+    gens = _generators(seeds)
+    pipe = types.SimpleNamespace(scheduler=sched)
+    sched.set_timesteps(steps, device="cpu")
+    n_train = sched.config.num_train_timesteps
+    if mode == "txt2img":
+        timesteps = sched.timesteps
+        latents = randn_tensor(SHAPE, generator=gens) * sched.init_noise_sigma
+    else:
+        timesteps, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(pipe, steps, strength, "cpu",
+                                                                      denoising_start=denoising_start)
+        latent_timestep = timesteps[:1].repeat(SHAPE[0])
+        if mode == "img2img":
+            latents = _image() if denoising_start is not None else \
+                sched.add_noise(_image(), randn_tensor(SHAPE, generator=gens), latent_timestep)
+        else:  # inpaint, prepare_latents with add_noise
+            noise = randn_tensor(SHAPE, generator=gens)
+            latents = noise * sched.init_noise_sigma if strength == 1.0 else \
+                sched.add_noise(_image(), noise, latent_timestep)
+    if denoising_end is not None:
+        cutoff = int(round(n_train - denoising_end * n_train))
+        timesteps = timesteps[:len(list(filter(lambda ts: ts >= cutoff, timesteps)))]
+    if mode == "txt2img" and hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(0)
+    extra = StableDiffusionXLPipeline.prepare_extra_step_kwargs(pipe, gens, 0.0)
+    for i, t in enumerate(timesteps):
+        model_input = sched.scale_model_input(latents, t)
+        latents = sched.step(fake_unet(model_input, t), t, latents, **extra, return_dict=False)[0]
+        if mode == "inpaint":
+            proper = _image()
+            if i < len(timesteps) - 1:
+                proper = sched.add_noise(proper, noise, torch.tensor([timesteps[i + 1]]))
+            latents = (1 - _mask()) * proper + _mask() * latents
+    return timesteps, latents
+
+
+@contextlib.contextmanager
+def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make every host read of a tensor's value raise, as it would break (or sync) a CUDA graph capture."""
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("host sync inside the denoising loop")
+
+    with monkeypatch.context() as m:
+        for attr in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"):
+            m.setattr(torch.Tensor, attr, forbidden)
+        yield
+
+
+def run_ours(name: str, steps: int, monkeypatch: pytest.MonkeyPatch, *, mode: str = "txt2img",
+             strength: float = 1.0, denoising_start: float | None = None, denoising_end: float | None = None,
+             config: dict[str, Any] | None = None, seeds: tuple[int, ...] = SEEDS,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The capturable loop: device step index incremented in place, no host reads, state updated in place."""
+    s = make_schedule(name, steps, config={**SCHEDULER_CONFIG, **(config or {})}, strength=strength,
+                      denoising_start=denoising_start, denoising_end=denoising_end)
+    gens = _generators(seeds)
+    noise = None
+    if mode == "txt2img" or (mode == "inpaint" and strength == 1.0):
+        noise = randn_tensor(SHAPE, generator=gens)
+        latents = noise * s.init_noise_sigma
+    elif mode == "img2img" and denoising_start is not None:
+        latents = _image()
+    else:
+        noise = randn_tensor(SHAPE, generator=gens)
+        latents = s.add_noise(_image(), noise, torch.zeros((), dtype=torch.int64))
+    step_noise = s.draw_step_noise(SHAPE, gens, torch.float32)
+    assert step_noise.shape[0] == (s.num_steps if s.needs_noise else 0)
+    state = s.make_state(latents)
+    pointers = {k: v.data_ptr() for k, v in state.items()}
+    image, mask = _image(), _mask()
+    idx = torch.zeros((), dtype=torch.int64)
+    with no_host_sync(monkeypatch):
+        for _ in range(s.num_steps):
+            model_input = s.scale_model_input(latents, idx)
+            latents = s.step(fake_unet(model_input, s.timestep(idx)), latents, idx, state, step_noise)
+            if mode == "inpaint":
+                latents = (1 - mask) * s.add_noise(image, noise, idx + 1) + mask * latents
+            idx += 1
+    assert {k: v.data_ptr() for k, v in state.items()} == pointers, "state buffers were replaced, not updated"
+    return s.timesteps, latents
+
+
+def test_every_name_has_a_reference() -> None:
+    assert set(SCHEDULERS) == set(DIFFUSERS)
+    assert {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"} <= set(SCHEDULERS)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_matches_diffusers(name: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kwargs = dict(CASES[case])
+    steps = kwargs.pop("steps")
+    ref_timesteps, ref = run_diffusers(name, steps, **kwargs)
+    timesteps, ours = run_ours(name, steps, monkeypatch, **kwargs)
+    assert timesteps.dtype == torch.float32
+    assert torch.equal(timesteps, ref_timesteps.to(torch.float32)), (timesteps, ref_timesteps)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(ours, ref, rtol=0.0, atol=REL_TOL * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_replay_with_reused_tables_and_state(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replaying the loop (index reset in place, same state buffers, same noise table) gives the same
+    result: the step reads nothing that an earlier replay changed other than the state it overwrites."""
+    s = make_schedule(name, 8, config=SCHEDULER_CONFIG)
+    start = randn_tensor(SHAPE, generator=_generators(SEEDS)) * s.init_noise_sigma
+    step_noise = s.draw_step_noise(SHAPE, _generators(SEEDS), torch.float32)
+    state = s.make_state(start)
+    idx = torch.zeros(1, dtype=torch.int64)  # a 1-element index works like a 0-d one
+    results = []
+    with no_host_sync(monkeypatch):
+        for _ in range(2):
+            idx.zero_()
+            latents = start
+            for _ in range(s.num_steps):
+                latents = s.step(fake_unet(s.scale_model_input(latents, idx), s.timestep(idx)), latents, idx,
+                                 state, step_noise)
+                idx += 1
+            results.append(latents)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_sde"])
+def test_noise_rows_are_per_step_noise(name: str) -> None:
+    """Passing one step's noise instead of the table gives the same step; without noise the step refuses."""
+    s = make_schedule(name, 5, config=SCHEDULER_CONFIG)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    table = s.draw_step_noise(SHAPE, _generators(SEEDS), torch.float32)
+    eps = fake_unet(x, s.timestep(2))
+    idx = torch.tensor(2)
+    a = s.step(eps, x, idx, s.make_state(x), table)
+    b = s.step(eps, x, idx, s.make_state(x), table[2])
+    assert torch.equal(a, b)
+    assert not torch.equal(a, s.step(eps, x, idx, s.make_state(x), table[3]))
+    with pytest.raises(ValueError, match="needs noise"):
+        s.step(eps, x, idx, s.make_state(x), None)
+
+
+def test_deterministic_samplers_draw_nothing() -> None:
+    gen = torch.Generator().manual_seed(3)
+    before = gen.get_state()
+    for name in ("euler", "dpmpp_2m", "ddim", "unipc"):
+        s = make_schedule(name, 10, config=SCHEDULER_CONFIG)
+        assert not s.needs_noise
+        assert s.draw_step_noise(SHAPE, [gen, gen], torch.float32).shape == (0, *SHAPE)
+    assert torch.equal(gen.get_state(), before)
+
+
+def test_unknown_name_lists_the_valid_ones() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        make_schedule("heun", 30, config=SCHEDULER_CONFIG)
+    assert info.value.param == "scheduler"
+    for name in SCHEDULERS:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"strength": 0.01}, "strength"),  # int(30 * 0.01) = 0 steps left
+    ({"strength": 1.5}, "strength"),
+    ({"denoising_end": 1.0}, "denoising_end"),
+    ({"denoising_start": 0.8, "denoising_end": 0.5}, "denoising_start"),
+    ({"denoising_end": 0.001}, "denoising_end"),  # every timestep is below the cutoff
+    ({"denoising_start": 0.999}, "denoising_start"),  # none is below the cutoff
+])
+def test_bad_windows_are_refused(kwargs: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        make_schedule("euler", 30, config=SCHEDULER_CONFIG, **kwargs)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize("override", [{"rescale_betas_zero_snr": True}, {"beta_schedule": "squaredcos_cap_v2"},
+                                      {"prediction_type": "sample"}, {"timestep_type": "continuous"}])
+def test_unsupported_config_is_refused(override: dict[str, Any]) -> None:
+    key = next(iter(override))
+    with pytest.raises(ModelLoadError, match=key):
+        make_schedule("euler", 30, config={**SCHEDULER_CONFIG, **override})
+
+
+def test_ddim_refuses_sample_clipping() -> None:
+    config = {k: v for k, v in SCHEDULER_CONFIG.items() if k != "clip_sample"}  # diffusers' default: True
+    with pytest.raises(ModelLoadError, match="clip_sample"):
+        make_schedule("ddim", 30, config=config)
