@@ -37,6 +37,8 @@ and config values whose math is not implemented are refused with `ModelLoadError
 | dpmpp_2m_karras | the same with use_karras_sigmas=True |
 | dpmpp_2m_sde | DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2) |
 | dpmpp_2m_sde_karras | the same with use_karras_sigmas=True |
+| dpmpp_3m_sde | DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3) |
+| dpmpp_3m_sde_karras | the same with use_karras_sigmas=True |
 | ddim | DDIMScheduler (eta 0) |
 | unipc | UniPCMultistepScheduler (solver_order 2, bh2) |
 
@@ -66,6 +68,8 @@ _FACTORIES: dict[str, Callable[..., Schedule]] = {
     "dpmpp_2m_karras": functools.partial(dpm_solver.make, karras=True, sde=False),
     "dpmpp_2m_sde": functools.partial(dpm_solver.make, karras=False, sde=True),
     "dpmpp_2m_sde_karras": functools.partial(dpm_solver.make, karras=True, sde=True),
+    "dpmpp_3m_sde": functools.partial(dpm_solver.make, karras=False, sde=True, order=3),
+    "dpmpp_3m_sde_karras": functools.partial(dpm_solver.make, karras=True, sde=True, order=3),
     "ddim": ddim.make,
     "unipc": unipc.make,
 }
