@@ -15,7 +15,7 @@ from .presets import PRESETS, Preset
 
 def preset_identity_hash(preset: Preset) -> str:
     """Configs plus seed fully determine a preset's random weights."""
-    payload = {"preset": preset.name, "seed": preset.seed, "unet": preset.unet, "vae": preset.vae,
+    payload = {"preset": preset.name, "seed": preset.seed, "init_scheme": 2, "unet": preset.unet, "vae": preset.vae,
                "te": preset.text_encoder, "te2": preset.text_encoder_2}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -159,7 +159,7 @@ def test_inpainting_matches_diffusers(tiny_pipeline, reference):
     pipe = reference["inpaint"]
     pipe.scheduler = diffusers_scheduler("euler", pipe.scheduler.config)
     theirs = pipe(prompt=req.prompt, image=image, mask_image=mask_image, strength=0.9, num_inference_steps=8,
-                  guidance_scale=5.0, generator=generators(8, 1), output_type="np").images
+                  guidance_scale=5.0, generator=generators(8, 1), width=256, height=256, output_type="np").images
     assert_close(ours, theirs)
 
 
