@@ -27,11 +27,11 @@ _DEFAULTS: dict[str, Any] = {
     "prediction_type": "epsilon",
     "timestep_spacing": "linspace",
     "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
 }
 # Config keys whose other values change the math in ways these tables do not implement. Refused, not ignored.
 _ONLY: dict[str, tuple[Any, ...]] = {
     "trained_betas": (None,),
-    "rescale_betas_zero_snr": (False,),
     "thresholding": (False,),
     "interpolation_type": ("linear",),
     "timestep_type": ("discrete",),
@@ -62,6 +62,7 @@ class NoiseConfig:
     prediction_type: str
     timestep_spacing: str
     steps_offset: int
+    rescale_betas_zero_snr: bool
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None) -> NoiseConfig:
@@ -75,14 +76,33 @@ class NoiseConfig:
                 )
         return cls(**{k: merged[k] for k in _DEFAULTS})
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        """float32, exactly as diffusers computes it (torch.linspace in float32, cumprod in float32)."""
+    def alphas_cumprod(self, *, clamp_terminal: bool = True) -> torch.Tensor:
+        """float32, exactly as diffusers computes it (torch.linspace in float32, cumprod in float32).
+
+        With rescale_betas_zero_snr the last value is 0; the sigma-based schedulers then set it to 2**-24
+        (`clamp_terminal`), DDIM keeps 0.
+        """
         n = self.num_train_timesteps
         if self.beta_schedule == "linear":
             betas = torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float32)
         else:  # scaled_linear
             betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=torch.float32) ** 2
-        return torch.cumprod(1.0 - betas, dim=0)
+        if self.rescale_betas_zero_snr:
+            betas = _rescale_zero_terminal_snr(betas)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if self.rescale_betas_zero_snr and clamp_terminal:
+            alphas_cumprod[-1] = 2**-24
+        return alphas_cumprod
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2023), Algorithm 1, in diffusers' float32 operation order."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= last
+    alphas_bar_sqrt *= first / (first - last)
+    alphas_bar = alphas_bar_sqrt**2
+    return 1 - torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
 
 
 def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
@@ -210,14 +230,17 @@ class Schedule:
         self.num_steps: int = len(timesteps)
         self.timesteps: torch.Tensor = torch.tensor(np.asarray(timesteps, dtype=np.float32), device=device)
         self.init_noise_sigma: float = float(init_noise_sigma)
+        coefs = np.asarray(coefs, dtype=np.float64)
+        if not np.isfinite(coefs).all():
+            raise ModelLoadError("the scheduler config gives a non-finite step coefficient (epsilon prediction "
+                                 "with zero terminal SNR?); use v_prediction with rescale_betas_zero_snr")
         # [num_steps, K] step coefficients, computed in float64 and rounded once to `dtype`.
-        self._coefs = torch.tensor(np.asarray(coefs, dtype=np.float64), dtype=dtype, device=device)
+        self._coefs = torch.tensor(coefs, dtype=dtype, device=device)
         # [num_steps + 1, 2]: add_noise(x, n, i) = a_i * x + b_i * n; row num_steps is (1, 0), "no noise left".
         end = torch.tensor([[1.0, 0.0]], dtype=noise_levels.dtype)
         self._noise_levels = torch.cat([noise_levels, end]).to(device=device, dtype=dtype)
         self._input_scale = None if input_scale is None else input_scale.to(device=device, dtype=dtype)
         assert self._coefs.shape[0] == self.num_steps and len(noise_levels) == self.num_steps
-        assert bool(torch.isfinite(self._coefs).all()), "non-finite scheduler coefficient"
 
     @staticmethod
     def _row(table: torch.Tensor, step_index: torch.Tensor | int) -> torch.Tensor:

@@ -34,7 +34,7 @@ def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *,
         raise ModelLoadError("DDIM with clip_sample=True (diffusers' default) is not supported: SDXL latents are "
                              "not in [-1, 1]; use a config with clip_sample=False, as SDXL's has")
     n, t_max = num_inference_steps, cfg.num_train_timesteps
-    alphas_cumprod = cfg.alphas_cumprod()
+    alphas_cumprod = cfg.alphas_cumprod(clamp_terminal=False)
     final = 1.0 if config.get("set_alpha_to_one", True) else float(alphas_cumprod[0])
     timesteps = spaced_timesteps(cfg, n, style="ddim")
     begin, count = window.select(timesteps, t_max)
