@@ -97,7 +97,7 @@ def component_profiles(
         raise ProfileError("no buckets requested")
     if spec.name in TEXT_COMPONENTS:
         dims = {"B": DimRange(1, 2, 2 * max_batch * max_prompt_chunks)}
-        return [_validated(spec, Profile("batch", tuple(str(b) for b in buckets), dims, _shapes(spec, dims)))]
+        return [_validated(spec, Profile("batch", (), dims, _shapes(spec, dims)))]  # bucket-independent
 
     if spec.name in UNET_COMPONENTS:
         batch = DimRange(1, 2, 2 * max_batch)
