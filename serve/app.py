@@ -1,0 +1,107 @@
+"""The ASGI app: wiring only. ``create_app(settings, pipeline_factory)`` is the one way to build it, so the CLI
+and a Ray Serve deployment serve the same app.
+
+Layers, outermost first: metrics (counts every answer) -> API key (before any body is read) -> body limit
+-> FastAPI routes (OpenAI, A1111, probes, metrics). Each API's errors keep that API's shape (``http_errors``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from sdxl_trt import __version__
+from sdxl_trt.errors import SdxlTrtError
+
+from . import a1111_routes, openai_routes
+from .auth import ApiKeyMiddleware
+from .endpoint import ClientGone
+from .http_errors import ApiError, from_exception, from_validation, render
+from .limits import BodyLimitMiddleware
+from .metrics import CLIENT_CLOSED, MetricsMiddleware, ServeMetrics
+from .service import PipelineFactory, Service, load_pipeline
+from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/health", "/ready")
+
+
+def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load_pipeline) -> FastAPI:
+    """A FastAPI app serving one engine directory; the engines load in the background at startup."""
+    metrics = ServeMetrics()
+    service = Service(settings, pipeline_factory, on_batch=metrics.observe_batch)
+    metrics.bind_queue_depth(lambda: service.queue_depth)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        yield
+        await service.drain()
+
+    app = FastAPI(title="sdxl-trt", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.service = service
+    app.state.metrics = metrics
+    app.include_router(openai_routes.router)
+    app.include_router(a1111_routes.router)
+    _add_probes(app, service, metrics)
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=OPEN_PATHS)
+    routes = [*openai_routes.router.routes, *a1111_routes.router.routes, *app.routes]
+    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints={getattr(r, "path", "") for r in routes})
+    return app
+
+
+def _add_probes(app: FastAPI, service: Service, metrics: ServeMetrics) -> None:
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Alive: the process answers. Not a statement about the engines (that is /ready)."""
+        return {"status": "ok", "state": service.state}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """200 once the engines are loaded and warm; 503 while loading, after a failed load, or draining."""
+        body: dict[str, object] = {"ready": service.ready, "state": service.state}
+        if service.error:
+            body["error"] = service.error
+        if service.async_pipeline is not None:
+            body["queue_depth"] = service.queue_depth
+        return JSONResponse(body, status_code=200 if service.ready else 503,
+                            headers=None if service.ready else {"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: Exception) -> Response:
+        return render(request.url.path, exc if isinstance(exc, ApiError) else from_exception(exc))
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return render(request.url.path, from_validation(exc))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        err = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
+                       headers=dict(exc.headers or {}))
+        return render(request.url.path, err)
+
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(SdxlTrtError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientGone, client_gone)
+    app.add_exception_handler(Exception, api_error)

@@ -1,0 +1,108 @@
+"""``sdxl-trt serve``: flags -> ServeSettings -> the app on uvicorn, with a drain on SIGTERM.
+
+On SIGTERM (or Ctrl-C): ``/ready`` turns 503 and new requests get 503 while queued and running ones finish
+(up to ``--drain-timeout-s``); then uvicorn's graceful shutdown closes the connections and the process
+exits 0. A second signal stops at once. If the engines fail to load, the process exits 2 with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .settings import API_KEY_ENV, ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve engines over HTTP: OpenAI Images and AUTOMATIC1111 APIs")
+    d = ServeSettings(engines=Path("."))
+    p.add_argument("--engines", required=True, help="engine directory made by `sdxl-trt build`")
+    p.add_argument("--host", default=d.host, help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", default=None,
+                   help=f"require this key (Bearer, or Basic password); default: ${API_KEY_ENV}")
+    p.add_argument("--max-batch", type=_positive(int), default=None,
+                   help="images per batch (default: the engines' max batch)")
+    p.add_argument("--batch-window-ms", type=_non_negative, default=d.batch_window_ms,
+                   help="how long a batch waits for compatible requests to fill it")
+    p.add_argument("--max-queue", type=_positive(int), default=d.max_queue,
+                   help="waiting requests; more are refused with 429")
+    p.add_argument("--max-images", type=_positive(int), default=d.max_images, help="images per request")
+    p.add_argument("--max-steps", type=_positive(int), default=d.max_steps)
+    p.add_argument("--request-timeout-s", type=_positive(float), default=d.request_timeout_s,
+                   help="longest wait in the queue; then 504")
+    p.add_argument("--drain-timeout-s", type=_non_negative, default=d.drain_timeout_s,
+                   help="on SIGTERM, how long queued and running requests may take to finish")
+    p.add_argument("--max-body-mb", type=_positive(float), default=d.max_body_mb, help="largest request body")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    return ServeSettings(
+        engines=Path(args.engines), host=args.host, port=args.port,
+        api_key=args.api_key or ServeSettings.key_from_env(), max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, max_images=args.max_images,
+        max_steps=args.max_steps, request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
+        max_body_mb=args.max_body_mb, device=args.device,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sdxl_trt.runtime.loader import open_engine_dir
+
+    from .app import create_app
+    from .server import DrainingServer
+
+    settings = settings_from_args(args)
+    open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line
+    if settings.api_key is None and not _is_loopback(settings.host):
+        log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", settings.host)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
+                            timeout_graceful_shutdown=10, server_header=False)
+    service = app.state.service
+    server = DrainingServer(config, service)
+    server.run()
+    if service.state == "failed":
+        print(f"sdxl-trt serve: error: {service.error}", file=sys.stderr)
+        return 2
+    return 0 if server.drained else 1
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,109 @@
+"""One error type for the HTTP edge, rendered in the shape of the API the client called.
+
+Engine and queue errors map to status codes here (400 bad value, 429 queue full, 503 not ready or draining,
+504 deadline); anything unexpected is a 500 whose body says only that, with the traceback in the server log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import JSONResponse
+
+from sdxl_trt.errors import InvalidRequestError, NonFiniteOutputError
+
+from . import a1111_api, openai_api
+from .errors import DeadlineExceededError, NotReadyError, OverloadedError, ShuttingDownError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    type: str = "invalid_request_error"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def from_exception(exc: BaseException, *, params: Mapping[str, str] | None = None) -> ApiError:
+    """Our exceptions -> ApiError; ``params`` renames engine field names to the API's (A1111's ``cfg_scale``)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        param = exc.param if exc.param is None or params is None else params.get(exc.param, exc.param)
+        return ApiError(400, str(exc), param=param, code="invalid_value")
+    if isinstance(exc, OverloadedError):
+        return ApiError(429, str(exc), code="queue_full", type="rate_limit_error",
+                        headers={"Retry-After": str(int(exc.retry_after_s))})
+    if isinstance(exc, DeadlineExceededError):
+        return ApiError(504, str(exc), code="deadline_exceeded", type="timeout_error")
+    if isinstance(exc, ShuttingDownError):
+        return ApiError(503, str(exc), code="shutting_down", type="server_error", headers={"Retry-After": "5"})
+    if isinstance(exc, NotReadyError):
+        return ApiError(503, str(exc), code="not_ready", type="server_error", headers={"Retry-After": "5"})
+    if isinstance(exc, NonFiniteOutputError):
+        log.error("generation produced non-finite values: %s", exc)
+        return ApiError(500, str(exc), code="non_finite_output", type="server_error")
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return ApiError(500, "internal error while generating; see the server log", code="internal_error",
+                    type="server_error")
+
+
+def from_validation(exc: RequestValidationError) -> ApiError:
+    """FastAPI's request validation -> a 400 naming the first bad field (never a 422 or a 500)."""
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "invalid request")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
+                        code="invalid_json")
+    if first.get("type") == "missing":
+        return ApiError(400, f"{param or 'the request body'} is required", param=param, code="missing_field")
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return ApiError(400, "the request body must be a JSON object (send Content-Type: application/json)",
+                        code="invalid_json")
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+
+
+def api_of(path: str) -> str:
+    if path.startswith("/sdapi/"):
+        return "a1111"
+    if path.startswith("/v1/"):
+        return "openai"
+    return "plain"
+
+
+def render(path: str, err: ApiError) -> JSONResponse:
+    """``err`` in the shape of the API ``path`` belongs to."""
+    api = api_of(path)
+    body: dict[str, object]
+    if api == "openai":
+        body = openai_api.ErrorResponse(error=openai_api.ErrorDetail(
+            message=err.message, type=err.type, param=err.param, code=err.code)).model_dump()
+    elif api == "a1111":
+        body = a1111_api.ErrorResponse(error=_a1111_error_name(err), detail=err.message,
+                                       errors=err.message).model_dump()
+    else:
+        body = {"detail": err.message}
+    return JSONResponse(body, status_code=err.status, headers=err.headers or None)
+
+
+def _a1111_error_name(err: ApiError) -> str:
+    return {400: "InvalidRequestError", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed",
+            413: "RequestTooLarge", 429: "Overloaded", 503: "ServiceUnavailable",
+            504: "DeadlineExceeded"}.get(err.status, "InternalError")

@@ -1,0 +1,90 @@
+"""OpenAI Images API shapes (``/v1/images/generations`` and ``/v1/images/edits``) as pydantic models.
+
+Fields OpenAI defines are accepted with OpenAI's meaning; those naming a feature this engine lacks are
+refused when set to anything but their default (see ``UNSUPPORTED``), never silently dropped. Our own
+fields (``negative_prompt``, ``steps``, ``guidance_scale``, ``seed``, ``scheduler``, and ``strength`` for
+edits) ride in the same body, as the ``openai`` client's ``extra_body`` sends them. Unknown fields are a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    # field: the values that mean "the default", accepted; anything else is refused, naming the field
+    "stream": (None, False),
+    "style": (None,),
+    "quality": (None, "auto", "standard"),
+    "output_format": (None, "png"),
+    "output_compression": (None,),
+    "partial_images": (None, 0),
+    "background": (None, "auto", "opaque"),
+    "input_fidelity": (None,),
+}
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description="WIDTHxHEIGHT, one of the built buckets; 'auto' or unset: the first")
+    response_format: Literal["b64_json", "url"] | None = None
+    user: str | None = None
+    moderation: str | None = None
+    safety_identifier: str | None = None
+    stream: bool | None = None
+    style: str | None = None
+    quality: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    partial_images: int | None = None
+    background: str | None = None
+    # ours
+    negative_prompt: str = ""
+    steps: int = Field(30, ge=1)
+    guidance_scale: float = Field(5.0, ge=0.0, le=100.0)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    scheduler: str = "euler"
+
+
+class ImageGenerationRequest(_Common):
+    """``POST /v1/images/generations`` (JSON)."""
+
+
+class ImageEditRequest(_Common):
+    """``POST /v1/images/edits`` (multipart) without its files: inpainting of ``image`` where ``mask`` says.
+
+    The mask follows OpenAI where it has an alpha channel (transparent = repaint) and the diffusers/A1111
+    convention otherwise (white = repaint); without a mask, the image's own transparent pixels are repainted.
+    """
+
+    input_fidelity: str | None = None
+    strength: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail

@@ -1,0 +1,131 @@
+"""OpenAI Images API -> GenerationRequest -> OpenAI's response: ``/v1/images/generations`` and ``/edits``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from sdxl_trt.buckets import Bucket
+from sdxl_trt.errors import InvalidRequestError
+from sdxl_trt.request import GenerationRequest, GenerationResult
+
+from . import endpoint
+from .images_io import open_image
+from .openai_api import UNSUPPORTED, ImageData, ImageEditRequest, ImageGenerationRequest, ImagesResponse
+from .settings import ServeSettings
+
+router = APIRouter(prefix="/v1/images", tags=["OpenAI Images"])
+
+
+def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, settings: ServeSettings,
+                          schedulers: tuple[str, ...], init_image: Image.Image | None = None,
+                          mask: Image.Image | None = None) -> GenerationRequest:
+    """The one translation of an OpenAI body into the engine's request; refusals name OpenAI's field."""
+    for name, accepted in UNSUPPORTED.items():
+        value = getattr(body, name, None)
+        if value not in accepted:
+            raise InvalidRequestError(f"{name}={value!r} is not supported by this server", param=name)
+    if body.response_format == "url":
+        raise InvalidRequestError("response_format 'url' is not supported: this server keeps no images to link to; "
+                                  "use 'b64_json' (the default here)", param="response_format")
+    if body.n > settings.max_images:
+        raise InvalidRequestError(f"n must be in 1..{settings.max_images}, got {body.n}", param="n")
+    if body.steps > settings.max_steps:
+        raise InvalidRequestError(f"steps must be in 1..{settings.max_steps}, got {body.steps}", param="steps")
+    if body.scheduler not in schedulers:
+        raise InvalidRequestError(f"unknown scheduler {body.scheduler!r}; choose one of {', '.join(schedulers)}",
+                                  param="scheduler")
+    width = height = None
+    if body.size is not None and body.size.strip().lower() != "auto":
+        bucket = Bucket.parse(body.size)
+        width, height = bucket.width, bucket.height
+    extra: dict[str, Any] = {"strength": body.strength} if isinstance(body, ImageEditRequest) else {}
+    return GenerationRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
+        guidance_scale=body.guidance_scale, scheduler=body.scheduler, seed=body.seed, num_images=body.n,
+        init_image=init_image, mask_image=mask, **extra,
+    )
+
+
+def _schedulers() -> tuple[str, ...]:
+    from sdxl_trt.runtime.schedulers import SCHEDULERS
+
+    return SCHEDULERS
+
+
+async def _respond(request: Request, gen: GenerationRequest) -> ImagesResponse:
+    result: GenerationResult = await endpoint.generate(request, gen)
+    pngs = await endpoint.encode_pngs(result)
+    return ImagesResponse(created=int(time.time()),
+                          data=[ImageData(b64_json=b, seed=s) for b, s in zip(pngs, result.seeds, strict=True)])
+
+
+@router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+async def generations(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
+    """Text to image."""
+    service = endpoint.service_of(request)
+    service.require_pipeline()
+    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers())
+    return await _respond(request, gen)
+
+
+@router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
+async def edits(request: Request) -> ImagesResponse:
+    """Inpainting: multipart ``image`` (one), optional ``mask``, ``prompt``, ``n``, ``size`` and our fields."""
+    service = endpoint.service_of(request)
+    limit = endpoint.max_pixels(service)
+    async with request.form(max_files=4, max_fields=64) as form:
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        images = [v for k, v in form.multi_items() if k in ("image", "image[]")]
+        masks = [v for k, v in form.multi_items() if k == "mask"]
+        if not images:
+            raise InvalidRequestError("image is required (a PNG file in the multipart body)", param="image")
+        if len(images) > 1:
+            raise InvalidRequestError("one image per edit is supported", param="image")
+        image = await _read_image(images[0], "image", limit)
+        mask = await _read_image(masks[0], "mask", limit) if masks else None
+    try:
+        body = ImageEditRequest.model_validate(fields)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(),
+                                init_image=image.convert("RGB"), mask=edit_mask(image, mask))
+    return await _respond(request, gen)
+
+
+async def _read_image(value: object, param: str, max_pixels: int) -> Image.Image:
+    if not isinstance(value, UploadFile):
+        raise InvalidRequestError(f"{param} must be a file upload", param=param)
+    return open_image(await value.read(), param=param, max_pixels=max_pixels)
+
+
+def edit_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """The mask as the pipeline wants it (L, white = repaint), from OpenAI's or A1111's convention."""
+    if mask is None:
+        if not _has_alpha(image):
+            raise InvalidRequestError("give a mask, or an image whose transparent areas are to be edited",
+                                      param="mask")
+        out = _transparent(image)
+        if out.getextrema()[1] == 0:
+            raise InvalidRequestError("the image has no transparent area to edit; give a mask", param="mask")
+        return out
+    if mask.size != image.size:
+        raise InvalidRequestError(f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x"
+                                  f"{image.size[1]}; they must be the same size", param="mask")
+    return _transparent(mask) if _has_alpha(mask) else mask.convert("L")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
+
+
+def _transparent(image: Image.Image) -> Image.Image:
+    """Fully transparent pixels -> white (repaint), the rest black."""
+    alpha = image.convert("RGBA").getchannel("A")
+    return alpha.point(lambda a: 255 if a == 0 else 0)

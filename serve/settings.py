@@ -1,0 +1,38 @@
+"""``ServeSettings``: everything ``sdxl-trt serve`` is configured with, free of any web library."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+API_KEY_ENV = "SDXL_TRT_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Service limits and knobs. ``api_key`` stays out of ``repr`` so it never reaches a log line."""
+
+    engines: Path
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = field(default=None, repr=False)
+    max_batch: int | None = None  # images per batch; default: the engines' max batch
+    batch_window_ms: float = 10.0  # how long a batch's oldest request waits for batch-mates
+    max_queue: int = 64  # requests waiting; one more is refused with 429
+    max_images: int = 8  # images per request
+    max_steps: int = 150
+    request_timeout_s: float = 300.0  # longest wait in the queue before 504
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long queued and running work may take to finish
+    max_body_mb: float = 32.0
+    device: str | None = None
+    model_name: str | None = None  # what the APIs call the model; default: the engines' model name
+    warmup: bool = True  # one small generation before /ready turns 200
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    @staticmethod
+    def key_from_env() -> str | None:
+        return os.environ.get(API_KEY_ENV) or None
