@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
-    """serve and bench live in their own modules; they register themselves when importable."""
-    for module, attr in (("sdxl_trt.serve.cli", "register"), ("sdxl_trt.bench_cli", "register")):
+    """``serve`` lives in serve/ (it needs the [serve] extra); it registers itself when importable."""
+    for module, attr in (("sdxl_trt.serve.cli", "register"),):
         try:
             register: Callable[[argparse._SubParsersAction], None] = getattr(__import__(module, fromlist=[attr]), attr)
         except ImportError:
