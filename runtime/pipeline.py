@@ -125,6 +125,24 @@ class Pipeline:
         self.arena.reserve("step_noise", (self.max_steps, *lat), dt)
 
     # ------------------------------------------------------------------ public API
+    def warmup(self, *, steps: int = 30, scheduler: str = "euler", guidance_scale: float = 5.0,
+               batch_sizes: Sequence[int] | None = None, refiner: bool = False) -> float:
+        """Run every built bucket at each batch size once, capturing CUDA graphs; then forbid capture.
+
+        Shapes first seen after warm-up run eagerly instead of stalling a request behind a capture.
+        Returns the seconds spent.
+        """
+        t0 = time.perf_counter()
+        for bucket in sorted(self.buckets, key=lambda b: -b.pixels):  # largest first, like vLLM
+            for n in batch_sizes or sorted({1, self.max_batch}, reverse=True):
+                req = GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height, steps=steps,
+                                        scheduler=scheduler, guidance_scale=guidance_scale, seed=0, num_images=n,
+                                        refiner_mode="ensemble" if refiner and self.has_refiner else None)
+                self.generate(req)
+        for d in self.denoisers.values():
+            d.capture_allowed = False
+        return time.perf_counter() - t0
+
     def generate(self, request: GenerationRequest) -> GenerationResult:
         return self.generate_batch([request])[0]
 

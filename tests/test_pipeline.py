@@ -242,3 +242,32 @@ def test_snap_to_bucket(tiny_pipeline):
     res = tiny_pipeline.generate(GenerationRequest(prompt="x", width=300, height=250, snap_to_bucket=True, steps=2,
                                                    seed=0))
     assert res.images[0].size == (320, 256)
+
+
+def test_nan_from_an_engine_is_reported_not_written_and_pipeline_recovers(tiny_pipeline, monkeypatch):
+    from sdxl_trt.errors import NonFiniteOutputError
+
+    decoder = tiny_pipeline.engines["vae_decoder"]
+    real_run = decoder.run
+
+    def poisoned(inputs, outputs, **kw):
+        real_run(inputs, outputs, **kw)
+        outputs["images"][0, 0, 0, 0] = float("nan")
+
+    monkeypatch.setattr(decoder, "run", poisoned)
+    with pytest.raises(NonFiniteOutputError, match="NaN"):
+        tiny_pipeline.generate(GenerationRequest(prompt="x", steps=2, seed=0))
+    monkeypatch.setattr(decoder, "run", real_run)
+    assert tiny_pipeline.generate(GenerationRequest(prompt="x", steps=2, seed=0)).images[0].size == (256, 256)
+
+
+def test_concurrent_threads_get_the_images_they_would_get_alone(tiny_pipeline):
+    from concurrent.futures import ThreadPoolExecutor
+
+    reqs = [GenerationRequest(prompt=f"a painting of a {w}", steps=2, seed=i, scheduler="dpmpp_2m")
+            for i, w in enumerate(["cat", "dog", "bird", "fish"])]
+    alone = [to_uint8(tiny_pipeline.generate(r).images) for r in reqs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda r: to_uint8(tiny_pipeline.generate(r).images), reqs))
+    for a, b in zip(alone, together, strict=True):
+        assert np.array_equal(a, b)
