@@ -78,8 +78,12 @@ def export_onnx(
     *,
     precision: torch.dtype,
     device: str | torch.device = "cpu",
+    external_data_threshold: int = TWO_GB,
 ) -> Path:
-    """Trace ``module`` with the TorchScript exporter (fast and reliable for the 2.6 B UNet) and save it."""
+    """Trace ``module`` with the TorchScript exporter (fast and reliable for the 2.6 B UNet) and save it.
+
+    Graphs of ``external_data_threshold`` bytes or more (protobuf's 2 GB limit) keep their weights in one
+    ``<name>.onnx.data`` file beside the graph."""
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = sample_inputs(spec, TRACE_DIMS, precision, device=device)
     dynamic_axes = {t.name: t.dynamic_axes() for t in spec.tensors if t.dynamic_axes()}
@@ -104,7 +108,7 @@ def export_onnx(
             raise ExportError(f"torch.onnx.export failed for {spec.name}: {e}") from e
     model = onnx.load(str(raw), load_external_data=True)
     model = clean_graph(model)
-    save_onnx(model, path)
+    save_onnx(model, path, external_data_threshold=external_data_threshold)
     for f in raw_dir.iterdir():
         f.unlink()
     raw_dir.rmdir()
@@ -128,12 +132,12 @@ def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return cleaned
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Save ``model``; over 2 GB, all weights go to one ``<name>.onnx.data`` file beside it."""
+def save_onnx(model: onnx.ModelProto, path: Path, *, external_data_threshold: int = TWO_GB) -> None:
+    """Save ``model``; over the threshold (2 GB), all weights go to one ``<name>.onnx.data`` file beside it."""
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
-    large = model.ByteSize() >= TWO_GB
+    large = model.ByteSize() >= external_data_threshold
     onnx.save_model(
         model,
         str(path),

@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from .errors import ModelLoadError
 from .presets import PRESETS, Preset
 
 
@@ -46,4 +47,7 @@ def model_identity_hash(source: str | Path) -> str:
     text = str(source)
     if text in PRESETS:
         return preset_identity_hash(PRESETS[text])
-    return hash_model_files(Path(text).expanduser())
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model {text!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    return hash_model_files(path)
