@@ -30,7 +30,7 @@ class _Processing(BaseModel):
     scheduler: str | None = None
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
-    steps: int = Field(50, ge=1)
+    steps: int | None = Field(None, ge=1)  # A1111's default 50, capped at the server's --max-steps
     cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
     width: int | None = None
     height: int | None = None

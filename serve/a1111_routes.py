@@ -50,6 +50,8 @@ from .settings import ServeSettings
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
 _EMPTY: tuple[Any, ...] = (None, False, 0, "", [], {})
+DEFAULT_STEPS = 50
+"""A1111's steps when a request names none (capped at the server's --max-steps)."""
 PARAMS = {"n": "batch_size", "guidance_scale": "cfg_scale", "strength": "denoising_strength", "size": "width",
           "init_image": "init_images", "scheduler": "sampler_name"}
 """Engine field names -> A1111's, for errors raised below the translation."""
@@ -131,8 +133,9 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
     if n > settings.max_images:
         raise InvalidRequestError(f"batch_size x n_iter = {n} images; at most {settings.max_images} per request",
                                   param="batch_size")
-    if body.steps > settings.max_steps:
-        raise InvalidRequestError(f"steps must be in 1..{settings.max_steps}, got {body.steps}", param="steps")
+    steps = min(DEFAULT_STEPS, settings.max_steps) if body.steps is None else body.steps
+    if steps > settings.max_steps:
+        raise InvalidRequestError(f"steps must be in 1..{settings.max_steps}, got {steps}", param="steps")
     refiner: dict[str, Any] = {}
     if body.refiner_checkpoint not in (None, "", "None"):
         info = model_info(pipeline, "refiner")
@@ -154,7 +157,7 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
         extra = {"strength": strength, "init_image": init_image, "mask_image": mask}
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
-        steps=body.steps, guidance_scale=body.cfg_scale, scheduler=scheduler,
+        steps=steps, guidance_scale=body.cfg_scale, scheduler=scheduler,
         seed=None if body.seed == -1 else body.seed, num_images=n, **refiner, **extra,
     ), sampler
 
@@ -198,12 +201,13 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
     schedule = next((label for name, label in samplers.SCHEDULES if name == (body.scheduler or "automatic").lower()
                      or label.lower() == (body.scheduler or "automatic").lower()), "Automatic")
     model_name = (model or {}).get("name", "")
+    steps = result_params.get("steps")
 
     def infotext(seed: int) -> str:
         lines = [body.prompt]
         if body.negative_prompt:
             lines.append(f"Negative prompt: {body.negative_prompt}")
-        lines.append(f"Steps: {body.steps}, Sampler: {sampler.name}, Schedule type: {schedule}, CFG scale: "
+        lines.append(f"Steps: {steps}, Sampler: {sampler.name}, Schedule type: {schedule}, CFG scale: "
                      f"{body.cfg_scale:g}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}, Version: sdxl-trt "
                      f"{__version__}")
         return "\n".join(lines)
@@ -212,7 +216,7 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
         "prompt": body.prompt, "all_prompts": [body.prompt] * n, "negative_prompt": body.negative_prompt,
         "all_negative_prompts": [body.negative_prompt] * n, "seed": seeds[0] if seeds else None, "all_seeds": seeds,
         "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0, "width": w, "height": h,
-        "sampler_name": sampler.name, "scheduler": schedule, "cfg_scale": body.cfg_scale, "steps": body.steps,
+        "sampler_name": sampler.name, "scheduler": schedule, "cfg_scale": body.cfg_scale, "steps": steps,
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": (model or {}).get("hash"), "seed_resize_from_w": -1,
         "seed_resize_from_h": -1, "denoising_strength": result_params.get("strength"), "extra_generation_params": {},

@@ -45,7 +45,7 @@ class _Common(BaseModel):
     background: str | None = None
     # ours
     negative_prompt: str = ""
-    steps: int = Field(30, ge=1)
+    steps: int | None = Field(None, ge=1, description="default 30, at most the server's --max-steps")
     guidance_scale: float = Field(5.0, ge=0.0, le=100.0)
     seed: int | None = Field(None, ge=0, lt=2**64)
     scheduler: str = "euler"

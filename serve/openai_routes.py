@@ -22,6 +22,9 @@ from .settings import ServeSettings
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI Images"])
 
+DEFAULT_STEPS = 30
+"""Steps when a request names none (capped at the server's --max-steps)."""
+
 
 def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, settings: ServeSettings,
                           schedulers: tuple[str, ...], init_image: Image.Image | None = None,
@@ -36,8 +39,9 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
                                   "use 'b64_json' (the default here)", param="response_format")
     if body.n > settings.max_images:
         raise InvalidRequestError(f"n must be in 1..{settings.max_images}, got {body.n}", param="n")
-    if body.steps > settings.max_steps:
-        raise InvalidRequestError(f"steps must be in 1..{settings.max_steps}, got {body.steps}", param="steps")
+    steps = min(DEFAULT_STEPS, settings.max_steps) if body.steps is None else body.steps
+    if steps > settings.max_steps:
+        raise InvalidRequestError(f"steps must be in 1..{settings.max_steps}, got {steps}", param="steps")
     if body.scheduler not in schedulers:
         raise InvalidRequestError(f"unknown scheduler {body.scheduler!r}; choose one of {', '.join(schedulers)}",
                                   param="scheduler")
@@ -47,7 +51,7 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
         width, height = bucket.width, bucket.height
     extra: dict[str, Any] = {"strength": body.strength} if isinstance(body, ImageEditRequest) else {}
     return GenerationRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
+        prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=steps,
         guidance_scale=body.guidance_scale, scheduler=body.scheduler, seed=body.seed, num_images=body.n,
         init_image=init_image, mask_image=mask, **extra,
     )

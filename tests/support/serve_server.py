@@ -51,7 +51,8 @@ class ServerProcess:
         raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout_s: float = 30.0) -> int:
