@@ -53,6 +53,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         buckets=args.buckets, max_batch=args.max_batch, profile_mode=args.profile, device=args.device,
         model_config=args.model_config, max_prompt_chunks=args.max_prompt_chunks, workspace_gib=args.workspace_gib,
         refittable=args.refittable, weight_streaming=args.weight_streaming, compile_torch=args.compile,
+        calibration_prompts=args.calibration_prompts, calibration_steps=args.calibration_steps,
         build_command=" ".join(["sdxl-trt", *map(shlex.quote, sys.argv[1:])]),
     )
     manifest = build_engines(opts)
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refittable", action="store_true", help="TensorRT: keep weights refittable (LoRA)")
     p.add_argument("--weight-streaming", action="store_true", help="TensorRT: allow weight streaming")
     p.add_argument("--compile", action="store_true", help="torch: compile the requested shapes with Inductor now")
+    p.add_argument("--calibration-prompts", type=int, default=64, help="int8: calibration prompts (of the shipped set)")
+    p.add_argument("--calibration-steps", type=int, default=20, help="int8: denoising steps per calibration prompt")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("info", help="print an engine directory's manifest")
