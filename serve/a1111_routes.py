@@ -212,7 +212,7 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
                      f"{__version__}")
         return "\n".join(lines)
 
-    info = {
+    info: dict[str, Any] = {
         "prompt": body.prompt, "all_prompts": [body.prompt] * n, "negative_prompt": body.negative_prompt,
         "all_negative_prompts": [body.negative_prompt] * n, "seed": seeds[0] if seeds else None, "all_seeds": seeds,
         "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0, "width": w, "height": h,

@@ -42,13 +42,22 @@ _SEED_LIMIT = 2**64
 
 
 class PipelineLike(Protocol):
-    """What :class:`AsyncPipeline` needs of a pipeline (a :class:`Pipeline`, or a test double around one)."""
+    """What :class:`AsyncPipeline` needs of a pipeline (a :class:`Pipeline`, or a test double); read-only."""
 
-    max_batch: int
-    max_steps: int
-    buckets: list[Bucket]
-    has_refiner: bool
-    engines: Mapping[str, Any]
+    @property
+    def max_batch(self) -> int: ...
+
+    @property
+    def max_steps(self) -> int: ...
+
+    @property
+    def buckets(self) -> Sequence[Bucket]: ...
+
+    @property
+    def has_refiner(self) -> bool: ...
+
+    @property
+    def engines(self) -> Mapping[str, Any]: ...
 
     def resolve_bucket(self, request: GenerationRequest) -> Bucket: ...
 

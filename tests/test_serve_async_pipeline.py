@@ -4,12 +4,10 @@ cancellation and draining. Real tiny engines where images are compared; a gated 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from PIL import Image
+from support.serve_fakes import GatedPipeline
 
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest, GenerationResult
@@ -59,37 +57,6 @@ def test_compatible_requests_are_batched_and_match_single_runs(tiny_pipeline) ->
         assert diff <= TOLERANCE, f"batched image differs from its single run by {diff} levels"
 
 
-class GatedPipeline:
-    """A stand-in that blocks in generate_batch until released, and records what it ran."""
-
-    max_batch = 2
-    max_steps = 150
-    has_refiner = False
-    engines = {"vae_encoder": None}
-
-    def __init__(self, real) -> None:
-        self.real = real
-        self.buckets = real.buckets
-        self.gate = threading.Event()
-        self.started = threading.Event()
-        self.ran: list[list[str]] = []
-
-    def resolve_bucket(self, request: GenerationRequest):
-        return self.real.resolve_bucket(request)
-
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        self.started.set()
-        assert self.gate.wait(30), "test never released the gate"
-        self.ran.append([r.prompt for r in requests])
-        if any(r.prompt == "poison" for r in requests) and len(requests) > 1:
-            raise InvalidRequestError("poison in a batch", param="prompt")
-        if any(r.prompt == "poison" for r in requests):
-            raise InvalidRequestError("poison", param="prompt")
-        return [GenerationResult(images=[Image.new("RGB", (8, 8))] * r.num_images,
-                                 seeds=[0] * r.num_images, timings={"denoise": 0.01}, parameters={})
-                for r in requests]
-
-
 def _req(prompt: str, **kw) -> GenerationRequest:
     return GenerationRequest(**{"prompt": prompt, "width": 256, "height": 256, "steps": 2, "seed": 0, **kw})
 
@@ -102,8 +69,8 @@ async def _until(predicate, timeout_s: float = 10.0) -> None:
     raise AssertionError("condition not reached")
 
 
-def test_full_queue_is_refused_at_once(tiny_pipeline) -> None:
-    fake = GatedPipeline(tiny_pipeline)
+def test_full_queue_is_refused_at_once() -> None:
+    fake = GatedPipeline()
 
     async def main() -> None:
         apipe = AsyncPipeline(fake, max_queue=2, batch_window_ms=0)
@@ -124,8 +91,8 @@ def test_full_queue_is_refused_at_once(tiny_pipeline) -> None:
     assert "refused" not in sum(fake.ran, [])
 
 
-def test_deadline_drops_queued_request_unrun(tiny_pipeline) -> None:
-    fake = GatedPipeline(tiny_pipeline)
+def test_deadline_drops_queued_request_unrun() -> None:
+    fake = GatedPipeline()
 
     async def main() -> None:
         apipe = AsyncPipeline(fake, batch_window_ms=0)
@@ -143,8 +110,8 @@ def test_deadline_drops_queued_request_unrun(tiny_pipeline) -> None:
     assert fake.ran == [["running"]]
 
 
-def test_cancelled_request_is_dropped_unrun(tiny_pipeline) -> None:
-    fake = GatedPipeline(tiny_pipeline)
+def test_cancelled_request_is_dropped_unrun() -> None:
+    fake = GatedPipeline()
 
     async def main() -> None:
         apipe = AsyncPipeline(fake, batch_window_ms=0)
@@ -165,8 +132,8 @@ def test_cancelled_request_is_dropped_unrun(tiny_pipeline) -> None:
     assert sum(fake.ran, []) == ["running", "kept"]
 
 
-def test_drain_finishes_queued_work_and_refuses_new(tiny_pipeline) -> None:
-    fake = GatedPipeline(tiny_pipeline)
+def test_drain_finishes_queued_work_and_refuses_new() -> None:
+    fake = GatedPipeline()
 
     async def main() -> None:
         apipe = AsyncPipeline(fake, batch_window_ms=0)
@@ -184,8 +151,8 @@ def test_drain_finishes_queued_work_and_refuses_new(tiny_pipeline) -> None:
     assert sorted(sum(fake.ran, [])) == ["r0", "r1", "r2"]
 
 
-def test_drain_timeout_fails_what_is_left(tiny_pipeline) -> None:
-    fake = GatedPipeline(tiny_pipeline)
+def test_drain_timeout_fails_what_is_left() -> None:
+    fake = GatedPipeline()
 
     async def main() -> None:
         apipe = AsyncPipeline(fake, batch_window_ms=0)
@@ -204,9 +171,8 @@ def test_drain_timeout_fails_what_is_left(tiny_pipeline) -> None:
         fake.gate.set()  # let the worker thread finish
 
 
-def test_bad_requests_are_refused_before_queueing_and_never_spoil_a_batch(tiny_pipeline) -> None:
-    fake = GatedPipeline(tiny_pipeline)
-    fake.gate.set()
+def test_bad_requests_are_refused_before_queueing_and_never_spoil_a_batch() -> None:
+    fake = GatedPipeline(open_gate=True)
 
     async def main() -> None:
         apipe = AsyncPipeline(fake, batch_window_ms=200, max_images=4)

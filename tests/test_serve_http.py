@@ -46,7 +46,8 @@ def server(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def _post(srv: ServerProcess, path: str, body: Any = None, **kw: Any) -> httpx.Response:
     headers = {**auth(), **kw.pop("headers", {})}
-    return httpx.post(srv.url + path, json=body, headers=headers, timeout=TIMEOUT, **kw)
+    timeout = kw.pop("timeout", TIMEOUT)
+    return httpx.post(srv.url + path, json=body, headers=headers, timeout=timeout, **kw)
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -335,6 +336,8 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(server, path, kwargs,
 
 
 def test_probes_metrics_and_info_endpoints(server) -> None:
+    ok = _post(server, "/v1/images/generations", {"prompt": "ok", "size": "256x256", "steps": 1, "seed": 1})
+    assert ok.status_code == 200, ok.text
     assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
     ready = httpx.get(server.url + "/ready", timeout=TIMEOUT)
     assert ready.status_code == 200 and ready.json()["ready"] is True
@@ -349,6 +352,34 @@ def test_probes_metrics_and_info_endpoints(server) -> None:
         assert r.status_code == 200, (path, r.text)
     assert {"Euler", "Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= {
         s["name"] for s in httpx.get(server.url + "/sdapi/v1/samplers", headers=auth(), timeout=TIMEOUT).json()}
+
+
+def test_client_gone_drops_its_queued_request_unrun(server) -> None:
+    def scrape() -> tuple[float, float]:
+        text = httpx.get(server.url + "/metrics", headers=auth(), timeout=TIMEOUT).text
+        cancelled = metric(text, "sdxl_trt_requests_total", 'endpoint="/v1/images/generations",outcome="cancelled"')
+        return cancelled, metric(text, "sdxl_trt_images_total")
+
+    cancelled0, images0 = scrape()
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_post, server, "/v1/images/generations",
+                           {"prompt": "slow", "size": "256x256", "steps": 10, "seed": 1})
+        for _ in range(200):  # until it runs (bounded: 10 s)
+            progress = httpx.get(server.url + "/sdapi/v1/progress", headers=auth(), timeout=TIMEOUT).json()
+            if progress["state"]["job_count"] >= 1:
+                break
+            time.sleep(0.05)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while its request waits in the queue
+            _post(server, "/v1/images/generations", {"prompt": "gone", "size": "256x256", "steps": 3, "seed": 2},
+                  timeout=httpx.Timeout(TIMEOUT, read=0.3))
+        assert slow.result(timeout=TIMEOUT).status_code == 200
+    for _ in range(100):  # bounded: 10 s
+        cancelled, images = scrape()
+        if cancelled > cancelled0:
+            break
+        time.sleep(0.1)
+    assert cancelled == cancelled0 + 1
+    assert images == images0 + 1  # only the slow request's image was made
 
 
 # ---------------------------------------------------------------------------------------------- overload, SIGTERM

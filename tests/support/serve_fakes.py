@@ -1,0 +1,48 @@
+"""A pipeline stand-in for serving tests where timing matters more than pixels: it blocks in
+``generate_batch`` until released and records what it ran."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from PIL import Image
+
+from sdxl_trt.buckets import Bucket
+from sdxl_trt.errors import InvalidRequestError
+from sdxl_trt.presets import TINY_BUCKETS
+from sdxl_trt.request import GenerationRequest, GenerationResult
+
+
+class GatedPipeline:
+    max_batch = 2
+    max_steps = 150
+    has_refiner = False
+    engines = {"vae_encoder": None}
+
+    def __init__(self, *, open_gate: bool = False) -> None:
+        self.buckets = list(TINY_BUCKETS)
+        self.gate = threading.Event()
+        if open_gate:
+            self.gate.set()
+        self.started = threading.Event()
+        self.ran: list[list[str]] = []
+
+    def resolve_bucket(self, request: GenerationRequest) -> Bucket:
+        if request.width is None and request.height is None:
+            return self.buckets[0]
+        bucket = Bucket(request.width or 0, request.height or 0)
+        if bucket not in self.buckets:
+            raise InvalidRequestError(f"size {bucket} is not a built bucket", param="size")
+        return bucket
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        self.started.set()
+        assert self.gate.wait(30), "the test never released the gate"
+        self.ran.append([r.prompt for r in requests])
+        if any(r.prompt == "poison" for r in requests):
+            raise InvalidRequestError("poison", param="prompt")
+        return [GenerationResult(images=[Image.new("RGB", (8, 8))] * r.num_images,
+                                 seeds=[(r.seed or 0) + k for k in range(r.num_images)],
+                                 timings={"denoise": 0.01}, parameters={"steps": r.steps})
+                for r in requests]

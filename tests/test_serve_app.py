@@ -1,0 +1,140 @@
+"""The ASGI app in-process over a gated stand-in pipeline (``create_app(settings, pipeline_factory)``, as a Ray
+Serve deployment would build it): readiness while loading, a failed load, 504 past the deadline, 429 with
+Retry-After, and the API-key check."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from support.serve_fakes import GatedPipeline
+
+from sdxl_trt.errors import ManifestError
+from sdxl_trt.serve.app import create_app
+from sdxl_trt.serve.auth import key_matches
+from sdxl_trt.serve.settings import ServeSettings
+
+KEY = "k3y"
+GEN = {"prompt": "x", "size": "256x256", "steps": 2}
+A1111 = {"prompt": "x", "width": 256, "height": 256, "steps": 2}
+
+
+def _settings(**kw: Any) -> ServeSettings:
+    return ServeSettings(engines=Path("unused"), api_key=KEY, warmup=False, batch_window_ms=0, **kw)
+
+
+async def _with_app(settings: ServeSettings, factory: Callable[[ServeSettings], Any],
+                    body: Callable[[httpx.AsyncClient, Any], Any]) -> None:
+    app = create_app(settings, factory)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
+            await body(client, app)
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_not_ready_while_loading_then_ready() -> None:
+    loaded = threading.Event()
+    fake = GatedPipeline(open_gate=True)
+
+    def factory(settings: ServeSettings) -> GatedPipeline:
+        assert loaded.wait(30)
+        return fake
+
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        assert (await client.get("/health")).status_code == 200
+        r = await client.get("/ready")
+        assert r.status_code == 503 and r.json()["state"] == "loading"
+        r = await client.post("/v1/images/generations", json=GEN)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        r = await client.post("/sdapi/v1/txt2img", json=A1111)
+        assert r.status_code == 503 and "loading" in r.json()["detail"]
+        loaded.set()
+        await app.state.service.wait_loaded()
+        assert (await client.get("/ready")).status_code == 200
+        r = await client.post("/v1/images/generations", json=GEN)
+        assert r.status_code == 200 and len(r.json()["data"]) == 1
+
+    asyncio.run(_with_app(_settings(), factory, body))
+
+
+def test_failed_load_is_reported_not_served() -> None:
+    def factory(settings: ServeSettings) -> GatedPipeline:
+        raise ManifestError("engines were built for another GPU; rebuild with: sdxl-trt build ...")
+
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        await app.state.service.wait_loaded()
+        r = await client.get("/ready")
+        assert r.status_code == 503 and "another GPU" in r.json()["error"]
+        r = await client.post("/v1/images/generations", json=GEN)
+        assert r.status_code == 503 and "another GPU" in r.json()["error"]["message"]
+
+    asyncio.run(_with_app(_settings(), factory, body))
+
+
+def test_deadline_gives_504_in_each_api_shape_and_429_when_full() -> None:
+    fake = GatedPipeline()
+
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        await app.state.service.wait_loaded()
+        running = asyncio.ensure_future(client.post("/v1/images/generations", json=GEN))
+        await _until(fake.started.is_set)
+        r = await client.post("/v1/images/generations", json={**GEN, "steps": 3})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        r = await client.post("/sdapi/v1/txt2img", json={**A1111, "steps": 3})
+        assert r.status_code == 504 and r.json()["error"] == "DeadlineExceeded"
+        waiting = asyncio.ensure_future(client.post("/v1/images/generations", json={**GEN, "steps": 4}))
+        await _until(lambda: app.state.service.queue_depth == 1)
+        r = await client.post("/v1/images/generations", json={**GEN, "steps": 5})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        fake.gate.set()
+        assert (await running).status_code == 200
+        assert (await waiting).status_code in (200, 504)  # it waited for the gate, perhaps past its deadline
+        metrics = (await client.get("/metrics")).text
+        assert 'sdxl_trt_requests_total{endpoint="/v1/images/generations",outcome="timeout"} 1.0' in metrics
+        assert 'sdxl_trt_requests_total{endpoint="/v1/images/generations",outcome="overloaded"} 1.0' in metrics
+
+    try:
+        asyncio.run(_with_app(_settings(request_timeout_s=0.3, max_queue=1), lambda s: fake, body))
+    finally:
+        fake.gate.set()
+    assert ["x"] in fake.ran and len(sum(fake.ran, [])) <= 2  # the timed-out requests never ran
+
+
+def test_api_key_forms() -> None:
+    basic = "Basic " + base64.b64encode(f"anyone:{KEY}".encode()).decode()
+    assert key_matches(f"Bearer {KEY}", KEY) and key_matches(basic, KEY)
+    for header in (None, "", f"Bearer {KEY}x", "Bearer", f"Token {KEY}", "Basic !!!",
+                   "Basic " + base64.b64encode(KEY.encode()).decode()):
+        assert not key_matches(header, KEY), header
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/sdapi/v1/txt2img", "/metrics", "/sdapi/v1/options"])
+def test_every_api_path_needs_the_key_but_probes_do_not(path: str) -> None:
+    fake = GatedPipeline(open_gate=True)
+
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        await app.state.service.wait_loaded()
+        anon = {"Authorization": ""}
+        method = client.post if "generations" in path or "txt2img" in path else client.get
+        kwargs = {"json": GEN} if method == client.post else {}
+        r = await method(path, headers=anon, **kwargs)
+        assert r.status_code == 401 and "WWW-Authenticate" in r.headers
+        for probe in ("/health", "/ready"):
+            assert (await client.get(probe, headers=anon)).status_code == 200
+
+    asyncio.run(_with_app(_settings(), lambda s: fake, body))
