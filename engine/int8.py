@@ -272,12 +272,13 @@ class QuantizationReport:
     calibrate_method: str
     quant_level: float
     calibration_samples: int
-    seconds: float
+    seconds: float  # calibration + quantization + checks (not collecting the inputs)
     quantized_nodes: dict[str, int]  # op type -> nodes whose inputs are INT8 (DQ-fed)
     excluded_nodes: dict[str, str]  # node name -> why it stays high precision (Conv/MatMul/Gemm with weights)
     qdq_nodes: dict[str, int]  # QuantizeLinear / DequantizeLinear counts
     error: dict[str, Any] | None = None  # measure_error on held-out inputs
     settings: dict[str, Any] = field(default_factory=dict)
+    collection_seconds: float = 0.0  # running the pipeline to record the inputs (set by build_int8_unet)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -557,6 +558,10 @@ def quantize_unet(
     _check_inputs(calibration, input_names, "calibration")
     excluded = plan_exclusions(graph_only, quant_level=quant_level, patterns=exclude_patterns)
     to_quantize = {n.name for n in _weighted_nodes(graph_only)} - set(excluded)
+    inits = _initializer_names(graph_only)
+    activation_matmuls = sum(
+        1 for n in graph_only.graph.node if n.op_type == "MatMul" and not any(i in inits for i in n.input)
+    )
     if not to_quantize:
         raise BuildError(f"{fp32_onnx} has no Conv/MatMul/Gemm with constant weights left to quantize; is it the UNet?")
     large = _onnx_bytes(fp32_onnx) >= EXTERNAL_DATA_BYTES
@@ -584,6 +589,8 @@ def quantize_unet(
         "op_types_to_quantize": list(QUANTIZED_OP_TYPES),
         "extra_options": dict(extra_options),
         "exclude_patterns": dict(exclude_patterns),
+        "not_quantized": "every op but Conv/MatMul/Gemm (norms, softmax, activations, adds, concats, resizes)",
+        "attention_matmuls_not_quantized": activation_matmuls,
     }
     log.info(
         "quantizing %s -> %s: %d calibration samples, %s calibration, quant level %s, %d weighted nodes kept high precision",
@@ -736,6 +743,7 @@ def build_int8_unet(
             f"{num_eval_prompts} held-out need {need}: lower num_prompts or add prompts"
         )
     cap = max_samples if max_samples is not None else 2 * num_prompts
+    t0 = time.perf_counter()
     calib = collect_calibration_inputs(
         model, prompts[:num_prompts], steps=steps, width=width, height=height,
         guidance_scale=guidance_scale, seed=seed, max_samples=cap,
@@ -746,10 +754,13 @@ def build_int8_unet(
             model, prompts[num_prompts:need], steps=steps, width=width, height=height,
             guidance_scale=guidance_scale, seed=seed + 10_000, max_samples=max(1, math.ceil(steps / 4)) * num_eval_prompts,
         )
-    return quantize_unet(
+    collected = time.perf_counter() - t0
+    report = quantize_unet(
         Path(fp32_unet_onnx), Path(out_onnx), calibration=calib, calibrate_method=calibrate_method,
         quant_level=quant_level, eval_inputs=held_out or None, providers=providers,
     )
+    report.collection_seconds = round(collected, 3)
+    return report
 
 
 def _check_contract_names() -> None:

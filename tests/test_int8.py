@@ -7,6 +7,7 @@ in a module-scoped fixture; the tests then read its results.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,18 @@ from sdxl_trt.export.wrappers import wrap_components
 STEPS = 6
 SIZE = 256  # tiny's native bucket: latent 32x32
 CALIB_PROMPTS = 4
-EVAL_PROMPTS = 2
-EVAL_STEPS = 3  # held-out prompts run a shorter schedule: other timesteps than calibration, and cheaper
+CALIB_SAMPLES = 8
+EVAL_PROMPTS = 2  # held out: the next prompts of the file, another seed; 2 samples each
 
-# Measured on the tiny preset (this fixture's settings: 4 calibration prompts x 6 steps -> 12 samples, held-out
-# 2 prompts x 3 steps, MinMax): noise_pred relative L2 error 0.026 mean / 0.057 worst, cosine >= 0.998.
-# (8-sample and 16-sample runs gave 0.021-0.024 mean / 0.057-0.064 worst.) The bounds leave about 3x margin for
-# BLAS and thread-count differences; a misplaced Q/DQ (e.g. on conv_out, the attention softmax path or a
-# clipped range) gives 0.1-0.3, and an INT8 engine that is wrong gives ~1.
+# Measured on the tiny preset with this fixture (8 MinMax samples from 4 prompts x 6 steps; held out: 4 samples
+# of the next 2 prompts, another seed): noise_pred relative L2 error 0.025 mean / 0.053 worst, cosine >= 0.9986.
+# With the same 8 calibration samples, 16 other held-out samples gave 0.024 / 0.055; the recipe without the
+# name-based exclusions 0.046 / 0.094; ModelOpt's generic ONNX INT8 recipe (16 samples) 0.097 / 0.235 on 8. The
+# bounds leave about 3x margin for BLAS and thread-count differences between machines; the structural tests
+# below, not these bounds, pin where every Q/DQ goes.
 REL_L2_MEAN_BOUND = 0.08
-REL_L2_MAX_BOUND = 0.2
-COSINE_MIN_BOUND = 0.98
+REL_L2_MAX_BOUND = 0.15
+COSINE_MIN_BOUND = 0.99
 
 HIGH_PRECISION_OP_TYPES = (
     "InstanceNormalization",  # GroupNorm
@@ -52,26 +54,29 @@ HIGH_PRECISION_OP_TYPES = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny UNet's ops are too small to gain from threads, and on a shared 2-core machine torch's spinning
+    worker threads made each pipeline call 7x slower (2.2 s instead of 0.3 s of CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The build's path: export the tiny UNet in fp32, then build_int8_unet on the shipped prompts."""
     tmp = tmp_path_factory.mktemp("int8")
     model = load_model("tiny")
     spec = component_specs(model_dims(model))["unet"]
     fp32 = export_onnx(wrap_components(model)["unet"], spec, tmp / "unet.onnx", precision=torch.float32)
-    prompts = int8.read_prompts()
-    calib = int8.collect_calibration_inputs(
-        model, prompts[:CALIB_PROMPTS], steps=STEPS, width=SIZE, height=SIZE, max_samples=2 * CALIB_PROMPTS
-    )
-    held_out = int8.collect_calibration_inputs(
-        model, prompts[CALIB_PROMPTS:CALIB_PROMPTS + EVAL_PROMPTS], steps=EVAL_STEPS, width=SIZE, height=SIZE,
-        seed=1234, max_samples=EVAL_PROMPTS,
-    )
     out = tmp / "unet.int8.onnx"
-    report = int8.quantize_unet(fp32, out, calibration=calib, eval_inputs=held_out)
-    return {
-        "model": model, "spec": spec, "fp32": fp32, "int8": out, "calib": calib, "held_out": held_out,
-        "report": report, "onnx": onnx.load(str(out)),
-    }
+    report = int8.build_int8_unet(
+        model, fp32, out, num_prompts=CALIB_PROMPTS, steps=STEPS, width=SIZE, height=SIZE,
+        num_eval_prompts=EVAL_PROMPTS, max_samples=CALIB_SAMPLES,
+    )
+    return {"model": model, "spec": spec, "fp32": fp32, "int8": out, "report": report, "onnx": onnx.load(str(out))}
 
 
 def test_prompts_file_has_64_unique_prompts() -> None:
@@ -83,8 +88,10 @@ def test_prompts_file_has_64_unique_prompts() -> None:
 
 
 def test_calibration_inputs_come_from_the_denoising_loop(built: dict[str, Any]) -> None:
-    calib, spec = built["calib"], built["spec"]
-    assert len(calib) == 2 * CALIB_PROMPTS
+    spec = built["spec"]
+    prompts = int8.read_prompts()[:2]
+    calib = int8.collect_calibration_inputs(built["model"], prompts, steps=STEPS, width=SIZE, height=SIZE, max_samples=4)
+    assert len(calib) == 4
     for s in calib:
         assert list(s) == spec.input_names
         assert s["sample"].shape == (2, 4, SIZE // 8, SIZE // 8)
@@ -97,9 +104,10 @@ def test_calibration_inputs_come_from_the_denoising_loop(built: dict[str, Any]) 
         # classifier-free guidance: the empty negative prompt is zeros (force_zeros_for_empty_prompt), the
         # positive one is the encoded prompt
         assert not s["encoder_hidden_states"][0].any() and s["encoder_hidden_states"][1].any()
-    # Evenly spread over the schedule (Euler, leading spacing, 6 steps: 834, 667, ..., 1), different per prompt.
+    # Evenly spread over the schedule (Euler, leading spacing, 6 steps: 834, 667, ..., 1), a different phase per
+    # prompt: 2 prompts x 2 picks land on 4 different timesteps.
     timesteps = sorted({float(s["timestep"][0]) for s in calib})
-    assert len(timesteps) >= 4 and timesteps[0] < 300 and timesteps[-1] > 600
+    assert len(timesteps) == 4 and timesteps[0] < 300 and timesteps[-1] > 600
 
 
 def test_output_has_tensorrt_compatible_qdq(built: dict[str, Any]) -> None:
@@ -155,7 +163,7 @@ def test_int8_runs_on_onnxruntime_cpu_and_stays_close_to_fp32(built: dict[str, A
     onnx.checker.check_model(str(built["int8"]))
     err = built["report"].error
     assert err is not None and err["finite"] is True
-    assert err["samples"] == len(built["held_out"]) == EVAL_PROMPTS
+    assert err["samples"] == 2 * EVAL_PROMPTS
     assert np.isfinite([err["relative_l2_mean"], err["relative_l2_max"], err["cosine_min"]]).all()
     assert err["relative_l2_mean"] < REL_L2_MEAN_BOUND, err
     assert err["relative_l2_max"] < REL_L2_MAX_BOUND, err
@@ -169,16 +177,19 @@ def test_int8_runs_on_onnxruntime_cpu_and_stays_close_to_fp32(built: dict[str, A
 def test_report_is_json_serializable(built: dict[str, Any]) -> None:
     report = built["report"]
     data = json.loads(json.dumps(report.to_json()))
-    assert data["calibration_samples"] == 2 * CALIB_PROMPTS
+    assert data["calibration_samples"] == CALIB_SAMPLES
+    assert data["collection_seconds"] > 0
     assert data["quantized_nodes"] == report.quantized_nodes
     assert data["excluded_nodes"] and all(isinstance(v, str) and v for v in data["excluded_nodes"].values())
     assert data["seconds"] > 0 and data["tool"].startswith("onnxruntime")
+    assert data["settings"]["attention_matmuls_not_quantized"] > 0  # QK^T and softmax x V of every attention
     assert report.error is not None and data["error"]["relative_l2_mean"] == report.error["relative_l2_mean"]
     assert "quantized" in report.summary()
 
 
 def test_errors_name_the_bad_value(built: dict[str, Any], tmp_path: Path) -> None:
-    calib = built["calib"][:1]
+    calib = [{n: np.zeros(s, np.float32) for n, s in built["spec"].shapes({"B": 2, "S": 77, "h": 32, "w": 32}).items()
+              if n != "noise_pred"}]
     with pytest.raises(BuildError, match="does not exist"):
         int8.quantize_unet(tmp_path / "missing.onnx", tmp_path / "o.onnx", calibration=calib)
     with pytest.raises(BuildError, match=r"lacks input\(s\) \['time_ids'\]"):
@@ -190,6 +201,9 @@ def test_errors_name_the_bad_value(built: dict[str, Any], tmp_path: Path) -> Non
         int8.quantize_unet(built["fp32"], tmp_path / "o.onnx", calibration=calib, quant_level=1.0)
     with pytest.raises(BuildError, match="multiples of 32"):
         int8.collect_calibration_inputs(built["model"], ["a cat"], steps=2, width=250, height=256, max_samples=1)
+    with pytest.raises(BuildError, match=r"has 81 prompts; 80 calibration \+ 2 held-out need 82"):
+        int8.build_int8_unet(built["model"], built["fp32"], tmp_path / "o.onnx", num_prompts=80, steps=2,
+                             width=SIZE, height=SIZE)
     with pytest.raises(BuildError, match="has no prompts"):
         empty = tmp_path / "empty.txt"
         empty.write_text("\n# a comment\n")
@@ -202,3 +216,5 @@ def test_picked_steps_cover_the_schedule() -> None:
     covered = set().union(*picks)
     assert len(covered) >= 20, sorted(covered)  # 15 prompts x 2 picks spread over most of 30 steps
     assert int8._picked_steps(0, 4, 10) == {0, 1, 2, 3}
+
+
