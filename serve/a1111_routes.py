@@ -52,9 +52,6 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 _EMPTY: tuple[Any, ...] = (None, False, 0, "", [], {})
 DEFAULT_STEPS = 50
 """A1111's steps when a request names none (capped at the server's --max-steps)."""
-PARAMS = {"n": "batch_size", "guidance_scale": "cfg_scale", "strength": "denoising_strength", "size": "width",
-          "init_image": "init_images", "scheduler": "sampler_name"}
-"""Engine field names -> A1111's, for errors raised below the translation."""
 
 
 def _refuse(field: str, why: str) -> InvalidRequestError:
@@ -236,10 +233,7 @@ async def _generate(request: Request, body: Txt2ImgRequest | Img2ImgRequest) -> 
         init_image, mask = _img2img_inputs(body, endpoint.max_pixels(service))
     gen, sampler = to_generation_request(body, settings=service.settings, pipeline=pipeline, init_image=init_image,
                                          mask=mask)
-    try:
-        result = await endpoint.generate(request, gen)
-    except InvalidRequestError as e:
-        raise InvalidRequestError(str(e), param=PARAMS.get(e.param or "", e.param)) from None
+    result = await endpoint.generate(request, gen)
     images = await endpoint.encode_pngs(result) if body.send_images else []
     parameters = body.model_dump(exclude={"init_images", "mask"})
     if isinstance(body, Img2ImgRequest):

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from sdxl_trt.errors import SdxlTrtError
+
 from .settings import API_KEY_ENV, ServeSettings
 
 log = logging.getLogger(__name__)
@@ -78,12 +80,15 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from .app import create_app
+        from .server import DrainingServer
+    except ImportError as e:
+        raise SdxlTrtError(f"sdxl-trt serve needs the serve extra ({e.name} is missing): "
+                           "pip install 'sdxl-trt[serve]'") from None
     from sdxl_trt.runtime.loader import open_engine_dir
-
-    from .app import create_app
-    from .server import DrainingServer
 
     settings = settings_from_args(args)
     open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line

@@ -7,7 +7,6 @@ Engine and queue errors map to status codes here (400 bad value, 429 queue full,
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fastapi.exceptions import RequestValidationError
@@ -34,13 +33,12 @@ class ApiError(Exception):
         return self.message
 
 
-def from_exception(exc: BaseException, *, params: Mapping[str, str] | None = None) -> ApiError:
-    """Our exceptions -> ApiError; ``params`` renames engine field names to the API's (A1111's ``cfg_scale``)."""
+def from_exception(exc: BaseException) -> ApiError:
+    """Our exceptions -> ApiError (status, OpenAI-style type and code); anything else is a logged 500."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, InvalidRequestError):
-        param = exc.param if exc.param is None or params is None else params.get(exc.param, exc.param)
-        return ApiError(400, str(exc), param=param, code="invalid_value")
+        return ApiError(400, str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, OverloadedError):
         return ApiError(429, str(exc), code="queue_full", type="rate_limit_error",
                         headers={"Retry-After": str(int(exc.retry_after_s))})

@@ -26,7 +26,6 @@ class ServeSettings:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long queued and running work may take to finish
     max_body_mb: float = 32.0
     device: str | None = None
-    model_name: str | None = None  # what the APIs call the model; default: the engines' model name
     warmup: bool = True  # one small generation before /ready turns 200
 
     @property
