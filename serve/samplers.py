@@ -34,6 +34,7 @@ SAMPLERS: tuple[A1111Sampler, ...] = (
     A1111Sampler("DPM++ 2M", ("k_dpmpp_2m",), "dpmpp_2m", "dpmpp_2m_karras", None, "karras"),
     A1111Sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde", "k_dpmpp_2m_sde_ka"), "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                  1.0, "uniform"),
+    A1111Sampler("DPM++ 3M SDE", ("k_dpmpp_3m_sde",), "dpmpp_3m_sde", "dpmpp_3m_sde_karras", 1.0, "uniform"),
     A1111Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), "euler_a", None, 1.0, "uniform"),
     A1111Sampler("Euler", ("k_euler",), "euler", "euler_karras", None, "uniform"),
     A1111Sampler("DDIM", ("ddim",), "ddim", None, 0.0, "uniform"),
@@ -44,7 +45,7 @@ SCHEDULES: tuple[tuple[str, str], ...] = (("automatic", "Automatic"), ("uniform"
 """A1111 schedule (name, label) pairs we implement. Uniform is diffusers' default timestep spacing."""
 
 _COMBINED = {"dpm++ 2m karras": ("DPM++ 2M", "karras"), "k_dpmpp_2m_ka": ("DPM++ 2M", "karras"),
-             "dpm++ 2m sde karras": ("DPM++ 2M SDE", "karras")}
+             "dpm++ 2m sde karras": ("DPM++ 2M SDE", "karras"), "dpm++ 3m sde karras": ("DPM++ 3M SDE", "karras")}
 
 
 def available_samplers(ours: Sequence[str]) -> list[A1111Sampler]:
