@@ -182,12 +182,20 @@ def _img2img_inputs(body: Img2ImgRequest, max_pixels: int) -> tuple[Image.Image,
     if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
         raise _refuse("mask_blur_x", "different horizontal and vertical blur is not supported")
     blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
-    mask = mask.convert("L")
+    mask = binary_mask(mask)
     if body.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
     if blur > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
     return image.convert("RGB"), mask
+
+
+def binary_mask(mask: Image.Image) -> Image.Image:
+    """A1111's ``create_binary_mask``: an RGBA mask with transparency is its alpha (opaque = repaint), binarised;
+    any other mask is its grayscale (white = repaint)."""
+    if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
+        return mask.getchannel("A").point(lambda a: 255 if a > 128 else 0)
+    return mask.convert("L")
 
 
 def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler, result_params: dict[str, Any],
