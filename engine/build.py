@@ -254,7 +254,7 @@ def _build_tensorrt(name: str, precision: str, specs: dict, profiles: list[Profi
         src, extra = _quantize_unet(onnx_dir, opts)
     config = TensorRTBuildConfig(
         precision=precision,  # type: ignore[arg-type]
-        strongly_typed=precision in ("int8",) or export_info.get("precision") == "fp16",
+        strongly_typed=True if export_info.get("precision") == "fp16" else None,  # fp16 ONNX decides dtypes
         workspace_gib=opts.workspace_gib, timing_cache=out / "timing.cache", refittable=opts.refittable,
         weight_streaming=opts.weight_streaming,
     )

@@ -39,7 +39,7 @@ INSTALL_HINT = (
     "install it with `pip install 'sdxl-trt[tensorrt]'` on a machine with an NVIDIA GPU and driver, "
     "or build with another backend (onnxruntime, torch)"
 )
-BUILDER_FLAG_NAMES = ("FP16", "REFIT", "REFIT_IDENTICAL", "WEIGHT_STREAMING")
+BUILDER_FLAG_NAMES = ("FP16", "INT8", "REFIT", "REFIT_IDENTICAL", "WEIGHT_STREAMING")
 """Every ``trt.BuilderFlag`` name :func:`flag_names` can return."""
 NETWORK_FLAG_NAMES = ("STRONGLY_TYPED",)
 """Every ``trt.NetworkDefinitionCreationFlag`` name :func:`flag_names` can return."""
@@ -80,14 +80,16 @@ class TensorRTBuildConfig:
     precision: Precision = "fp16"
     """fp16: FP16 kernels on tensor cores, about 2x fp32's speed and half its plan size (the VAE stays fp32,
     see :func:`component_precision`). int8: explicit quantization only: the ONNX must carry Q/DQ nodes from
-    calibration, and the network is strongly typed; applies to the base UNet, the others fall back to fp16.
+    calibration (engine/int8.py); built weakly typed with FP16 and INT8 allowed, so the layers calibration
+    left unquantized (norms, attention, embeddings: fp32 in that ONNX) run in fp16 rather than fp32.
+    Applies to the base UNet; the others fall back to fp16.
     fp32: the slowest; reference numerics."""
 
     strongly_typed: bool | None = None
     """Tensor dtypes come from the ONNX (``STRONGLY_TYPED``) and TensorRT may not pick precisions, so no
-    precision flag is set (TensorRT rejects them). Needed for Q/DQ int8 and weight streaming; fp16 then
-    needs an fp16 ONNX (an fp32 ONNX builds an fp32 engine). None: decide from precision and
-    weight_streaming. Costs: no precision autotuning; a wrongly typed ONNX is slow rather than wrong."""
+    precision flag is set (TensorRT rejects them). Needed for weight streaming; fp16 then needs an fp16
+    ONNX (an fp32 ONNX builds an fp32 engine), int8 an fp16 Q/DQ ONNX. None: strongly typed only for
+    weight streaming. Costs: no precision autotuning; a wrongly typed ONNX is slow rather than wrong."""
 
     workspace_gib: float | None = None
     """Cap on the builder's workspace pool (``MemoryPoolType.WORKSPACE``). None: TensorRT's default (the
@@ -122,11 +124,6 @@ class TensorRTBuildConfig:
         if self.refittable not in (False, True, "identical"):
             raise BuildError(f"refittable must be False, True (any weights, e.g. LoRA) or 'identical', got {self.refittable!r}")
         if self.strongly_typed is False:
-            if self.precision == "int8":
-                raise BuildError(
-                    "precision='int8' needs a Q/DQ ONNX built as a strongly typed network, but strongly_typed=False; "
-                    "leave strongly_typed unset or use precision='fp16'"
-                )
             if self.weight_streaming:
                 raise BuildError(
                     "weight_streaming=True needs a strongly typed network (a TensorRT 10 rule), but strongly_typed=False; "
@@ -140,10 +137,10 @@ class TensorRTBuildConfig:
 
     @property
     def is_strongly_typed(self) -> bool:
-        """The resolved ``strongly_typed``: int8 and weight streaming imply it."""
+        """The resolved ``strongly_typed``: weight streaming implies it."""
         if self.strongly_typed is not None:
             return self.strongly_typed
-        return self.precision == "int8" or self.weight_streaming
+        return self.weight_streaming
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -164,6 +161,8 @@ def flag_names(config: TensorRTBuildConfig) -> FlagNames:
         network.append("STRONGLY_TYPED")  # the ONNX dtypes decide; precision flags are rejected
     elif config.precision == "fp16":
         builder.append("FP16")
+    elif config.precision == "int8":
+        builder += ["FP16", "INT8"]  # Q/DQ layers run INT8, the rest may pick FP16
     if config.refittable == "identical":
         builder.append("REFIT_IDENTICAL")
     elif config.refittable is True:
@@ -302,6 +301,7 @@ def _builder_flags() -> dict[str, trt.BuilderFlag]:
 
     return {
         "FP16": trt.BuilderFlag.FP16,
+        "INT8": trt.BuilderFlag.INT8,
         "REFIT": trt.BuilderFlag.REFIT,
         "REFIT_IDENTICAL": trt.BuilderFlag.REFIT_IDENTICAL,
         "WEIGHT_STREAMING": trt.BuilderFlag.WEIGHT_STREAMING,

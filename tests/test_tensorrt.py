@@ -26,11 +26,11 @@ from typing import Any
 
 import pytest
 import torch
-from sdxl_trt.engine import tensorrt_backend as tb
-from sdxl_trt.engine.profiles import Profile, component_profiles
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.contracts import COMPONENT_NAMES, ModelDims, component_specs
+from sdxl_trt.engine import tensorrt_backend as tb
+from sdxl_trt.engine.profiles import Profile, component_profiles
 from sdxl_trt.errors import (
     BackendUnavailableError,
     BuildError,
@@ -152,8 +152,9 @@ PRECISION_CASES = [
     Case("fp32", None, [], []),
     Case("fp32", False, [], []),
     Case("fp32", True, [], ["STRONGLY_TYPED"]),
-    Case("int8", None, [], ["STRONGLY_TYPED"]),  # Q/DQ: explicit quantization implies strongly typed
-    Case("int8", True, [], ["STRONGLY_TYPED"]),
+    Case("int8", None, ["FP16", "INT8"], []),  # Q/DQ layers INT8, the unquantized rest FP16
+    Case("int8", False, ["FP16", "INT8"], []),
+    Case("int8", True, [], ["STRONGLY_TYPED"]),  # an fp16 Q/DQ ONNX decides every dtype
 ]
 
 
@@ -167,17 +168,18 @@ def test_flag_names_for_precision(case: Case) -> None:
     ["fp16", "fp32", "int8"], [None, True, False], [False, True, "identical"], [False, True]))
 def test_flag_names_every_combination(precision: str, typed: bool | None, refit: Any, stream: bool) -> None:
     kwargs = dict(precision=precision, strongly_typed=typed, refittable=refit, weight_streaming=stream)
-    if typed is False and (precision == "int8" or stream):
+    if typed is False and stream:
         with pytest.raises(BuildError, match="strongly typed"):
             tb.TensorRTBuildConfig(**kwargs)
         return
     builder, network = tb.flag_names(tb.TensorRTBuildConfig(**kwargs))
     assert set(builder) <= set(tb.BUILDER_FLAG_NAMES) and set(network) <= set(tb.NETWORK_FLAG_NAMES)
-    strongly = typed is True or (typed is None and (precision == "int8" or stream))
+    strongly = typed is True or (typed is None and stream)
     assert ("STRONGLY_TYPED" in network) == strongly
     if strongly:
         assert not {"FP16", "INT8", "BF16", "FP8"} & set(builder)
-    assert ("FP16" in builder) == (precision == "fp16" and not strongly)
+    assert ("FP16" in builder) == (precision in ("fp16", "int8") and not strongly)
+    assert ("INT8" in builder) == (precision == "int8" and not strongly)
     assert ("REFIT" in builder) == (refit is True)
     assert ("REFIT_IDENTICAL" in builder) == (refit == "identical")
     assert ("WEIGHT_STREAMING" in builder) == stream
@@ -188,7 +190,6 @@ def test_flag_names_every_combination(precision: str, typed: bool | None, refit:
     ({"refittable": "yes"}, "refittable must be"),
     ({"workspace_gib": 0}, "workspace_gib must be positive"),
     ({"builder_optimization_level": 6}, "0..5"),
-    ({"precision": "int8", "strongly_typed": False}, "Q/DQ"),
 ])
 def test_config_rejects_bad_values_naming_them(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(BuildError, match=message):
@@ -498,11 +499,21 @@ def test_build_with_fake_tensorrt(fake_trt: FakeTensorRT, tmp_path: Path) -> Non
     assert info["bytes"] == (tmp_path / "engines" / "unet.plan").stat().st_size
 
 
-def test_int8_build_is_strongly_typed_without_precision_flags(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+def test_int8_build_is_weakly_typed_with_fp16_and_int8(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+    spec = SPECS["unet"]
+    tb.build_engine(_onnx(tmp_path, "unet"), tmp_path / "unet.plan", spec=spec,
+                    profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1),
+                    config=tb.TensorRTBuildConfig(precision="int8"))
+    assert ("create_network", 0) in fake_trt.calls
+    flags = {c[1] for c in fake_trt.calls if c[0] == "set_flag"}
+    assert flags == {fake_trt.BuilderFlag.FP16, fake_trt.BuilderFlag.INT8}
+
+
+def test_int8_strongly_typed_when_asked(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
     spec = SPECS["unet"]
     tb.build_engine(_onnx(tmp_path, "unet", dtype="HALF"), tmp_path / "unet.plan", spec=spec,
                     profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1),
-                    config=tb.TensorRTBuildConfig(precision="int8"))
+                    config=tb.TensorRTBuildConfig(precision="int8", strongly_typed=True))
     assert ("create_network", 1 << 1) in fake_trt.calls
     assert not [c for c in fake_trt.calls if c[0] == "set_flag"]
 
