@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe.generate(req)  # warm-up: graph capture / first-call costs
             warm = time.perf_counter() - t0
             reset_peak(args.device)
-            results = []
-            ours = timed_runs(lambda req=req: results.append(pipe.generate(req)), args.runs, args.device)
+            results: list = []
+            ours = timed_runs(lambda req=req, out=results: out.append(pipe.generate(req)), args.runs, args.device)
             timings = results[-1].timings
             ours_mem = peak_memory(args.device)
             run_diffusers(dpipe, dref, bucket=bucket, steps=args.steps, guidance=args.guidance, seed=0, n=1,

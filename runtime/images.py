@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,21 @@ def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def save_png(image: Image.Image, path: Path, parameters: dict[str, Any]) -> Path:
-    """PNG with the generation parameters as text chunks (``parameters`` as JSON, and A1111-style)."""
+def png_info(parameters: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks every image carries: the generation parameters as JSON."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))
     info.add_text("Software", "sdxl-trt")
+    return info
+
+
+def png_bytes(image: Image.Image, parameters: dict[str, Any]) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=png_info(parameters))
+    return out.getvalue()
+
+
+def save_png(image: Image.Image, path: Path, parameters: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    image.save(path, format="PNG", pnginfo=png_info(parameters))
     return path

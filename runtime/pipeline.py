@@ -28,7 +28,7 @@ from sdxl_trt.buckets import Bucket, nearest_bucket
 from sdxl_trt.contracts import TOKENS_PER_CHUNK, ModelDims, component_specs
 from sdxl_trt.engine.manifest import Manifest
 from sdxl_trt.engine.profiles import Profile, select_profile
-from sdxl_trt.errors import InvalidRequestError
+from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.request import GenerationRequest, GenerationResult
 
 from .arena import Arena
@@ -95,6 +95,9 @@ class Pipeline:
         directory = Path(directory)
         manifest = open_engine_dir(directory, verify_hashes=verify_hashes)
         dev = torch.device(device) if device is not None else default_device(manifest.backend)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ManifestError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use device='cpu' "
+                                "with onnxruntime or torch engines")
         t0 = time.perf_counter()
         engines = load_engines(directory, manifest, device=dev, compile_torch=compile)
         log.info("loaded %d engines from %s in %.2f s", len(engines), directory, time.perf_counter() - t0)
@@ -109,7 +112,7 @@ class Pipeline:
     def _reserve_buffers(self) -> None:
         """Every engine input/output at its profile's maximum, plus the loop's own buffers."""
         base = self._max_dims()
-        for name, engine in self.engines.items():
+        for name in self.engines:
             spec = self.specs[name]
             max_b = max(p.dims["B"].max for p in self.profiles[name])
             for t in spec.tensors:
@@ -177,28 +180,35 @@ class Pipeline:
         )
 
     # ------------------------------------------------------------------ the work
-    def _check(self, req: GenerationRequest) -> None:
-        req.validate(max_steps=self.max_steps, max_images=10_000)
+    def check(self, req: GenerationRequest, *, max_images: int = 10_000, max_steps: int | None = None) -> Bucket:
+        """Everything that can be refused before any work runs; returns the request's bucket.
+
+        Services call it before queueing, so a bad request never waits or joins a batch."""
+        req.validate(max_steps=min(max_steps or self.max_steps, self.max_steps), max_images=max_images)
         from .schedulers import SCHEDULERS
 
         if req.scheduler not in SCHEDULERS:
             raise InvalidRequestError(
                 f"unknown scheduler {req.scheduler!r}; choose one of {', '.join(SCHEDULERS)}", param="scheduler")
         if req.refiner_mode is not None and not self.has_refiner:
-            raise InvalidRequestError(
-                f"refiner_mode {req.refiner_mode!r} needs a refiner engine; build with --refiner", param="refiner_mode")
+            raise InvalidRequestError(f"refiner_mode {req.refiner_mode!r} needs a refiner engine, and these engines "
+                                      "were built without one (build with --refiner)", param="refiner_mode")
         if req.mode != "txt2img" and "vae_encoder" not in self.engines:
-            raise InvalidRequestError("img2img and inpainting need the vae_encoder engine; rebuild", param="init_image")
+            raise InvalidRequestError("img2img and inpainting need the vae_encoder engine; rebuild the engines",
+                                      param="init_image")
         if req.refiner_mode == "img2img" and (req.refiner_steps or req.steps) > self.max_steps:
             raise InvalidRequestError(f"refiner_steps must be at most {self.max_steps}", param="refiner_steps")
+        if req.seed is not None and req.seed + req.num_images > 2**64:
+            raise InvalidRequestError(f"seed + number of images must stay below 2**64, got seed {req.seed}",
+                                      param="seed")
+        return self.resolve_bucket(req)
 
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         timings: dict[str, float] = {"text_encoders": 0.0, "vae_encode": 0.0, "denoise": 0.0, "refiner": 0.0,
                                      "vae_decode": 0.0}
         resolved = []
         for req in requests:
-            self._check(req)
-            bucket = self.resolve_bucket(req)
+            bucket = self.check(req)
             seed = req.seed if req.seed is not None else secrets.randbits(32)
             resolved.append((req.with_seed(seed), bucket))
         t0 = time.perf_counter()

@@ -25,20 +25,18 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sdxl_trt.buckets import Bucket
-from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest, GenerationResult
 
 from .errors import DeadlineExceededError, OverloadedError, ShuttingDownError
 
 log = logging.getLogger(__name__)
 
-_SEED_LIMIT = 2**64
 
 
 class PipelineLike(Protocol):
@@ -53,13 +51,7 @@ class PipelineLike(Protocol):
     @property
     def buckets(self) -> Sequence[Bucket]: ...
 
-    @property
-    def has_refiner(self) -> bool: ...
-
-    @property
-    def engines(self) -> Mapping[str, Any]: ...
-
-    def resolve_bucket(self, request: GenerationRequest) -> Bucket: ...
+    def check(self, request: GenerationRequest, *, max_images: int, max_steps: int | None) -> Bucket: ...
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
 
@@ -170,23 +162,9 @@ class AsyncPipeline:
         )
 
     def check(self, request: GenerationRequest) -> Bucket:
-        """Everything that can be refused before queueing; returns the request's bucket."""
-        request.validate(max_images=self.max_images, max_steps=self.max_steps)
-        from sdxl_trt.runtime.schedulers import SCHEDULERS
-
-        if request.scheduler not in SCHEDULERS:
-            raise InvalidRequestError(f"unknown scheduler {request.scheduler!r}; choose one of {', '.join(SCHEDULERS)}",
-                                      param="scheduler")
-        if request.refiner_mode is not None and not self.pipeline.has_refiner:
-            raise InvalidRequestError(f"refiner_mode {request.refiner_mode!r} needs a refiner engine, and these "
-                                      "engines were built without one (build with --refiner)", param="refiner_mode")
-        if request.mode != "txt2img" and "vae_encoder" not in self.pipeline.engines:
-            raise InvalidRequestError("img2img and inpainting need the vae_encoder engine; rebuild the engines",
-                                      param="init_image")
-        if request.seed is not None and request.seed + request.num_images > _SEED_LIMIT:
-            raise InvalidRequestError(f"seed + number of images must stay below 2**64, got seed {request.seed}",
-                                      param="seed")
-        return self.pipeline.resolve_bucket(request)
+        """Everything that can be refused before queueing (the pipeline's own checks, with this service's
+        limits); returns the request's bucket."""
+        return self.pipeline.check(request, max_images=self.max_images, max_steps=self.max_steps)
 
     async def generate(self, request: GenerationRequest, *, timeout_s: float | None = None) -> GenerationResult:
         """Queue ``request`` and wait for its images.

@@ -10,13 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import warnings
 from typing import Any
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from sdxl_trt.errors import InvalidRequestError
+from sdxl_trt.runtime.images import png_bytes
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 """Formats a client may send; others (and PIL's rarer plugins) are refused."""
@@ -64,16 +64,6 @@ def open_image(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
 
 def decode_b64_image(data: str, *, param: str, max_pixels: int) -> Image.Image:
     return open_image(b64_to_bytes(data, param=param), param=param, max_pixels=max_pixels)
-
-
-def png_bytes(image: Image.Image, parameters: dict[str, Any]) -> bytes:
-    """PNG with the generation parameters as text chunks, as ``sdxl-trt run`` writes them."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
-    info.add_text("Software", "sdxl-trt")
-    out = io.BytesIO()
-    image.save(out, format="PNG", pnginfo=info)
-    return out.getvalue()
 
 
 def png_b64(image: Image.Image, parameters: dict[str, Any]) -> str:

@@ -28,7 +28,12 @@ class GatedPipeline:
         self.started = threading.Event()
         self.ran: list[list[str]] = []
 
-    def resolve_bucket(self, request: GenerationRequest) -> Bucket:
+    def check(self, request: GenerationRequest, *, max_images: int, max_steps: int | None) -> Bucket:
+        from sdxl_trt.runtime.schedulers import SCHEDULERS
+
+        request.validate(max_images=max_images, max_steps=max_steps or self.max_steps)
+        if request.scheduler not in SCHEDULERS:
+            raise InvalidRequestError(f"unknown scheduler {request.scheduler!r}", param="scheduler")
         if request.width is None and request.height is None:
             return self.buckets[0]
         bucket = Bucket(request.width or 0, request.height or 0)
