@@ -55,6 +55,15 @@ class _Slot:
     cond: dict[str, torch.Tensor] = field(default_factory=dict)  # embeds/pooled/time_ids, pos & neg, per UNet
 
 
+@dataclass
+class _CachedSchedule:
+    """A schedule with its settings key and its state buffers per latent shape."""
+
+    key: tuple
+    schedule: Any
+    states: dict[tuple[int, ...], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
 class Pipeline:
     def __init__(self, directory: Path, manifest: Manifest, engines: dict[str, Engine], device: torch.device, *,
                  max_steps: int = 150, use_cuda_graphs: bool = True) -> None:
@@ -79,7 +88,7 @@ class Pipeline:
         self.force_zeros_for_empty_prompt = bool(manifest.pipeline.get("force_zeros_for_empty_prompt", True))
         self.has_refiner = "refiner" in engines
         self._lock = threading.Lock()
-        self._schedules: OrderedDict[tuple, Any] = OrderedDict()
+        self._schedules: OrderedDict[tuple, _CachedSchedule] = OrderedDict()
         self.denoisers = {n: Denoiser(engines[n], use_cuda_graphs=use_cuda_graphs)
                           for n in ("unet", "refiner") if n in engines}
         self.arena = Arena(device)
@@ -328,29 +337,36 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one batch of images
     def _schedule(self, name: str, steps: int, *, unet: str, strength: float = 1.0,
-                  denoising_start: float | None = None, denoising_end: float | None = None) -> Any:
-        """Schedules are cached so their device tables keep their addresses (CUDA graphs point at them)."""
+                  denoising_start: float | None = None, denoising_end: float | None = None) -> _CachedSchedule:
+        """Schedules (and their scheduler state buffers) are cached by their settings: a CUDA graph points at
+        their device tables, so a schedule lives as long as the pipeline once a graph uses it."""
         key = (unet, name, steps, strength, denoising_start, denoising_end)
-        if key in self._schedules:
+        cached = self._schedules.get(key)
+        if cached is not None:
             self._schedules.move_to_end(key)
-            return self._schedules[key]
+            return cached
         config = self.refiner_scheduler_config if unet == "refiner" else self.scheduler_config
         s = make_schedule(name, steps, config=config, strength=strength, denoising_start=denoising_start,
                           denoising_end=denoising_end, device=self.device, dtype=self.dtypes[unet])
         if s.num_steps > self.max_steps:
             raise InvalidRequestError(f"{s.num_steps} steps exceed this pipeline's max_steps {self.max_steps}",
                                       param="steps")
-        self._schedules[key] = s
-        if len(self._schedules) > 64:
-            self._schedules.popitem(last=False)
-        return s
+        cached = _CachedSchedule(key, s)
+        self._schedules[key] = cached
+        graphed = {k[-1] for d in self.denoisers.values() for k in d.graphs}
+        while len(self._schedules) > 64:
+            old = next((k for k in self._schedules if k not in graphed), None)
+            if old is None:
+                break
+            del self._schedules[old]
+        return cached
 
-    def _states(self, schedule: Any, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        key = ("state", id(schedule), tuple(latents.shape))
-        state = self._schedules.get(key)
+    def _states(self, cached: _CachedSchedule, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The schedule's multistep state for this shape, zeroed for a new request (same buffers every time)."""
+        shape = tuple(latents.shape)
+        state = cached.states.get(shape)
         if state is None:
-            state = schedule.make_state(latents)
-            self._schedules[key] = state
+            state = cached.states[shape] = cached.schedule.make_state(latents)
         for t in state.values():
             t.zero_()
         return state
@@ -388,7 +404,8 @@ class Pipeline:
         mode = req.mode
         base_end = req.refiner_start if req.refiner_mode == "ensemble" else None
         strength = req.strength if mode != "txt2img" else 1.0
-        schedule = self._schedule(req.scheduler, req.steps, unet="unet", strength=strength, denoising_end=base_end)
+        cached = self._schedule(req.scheduler, req.steps, unet="unet", strength=strength, denoising_end=base_end)
+        schedule = cached.schedule
         inpaint = None
         t0 = time.perf_counter()
 
@@ -411,20 +428,20 @@ class Pipeline:
         timings["vae_encode"] += time.perf_counter() - t0 if mode != "txt2img" else 0.0
 
         t1 = time.perf_counter()
-        self._denoise("unet", schedule, slots, bucket, latents, inpaint=inpaint)
+        self._denoise("unet", cached, slots, bucket, latents, inpaint=inpaint)
         timings["denoise"] += time.perf_counter() - t1
 
         if req.refiner_mode:
             t2 = time.perf_counter()
             if req.refiner_mode == "ensemble":
-                rs = self._schedule(req.scheduler, req.steps, unet="refiner", denoising_start=req.refiner_start)
+                rcached = self._schedule(req.scheduler, req.steps, unet="refiner", denoising_start=req.refiner_start)
             else:
-                rs = self._schedule(req.scheduler, req.refiner_steps or req.steps, unet="refiner",
-                                    strength=req.refiner_strength)
+                rcached = self._schedule(req.scheduler, req.refiner_steps or req.steps, unet="refiner",
+                                         strength=req.refiner_strength)
                 noise = torch.cat([self._randn(g, (1, c, h, w), self.dtypes["refiner"]) for g in gens])
-                latents.copy_(rs.add_noise(latents.to(self.dtypes["refiner"]), noise,
-                                           torch.zeros((), dtype=torch.long, device=self.device)))
-            self._denoise("refiner", rs, slots, bucket, latents, inpaint=None)
+                latents.copy_(rcached.schedule.add_noise(latents.to(self.dtypes["refiner"]), noise,
+                                                         torch.zeros((), dtype=torch.long, device=self.device)))
+            self._denoise("refiner", rcached, slots, bucket, latents, inpaint=None)
             timings["refiner"] += time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -469,8 +486,9 @@ class Pipeline:
             latents.copy_(schedule.add_noise(img_lat, noise, zero))
         return mask_buf, img_lat, noise
 
-    def _denoise(self, unet: str, schedule: Any, slots: list[_Slot], bucket: Bucket, latents: torch.Tensor, *,
-                 inpaint: tuple | None) -> None:
+    def _denoise(self, unet: str, cached: _CachedSchedule, slots: list[_Slot], bucket: Bucket,
+                 latents: torch.Tensor, *, inpaint: tuple | None) -> None:
+        schedule = cached.schedule
         m = len(slots)
         h, w = bucket.latent_hw
         cfg = slots[0].guidance > 1.0
@@ -498,9 +516,9 @@ class Pipeline:
         profile = select_profile(self.profiles[unet], dims)
         self.engines[unet].infer_shapes({k: tuple(v.shape) for k, v in inputs.items()}, profile)
         buf = StepBuffers(latents=latents, unet_in=inputs, noise_pred=noise_pred, guidance=guidance,
-                          step_index=step_index, step_noise=step_noise, state=self._states(schedule, latents),
+                          step_index=step_index, step_noise=step_noise, state=self._states(cached, latents),
                           inpaint=inpaint)
-        key = (unet, str(bucket), m, cfg, s_len, inpaint is not None, id(schedule))
+        key = (unet, str(bucket), m, cfg, s_len, inpaint is not None, cached.key)
         self.denoisers[unet].run(schedule, buf, cfg=cfg, profile=profile, key=key)
         check_finite(latents, f"{unet} latents after denoising")
 
