@@ -1,0 +1,340 @@
+"""The torch backend on the ``tiny`` preset: torch.export engines equal the PyTorch modules, load without
+diffusers/transformers, and reject bad shapes with a clear error while staying usable.
+
+Tolerance: fp32 on the CPU runs the same ATen kernels as eager PyTorch, so outputs must agree to
+``rtol=1e-5, atol=1e-5`` (in practice they are bitwise equal or within a few ulps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sdxl_trt.buckets import Bucket
+from sdxl_trt.contracts import component_specs
+from sdxl_trt.engine.profiles import Profile, component_profiles
+from sdxl_trt.engine.torch_backend import (
+    build_torch_engine,
+    cache_artifacts_path,
+    dim_multiples_for,
+    export_ranges,
+    multiples_from_suggested_fixes,
+)
+from sdxl_trt.errors import BuildError, InvalidRequestError
+from sdxl_trt.export.loading import load_model, model_dims
+from sdxl_trt.export.onnx_export import sample_inputs
+from sdxl_trt.export.wrappers import wrap_components
+from sdxl_trt.runtime.engine import Engine
+from sdxl_trt.runtime.torch_engine import TorchEngine
+
+BUCKETS = [Bucket(256, 256), Bucket(320, 256)]
+MAX_BATCH = 2
+COMPONENTS = ("unet", "refiner", "vae_decoder", "vae_encoder", "text_encoder", "text_encoder_2")
+RTOL = ATOL = 1e-5
+BLOCKED = ("diffusers", "transformers", "sdxl_trt.export")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict[str, Any]:
+    base, refiner = load_model("tiny"), load_model("tiny-refiner")
+    dims = model_dims(base, refiner)
+    return {"modules": wrap_components(base, refiner), "dims": dims, "specs": component_specs(dims)}
+
+
+@pytest.fixture(scope="module")
+def built(tiny: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Every tiny component built once: name -> {path, profiles, info}. The refiner is built without
+    ``dim_multiples``, so that torch.export's suggested fixes have to supply them."""
+    root = tmp_path_factory.mktemp("torch-engines")
+    out = {}
+    for name in COMPONENTS:
+        spec = tiny["specs"][name]
+        profiles = component_profiles(spec, buckets=BUCKETS, max_batch=MAX_BATCH)
+        path = root / f"{name}.pt2"
+        info = build_torch_engine(
+            tiny["modules"][name], spec, path, profiles=profiles, precision=torch.float32, device="cpu",
+            dim_multiples=None if name == "refiner" else dim_multiples_for(name, tiny["dims"]),
+        )
+        out[name] = {"path": path, "profiles": profiles, "info": info}
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(tiny: dict[str, Any], built: dict[str, dict[str, Any]]) -> dict[str, TorchEngine]:
+    return {
+        name: TorchEngine.load(b["path"], tiny["specs"][name], b["profiles"], device="cpu") for name, b in built.items()
+    }
+
+
+def _cases(profiles: list[Profile]) -> list[tuple[int, dict[str, int]]]:
+    """(profile index, named-dimension values): both buckets, the smallest and largest batch, 1 and 2 prompt chunks."""
+    cases = []
+    for i, p in enumerate(profiles):
+        for k, batch in enumerate((p.dims["B"].min, p.dims["B"].max)):
+            values = {n: r.opt for n, r in p.dims.items()}
+            values["B"] = batch
+            if "S" in values:
+                values["S"] = 77 * (k + 1)
+            cases.append((i, values))
+    return cases
+
+
+def _run(engine: TorchEngine, inputs: dict[str, torch.Tensor], profile: int) -> dict[str, torch.Tensor]:
+    shapes = engine.infer_shapes({n: tuple(x.shape) for n, x in inputs.items()}, profile)
+    outputs = {n: torch.full(s, float("nan")) for n, s in shapes.items()}
+    engine.run(inputs, outputs, profile=profile)
+    return outputs
+
+
+def _expected(module: torch.nn.Module, spec: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        out = module(*(inputs[n] for n in spec.input_names))
+    return dict(zip(spec.output_names, (out,) if isinstance(out, torch.Tensor) else out, strict=True))
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_engine_matches_pytorch(
+    name: str, tiny: dict[str, Any], built: dict[str, dict[str, Any]], engines: dict[str, TorchEngine]
+) -> None:
+    spec, engine, info = tiny["specs"][name], engines[name], built[name]["info"]
+    assert isinstance(engine, Engine) and engine.backend == "torch"
+    assert info["graph_nodes"] > 10 and info["bytes"] == built[name]["path"].stat().st_size > 0
+    cases = _cases(built[name]["profiles"])
+    assert len({tuple(sorted(v.items())) for _, v in cases}) == len(cases) >= 2
+    for seed, (profile, values) in enumerate(cases):
+        inputs = sample_inputs(spec, values, torch.float32, seed=seed)
+        got = _run(engine, inputs, profile)
+        want = _expected(tiny["modules"][name], spec, inputs)
+        for out_name in spec.output_names:
+            assert got[out_name].shape == spec.tensor(out_name).shape(values)
+            torch.testing.assert_close(got[out_name], want[out_name], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=out_name, v=values: f"{name}.{n} at {v}: {m}")
+
+
+def test_unet_exports_latent_sides_as_multiples(tiny: dict[str, Any], built: dict[str, dict[str, Any]]) -> None:
+    """w spans 32..40 as 4*k (the UNet downsamples twice); h is one value in both buckets, exported over
+    one extra step because torch.export needs min < max."""
+    tiny_dims = tiny["dims"]
+    dims = built["unet"]["info"]["dynamic_dims"]
+    assert dims == {"B": "1..4", "h": "32 (exported 32..36), multiple of 4", "w": "32..40, multiple of 4", "S": "77..231"}
+    assert built["refiner"]["info"]["dynamic_dims"]["w"] == "32..40, multiple of 8"
+    assert built["refiner"]["info"]["dim_multiples"] == {"h": 8, "w": 8} == dim_multiples_for("refiner", tiny_dims)
+    assert built["vae_encoder"]["info"]["dynamic_dims"] == {"B": "1..2", "h": "32 (exported 32..33)", "w": "32..40"}
+    assert built["text_encoder"]["info"]["dynamic_dims"] == {"B": "1..12"}
+
+
+def test_multiples_come_from_torchs_suggested_fixes() -> None:
+    message = textwrap.dedent(
+        """\
+        Constraints violated (h, w)! For more information, run with TORCH_LOGS="+dynamic".
+          - Not all values of h = L['sample'].size()[2] in the specified range 24 <= h <= 48 satisfy ...
+        Suggested fixes:
+          _h = Dim('_h', min=6, max=12)
+          _w = Dim('_w', min=6, max=12)
+          h = 4*_h
+          w = 4*_w
+          B = 2
+
+        The error above occurred when calling torch.export.export. ...
+        """
+    )
+    assert multiples_from_suggested_fixes(message, ("B", "h", "w", "S")) == {"h": 4, "w": 4}
+    assert multiples_from_suggested_fixes(message, ("B",)) == {}
+    assert multiples_from_suggested_fixes("Constraints violated (w)!", ("w",)) == {}
+
+
+def test_engine_loads_without_diffusers_or_transformers(
+    tiny: dict[str, Any], built: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A fresh interpreter with diffusers, transformers and export/ blocked loads and runs saved engines."""
+    cases = []
+    for name in ("vae_decoder", "text_encoder_2"):  # one diffusers and one transformers model, cheap to load
+        spec, (profile, values) = tiny["specs"][name], _cases(built[name]["profiles"])[-1]
+        inputs = sample_inputs(spec, values, torch.float32, seed=7)
+        data = tmp_path / f"{name}.io.pt"
+        torch.save({"inputs": inputs, "expected": _expected(tiny["modules"][name], spec, inputs)}, data)
+        cases.append({"name": name, "path": str(built[name]["path"]), "data": str(data), "profile": profile,
+                      "profiles": [p.to_json() for p in built[name]["profiles"]]})
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+
+        BLOCKED = {BLOCKED!r}
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, fullname, path=None, target=None):
+                if any(fullname == b or fullname.startswith(b + ".") for b in BLOCKED):
+                    raise ImportError(f"{{fullname}} is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import torch
+        from sdxl_trt.contracts import ModelDims, component_specs
+        from sdxl_trt.engine.profiles import Profile
+        from sdxl_trt.runtime.torch_engine import TorchEngine
+
+        specs = component_specs(ModelDims.from_json(json.loads(sys.argv[1])))
+        for case in json.loads(sys.argv[2]):
+            spec = specs[case["name"]]
+            engine = TorchEngine.load(case["path"], spec, [Profile.from_json(p) for p in case["profiles"]], device="cpu")
+            io = torch.load(case["data"])
+            shapes = engine.infer_shapes({{n: tuple(x.shape) for n, x in io["inputs"].items()}}, case["profile"])
+            outputs = {{n: torch.empty(s) for n, s in shapes.items()}}
+            engine.run(io["inputs"], outputs, profile=case["profile"])
+            for n, want in io["expected"].items():
+                torch.testing.assert_close(outputs[n], want, rtol={RTOL}, atol={ATOL})
+        loaded = sorted(m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED))
+        assert not loaded, loaded
+        print("OK", len(json.loads(sys.argv[2])))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(tiny["dims"].to_json()), json.dumps(cases)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("OK 2")
+
+
+def test_bad_shapes_raise_clear_errors_and_engine_keeps_working(
+    tiny: dict[str, Any], built: dict[str, dict[str, Any]], engines: dict[str, TorchEngine]
+) -> None:
+    spec, engine = tiny["specs"]["unet"], engines["unet"]
+    good = {"B": 2, "h": 32, "w": 32, "S": 77}  # profile 0 is 256x256: h = w = 32
+    shapes = spec.shapes(good)
+    bad: list[tuple[dict[str, tuple[int, ...]], int, str]] = [
+        ({**shapes, "sample": (2, 4, 32)}, 0, "rank 3, expected 4"),
+        ({**shapes, "sample": (2, 3, 32, 32)}, 0, "axis 1 must be 4, got 3"),
+        ({**shapes, "timestep": (3,)}, 0, "dimension B is 3 here but 2"),
+        ({**spec.shapes({**good, "w": 40})}, 0, "outside profile '256x256'"),
+        ({**spec.shapes({**good, "B": 5})}, 0, "outside profile '256x256'"),
+        ({**spec.shapes({**good, "S": 308})}, 0, "outside profile '256x256'"),
+        ({k: v for k, v in shapes.items() if k != "time_ids"}, 0, "missing input 'time_ids'"),
+        (shapes, 2, "profile 2 does not exist"),
+    ]
+    for input_shapes, profile, message in bad:
+        with pytest.raises(InvalidRequestError, match=message):
+            engine.infer_shapes(input_shapes, profile)
+    # 320x256 (w = 40) is profile 1's, so the same shapes are fine there.
+    assert engine.infer_shapes(spec.shapes({**good, "w": 40}), 1) == {"noise_pred": (2, 4, 32, 40)}
+
+    # run() refuses wrong dtypes, missing buffers and buffers of the wrong shape (the VAE decoder: cheap).
+    vae, vae_spec = engines["vae_decoder"], tiny["specs"]["vae_decoder"]
+    latent = sample_inputs(vae_spec, {"B": 1, "h": 32, "w": 32}, torch.float32, seed=4)
+    with pytest.raises(InvalidRequestError, match="engine takes torch.float32"):
+        vae.run({"latent": latent["latent"].double()}, {"images": torch.empty(1, 3, 256, 256)}, profile=0)
+    with pytest.raises(InvalidRequestError, match="missing tensor 'images'"):
+        vae.run(latent, {}, profile=0)
+    with pytest.raises(InvalidRequestError, match=r"output buffer is \(1, 3, 256, 320\)"):
+        vae.run(latent, {"images": torch.empty(1, 3, 256, 320)}, profile=0)
+
+    # ... and both engines still run the next good call correctly.
+    for name, inputs in (("unet", sample_inputs(spec, good, torch.float32, seed=3)), ("vae_decoder", latent)):
+        got = _run(engines[name], inputs, 0)
+        want = _expected(tiny["modules"][name], tiny["specs"][name], inputs)
+        for out_name, value in want.items():
+            torch.testing.assert_close(got[out_name], value, rtol=RTOL, atol=ATOL)
+
+
+def test_engine_moves_to_the_requested_device(tiny: dict[str, Any], built: dict[str, dict[str, Any]]) -> None:
+    """An engine built on one device loads onto another (weights and device constants in the graph move):
+    the meta device stands in for CUDA on a CPU-only machine."""
+    for name in ("vae_decoder", "text_encoder_2"):
+        spec, profiles = tiny["specs"][name], built[name]["profiles"]
+        engine = TorchEngine.load(built[name]["path"], spec, profiles, device="meta")
+        profile, values = _cases(profiles)[-1]
+        inputs = {t.name: torch.zeros(t.shape(values), dtype=engine.input_dtypes[t.name], device="meta")
+                  for t in spec.inputs}
+        shapes = engine.infer_shapes({n: tuple(x.shape) for n, x in inputs.items()}, profile)
+        outputs = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
+        engine.run(inputs, outputs, profile=profile)
+        with pytest.raises(InvalidRequestError, match=r"on cpu, engine takes torch\.\w+ on meta"):
+            engine.run({n: torch.zeros(x.shape, dtype=x.dtype) for n, x in inputs.items()}, outputs, profile=profile)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_engine_on_cuda_runs_on_the_callers_stream(tmp_path: Path) -> None:
+    """fp16 on the GPU: built and run on CUDA, enqueued on a side stream, equal to eager fp16."""
+    base = load_model("tiny", dtype=torch.float16, device="cuda")
+    dims = model_dims(base)
+    spec, module = component_specs(dims)["unet"], wrap_components(base)["unet"]
+    profiles = component_profiles(spec, buckets=BUCKETS, max_batch=MAX_BATCH)
+    path = tmp_path / "unet.pt2"
+    build_torch_engine(module, spec, path, profiles=profiles, precision=torch.float16, device="cuda",
+                       dim_multiples=dim_multiples_for("unet", dims))
+    engine = TorchEngine.load(path, spec, profiles, device="cuda")
+    for profile, values in _cases(profiles):
+        inputs = sample_inputs(spec, values, torch.float16, device="cuda")
+        out = {"noise_pred": torch.full(spec.outputs[0].shape(values), float("nan"), dtype=torch.float16, device="cuda")}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        engine.run(inputs, out, profile=profile, stream=stream)
+        stream.synchronize()
+        want = _expected(module, spec, inputs)["noise_pred"]
+        torch.testing.assert_close(out["noise_pred"], want, rtol=2e-3, atol=2e-3)
+
+
+def test_build_rejects_bad_requests_before_tracing(tiny: dict[str, Any], tmp_path: Path) -> None:
+    spec, module = tiny["specs"]["unet"], tiny["modules"]["unet"]
+    profiles = component_profiles(spec, buckets=BUCKETS, max_batch=MAX_BATCH)
+    kwargs: dict[str, Any] = {"profiles": profiles, "device": "cpu"}
+    with pytest.raises(BuildError, match="precision is torch.float16"):
+        build_torch_engine(module, spec, tmp_path / "unet.pt2", precision=torch.float16, **kwargs)
+    with pytest.raises(BuildError, match="must end in .pt2"):
+        build_torch_engine(module, spec, tmp_path / "unet.onnx", precision=torch.float32, **kwargs)
+    with pytest.raises(BuildError, match="must be a multiple of 16"):
+        export_ranges(spec, profiles, {"h": 16, "w": 16})
+    with pytest.raises(BuildError, match="dim_multiples names"):
+        export_ranges(spec, profiles, {"H": 4})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SDXL_TRT_SLOW_TESTS"), reason="Inductor on the CPU: ~40 s; set SDXL_TRT_SLOW_TESTS=1")
+def test_compile_cache_is_a_hit_in_a_fresh_process(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """compile_shapes saves torch's portable cache; a fresh process (empty Inductor cache) hits it."""
+    spec = tiny["specs"]["text_encoder"]
+    profiles = component_profiles(spec, buckets=BUCKETS, max_batch=MAX_BATCH)
+    path = tmp_path / "text_encoder.pt2"
+    info = build_torch_engine(tiny["modules"]["text_encoder"], spec, path, profiles=profiles,
+                              precision=torch.float32, device="cpu", compile_shapes=[{"B": 2}])
+    assert info["compile"]["cache_path"] == str(cache_artifacts_path(path)) and info["compile"]["cache_bytes"] > 0
+    inputs = sample_inputs(spec, {"B": 2}, torch.float32, seed=5)
+    data = tmp_path / "io.pt"
+    torch.save({"inputs": inputs, "expected": _expected(tiny["modules"]["text_encoder"], spec, inputs)}, data)
+    script = textwrap.dedent(
+        f"""
+        import json, sys, torch
+        from torch._dynamo.utils import counters
+        from sdxl_trt.contracts import ModelDims, component_specs
+        from sdxl_trt.engine.profiles import Profile
+        from sdxl_trt.runtime.torch_engine import TorchEngine
+
+        spec = component_specs(ModelDims.from_json(json.loads(sys.argv[1])))["text_encoder"]
+        profiles = [Profile.from_json(p) for p in json.loads(sys.argv[2])]
+        engine = TorchEngine.load({str(path)!r}, spec, profiles, device="cpu", compile=True,
+                                  cache_artifacts={str(cache_artifacts_path(path))!r})
+        io = torch.load({str(data)!r})
+        out = {{"hidden_states": torch.empty(2, 77, spec.outputs[0].dims[2])}}
+        engine.run(io["inputs"], out, profile=0)
+        torch.testing.assert_close(out["hidden_states"], io["expected"]["hidden_states"], rtol=1e-4, atol=1e-4)
+        assert counters["inductor"]["fxgraph_cache_hit"] >= 1, dict(counters["inductor"])
+        print("OK")
+        """
+    )
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh-inductor-cache")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(tiny["dims"].to_json()), json.dumps([p.to_json() for p in profiles])],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("OK")
