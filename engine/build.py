@@ -182,7 +182,8 @@ def build_engines(opts: BuildOptions) -> Manifest:
         manifest.components[name] = ComponentEntry(
             file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size, precision=comp_precision,
             profiles=key["profiles"], source_hash=source_hash, build_seconds=round(time.perf_counter() - t0, 3),
-            export_error=export_info.get("components", {}).get(name, {}).get("relative_error", {}), extra=info,
+            export_error=info.pop("export_error", None)
+            or export_info.get("components", {}).get(name, {}).get("relative_error", {}), extra=info,
         )
         log.info("[%d/%d] %s: built in %.1f s (%s)", i, len(components), name,
                  manifest.components[name].build_seconds, _human(manifest.components[name].size_bytes))
@@ -286,13 +287,56 @@ def _build_torch(name: str, precision: str, specs: dict, profiles: list[Profile]
 
     from sdxl_trt.export.wrappers import wrap_components
 
-    from .torch_backend import build_torch_engine
+    from .torch_backend import build_torch_engine, dim_multiples_for
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
-    module = wrap_components(*loaded)[name].to(device=opts.device, dtype=dtype)
+    from sdxl_trt.export.loading import model_dims
+
+    base, refiner = loaded
+    module = wrap_components(base, refiner)[name].to(device=opts.device, dtype=dtype)
     path = out / f"{name}.pt2"
-    info = build_torch_engine(module, specs[name], path, profiles=profiles, precision=dtype, device=opts.device)
-    return {"file": path.name, **info}
+    dims = model_dims(base, refiner)
+    info = build_torch_engine(module, specs[name], path, profiles=profiles, precision=dtype, device=opts.device,
+                              dim_multiples=dim_multiples_for(name, dims),
+                              compile_shapes=_compile_shapes(name, profiles, opts) if opts.compile_torch else None)
+    return {"file": path.name, "export_error": _verify_torch_engine(module, specs[name], path, profiles, dtype, opts),
+            **info}
+
+
+def _verify_torch_engine(module: Any, spec: Any, path: Path, profiles: list[Profile], dtype: Any,
+                         opts: BuildOptions) -> dict[str, float]:
+    """The saved program against the PyTorch module on random inputs at the first profile's optimum:
+    the torch backend's counterpart of the ONNX export check."""
+    import torch
+
+    from sdxl_trt.export.onnx_export import sample_inputs
+    from sdxl_trt.runtime.torch_engine import TorchEngine
+
+    engine = TorchEngine.load(path, spec, profiles, device=torch.device(opts.device))
+    dims = {n: r.opt for n, r in profiles[0].dims.items()}
+    inputs = sample_inputs(spec, dims, dtype, device=opts.device, seed=1)
+    shapes = engine.infer_shapes({k: tuple(v.shape) for k, v in inputs.items()}, 0)
+    outputs = {k: torch.empty(s, dtype=dtype, device=opts.device) for k, s in shapes.items()}
+    engine.run(inputs, outputs, profile=0)
+    with torch.inference_mode():
+        expected = module(*(inputs[n] for n in spec.input_names))
+    expected = (expected,) if isinstance(expected, torch.Tensor) else expected
+    return {name: float((outputs[name].double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
+            for name, e in zip(spec.output_names, expected, strict=True)}
+
+
+def _compile_shapes(name: str, profiles: list[Profile], opts: BuildOptions) -> list[dict[str, int]]:
+    """The shapes a service runs, compiled once at build time (each costs minutes at full size):
+    every bucket at one image and at --max-batch images (x2 for guidance in the UNets)."""
+    shapes = []
+    for p in profiles:
+        for images in sorted({1, opts.max_batch}):
+            b = 2 * images if name in ("unet", "refiner") else images
+            if name in ("text_encoder", "text_encoder_2"):
+                shapes.append({"B": 2})  # one prompt chunk, positive and negative
+                break
+            shapes.append({"B": b, "h": p.dims["h"].opt, "w": p.dims["w"].opt} | ({"S": 77} if "S" in p.dims else {}))
+    return [dict(t) for t in {tuple(sorted(s.items())) for s in shapes}]
 
 
 def _copy_assets(src_dir: Path, out: Path) -> None:

@@ -46,9 +46,13 @@ def load_engines(directory: Path, manifest: Manifest, *, device: torch.device,
 
             engines[name] = OnnxRuntimeEngine(path, specs[name], profiles, device=device)
         elif manifest.backend == "torch":
+            from sdxl_trt.engine.torch_backend import cache_artifacts_path
+
             from .torch_engine import TorchEngine
 
-            engines[name] = TorchEngine.load(path, specs[name], profiles, device=device, compile=compile_torch)
+            cache = cache_artifacts_path(path)  # Inductor artifacts compiled at build time, if any
+            engines[name] = TorchEngine.load(path, specs[name], profiles, device=device, compile=compile_torch,
+                                             cache_artifacts=cache if compile_torch and cache.exists() else None)
         elif manifest.backend == "tensorrt":
             from .tensorrt_engine import SharedDeviceMemory, TensorRTEngine
 
