@@ -25,6 +25,7 @@ from sdxl_trt.buckets import SDXL_BUCKETS, Bucket, check_bucket_divisible, parse
 from sdxl_trt.contracts import ModelDims, component_specs
 from sdxl_trt.errors import BackendUnavailableError, BuildError
 from sdxl_trt.identity import model_identity_hash
+from sdxl_trt.tables import format_table, human_bytes
 
 from .manifest import ComponentEntry, Manifest, library_versions, sha256_file
 from .profiles import Profile, component_profiles
@@ -186,7 +187,7 @@ def build_engines(opts: BuildOptions) -> Manifest:
             or export_info.get("components", {}).get(name, {}).get("relative_error", {}), extra=info,
         )
         log.info("[%d/%d] %s: built in %.1f s (%s)", i, len(components), name,
-                 manifest.components[name].build_seconds, _human(manifest.components[name].size_bytes))
+                 manifest.components[name].build_seconds, human_bytes(manifest.components[name].size_bytes))
     _copy_assets(onnx_dir if backend != "torch" else Path(export_info["assets_dir"]), out)
     manifest.save(out)
     log.info("build finished in %.1f s", time.perf_counter() - t_start)
@@ -349,24 +350,15 @@ def _copy_assets(src_dir: Path, out: Path) -> None:
             shutil.copytree(src, dst)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def format_build_table(manifest: Manifest) -> str:
     rows = [("component", "backend", "precision", "profiles", "size", "build s", "export rel. error")]
     for name, e in manifest.components.items():
         err = max(e.export_error.values()) if e.export_error else float("nan")
-        rows.append((name, manifest.backend, e.precision, str(len(e.profiles)), _human(e.size_bytes),
+        rows.append((name, manifest.backend, e.precision, str(len(e.profiles)), human_bytes(e.size_bytes),
                      f"{e.build_seconds:.1f}", f"{err:.2e}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows)
 
 
 def format_manifest(manifest: Manifest) -> str:

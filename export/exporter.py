@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from sdxl_trt.engine.manifest import current_device, library_versions, sha256_fi
 from sdxl_trt.errors import ExportError
 from sdxl_trt.identity import model_identity_hash
 from sdxl_trt.presets import PRESETS
+from sdxl_trt.tables import format_table, human_bytes
 
 from .loading import LoadedModel, load_model, model_dims
 from .onnx_export import check_onnx, export_onnx, verify_onnx
@@ -202,21 +204,12 @@ def format_export_table(manifest: dict[str, Any]) -> str:
     rows = [("component", "precision", "size", "export s", "verify s", "rel. error (worst output)")]
     for name, e in manifest["components"].items():
         rows.append((
-            name, e["precision"], _human(e["size_bytes"]), f"{e['export_seconds']:.1f}", f"{e['verify_seconds']:.1f}",
+            name, e["precision"], human_bytes(e["size_bytes"]), f"{e['export_seconds']:.1f}", f"{e['verify_seconds']:.1f}",
             f"{max(e['relative_error'].values()):.2e}",
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _config_only(config_dir: Path, name: str, source: dict[str, Any], identity: str) -> LoadedModel:
@@ -241,8 +234,6 @@ def _config_only(config_dir: Path, name: str, source: dict[str, Any], identity: 
 
 
 def _config_dir_of(source: str, model_config: str | None) -> tuple[Path, dict[str, Any]]:
-    import tempfile
-
     if source in PRESETS:
         preset = PRESETS[source]
         d = preset.write_config_dir(Path(tempfile.mkdtemp(prefix=f"sdxl-trt-{source}-")))
@@ -265,7 +256,7 @@ def model_summary(model: str, *, refiner: str | None = None, model_config: str |
         ref = _config_only(ref_dir, refiner, ref_src, model_identity_hash(refiner))
     dims = model_dims(base, ref)
     buckets = PRESETS[model].buckets if model in PRESETS else None
-    assets = Path(tempfile_dir := __import__("tempfile").mkdtemp(prefix="sdxl-trt-assets-"))
+    assets = Path(tempfile.mkdtemp(prefix="sdxl-trt-assets-"))
     _copy_runtime_assets(base, ref, assets)
     return {
         "model": _model_entry(base, base.identity_hash),
@@ -273,7 +264,7 @@ def model_summary(model: str, *, refiner: str | None = None, model_config: str |
         "model_dims": dims.to_json(),
         "native_buckets": [str(b) for b in buckets] if buckets else None,
         "pipeline": _pipeline_entry(base, ref),
-        "assets_dir": tempfile_dir,
+        "assets_dir": str(assets),
         "components": {},
     }
 
