@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="on SIGTERM, how long queued and running requests may take to finish")
     p.add_argument("--max-body-mb", type=_positive(float), default=d.max_body_mb, help="largest request body")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Serve: a local cluster, or the one in $RAY_ADDRESS (needs the ray extra)")
+    p.add_argument("--replicas", type=_positive(int), default=None,
+                   help="with --ray: replicas, one GPU each where the cluster has GPUs (default: 1)")
+    p.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
+                   help="with --ray: scale between MIN and MAX replicas on ongoing requests")
     p.set_defaults(func=cmd_serve)
 
 
@@ -69,6 +75,15 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _autoscale(text: str) -> tuple[int, int]:
+    from .ray_app import parse_autoscale
+
+    try:
+        return parse_autoscale(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(
         engines=Path(args.engines), host=args.host, port=args.port,
@@ -80,6 +95,10 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        return _cmd_serve_ray(args)
+    if args.replicas is not None or args.autoscale is not None:
+        raise SdxlTrtError("--replicas and --autoscale need --ray")
     try:
         import uvicorn
 
@@ -104,6 +123,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"sdxl-trt serve: error: {service.error}", file=sys.stderr)
         return 2
     return 0 if server.drained else 1
+
+
+def _cmd_serve_ray(args: argparse.Namespace) -> int:
+    from sdxl_trt.runtime.loader import open_engine_dir
+
+    from .ray_app import RayOptions, serve_on_ray
+
+    if args.replicas is not None and args.autoscale is not None:
+        raise SdxlTrtError("give --replicas or --autoscale, not both")
+    settings = settings_from_args(args)
+    open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line
+    if settings.api_key is None and not _is_loopback(settings.host):
+        log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", settings.host)
+    return serve_on_ray(settings, RayOptions(replicas=args.replicas or 1, autoscale=args.autoscale))
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,6 +1,6 @@
 """Ray Serve scale-out: two CPU replicas of the same app over tiny engines, loopback only.
 
-The server runs as its own process (as ``sdxl-trt serve --ray`` would), so Ray's state and signal handlers
+The server is ``sdxl-trt serve --ray --replicas 2`` in its own process, so Ray's state and signal handlers
 never touch the test process; one local cluster serves the whole module (ready in about 15-25 s on 2 cores).
 The kill test SIGKILLs one replica's process in the middle of a bounded load and checks what clients see: at
 most the requests that replica held fail (at once, with an HTTP error, never a hang), Ray starts a
@@ -33,6 +33,7 @@ from sdxl_trt.serve.ray_app import (  # noqa: E402 - after the skip
     PID_HEADER,
     REPLICA_HEADER,
     RayOptions,
+    deployment_options,
     parse_autoscale,
 )
 from sdxl_trt.serve.settings import ServeSettings  # noqa: E402
@@ -42,15 +43,6 @@ log = logging.getLogger(__name__)
 
 BODY = {"prompt": "a red cube", "size": "256x256", "steps": 2, "response_format": "b64_json"}
 CLIENT_TIMEOUT_S = 60.0
-SERVER = """
-import logging, sys
-from pathlib import Path
-from sdxl_trt.serve.ray_app import RayOptions, serve_on_ray
-from sdxl_trt.serve.settings import ServeSettings
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-settings = ServeSettings(engines=Path(sys.argv[1]), port=int(sys.argv[2]), batch_window_ms=5.0, drain_timeout_s=10.0)
-sys.exit(serve_on_ray(settings, RayOptions(replicas=2, cpus_per_replica=1.0, threads_per_replica=1, local_cpus=2)))
-"""
 
 
 @dataclass
@@ -67,9 +59,14 @@ class RayServerProcess:
 def ray_server(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServerProcess]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("ray") / "server.log"
+    # A local cluster of this machine's CPUs (CPU replicas: one CPU and one torch thread each), no API key.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SDXL_TRT_API_KEY")}
+    env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER, str(tiny_engines), str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sdxl_trt.cli", "serve", "--ray", "--replicas", "2", "--engines", str(tiny_engines),
+             "--host", "127.0.0.1", "--port", str(port), "--batch-window-ms", "5", "--drain-timeout-s", "10"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
     server = RayServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         deadline = time.monotonic() + 150
@@ -240,8 +237,6 @@ def test_parse_autoscale() -> None:
 
 
 def test_deployment_options_keep_our_overload_rules(tmp_path: Path) -> None:
-    from sdxl_trt.serve.ray_app import deployment_options
-
     settings = ServeSettings(engines=tmp_path, max_queue=10, drain_timeout_s=7.0)
     fixed = deployment_options(settings, RayOptions(replicas=3), gpus=1.0, max_batch=4)
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
