@@ -4,7 +4,8 @@ Scale-out is Ray Serve's job, not ours, so this module only adapts: each replica
 its own ``Service`` and ``AsyncPipeline``) with ``create_app``, and Ray's proxy serves the same HTTP API on
 ``--host``/``--port``. Rules of this module (keep them):
 
-* Ray is imported lazily, inside functions, so ``sdxl_trt.serve`` works without it.
+* Ray is imported lazily, inside functions, so ``sdxl_trt.serve`` works without it. Ray Serve 2.47 or later:
+  the replica's app comes from an ingress builder function (``serve.ingress(fn)``), which 2.46 lacks.
 * A replica is only routed to once its engines are loaded and warm: :class:`ReplicaApp` holds the ASGI
   lifespan startup until the ``Service`` is ready (Ray runs the lifespan while the replica is STARTING), and
   a failed load fails the replica's start with the reason instead of answering 503 forever.
@@ -35,8 +36,9 @@ from .service import PipelineFactory, Service, load_pipeline
 from .settings import ServeSettings
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
     from ray.serve import Application
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ class ReplicaApp:
     HTTP answer.
     """
 
-    def __init__(self, app: ASGIApp, service: Service, *, replica_id: str) -> None:
+    def __init__(self, app: FastAPI, service: Service, *, replica_id: str) -> None:
         self.app = app
         self.service = service
         self.replica_id = replica_id
@@ -114,6 +116,10 @@ class ReplicaApp:
             await self.app(scope, receive, self._name_replica(send))
         else:
             await self.app(scope, receive, send)
+
+    def add_exception_handler(self, exc_class: type[Exception], handler: Callable[..., Any]) -> None:
+        """Ray Serve registers its own errors here (back-pressure -> 503); they belong to the FastAPI app."""
+        self.app.add_exception_handler(exc_class, handler)
 
     def _hold_startup(self, send: Send) -> Send:
         async def wrapped(message: Message) -> None:
@@ -150,24 +156,19 @@ def build_application(settings: ServeSettings, options: RayOptions, *, gpus: flo
     """The bound Ray Serve application: one deployment whose replicas each build their own app."""
     from ray import serve
 
-    @serve.ingress()
-    class SdxlTrtReplica:
-        """One replica: its own Service, AsyncPipeline and engines (on the GPU Ray assigned it, if any)."""
+    threads = options.threads_per_replica
 
-        def __init__(self, settings: ServeSettings, factory: PipelineFactory, threads: int | None) -> None:
-            self.settings = settings
-            self.factory = factory
-            if threads:
-                import torch
+    def build_on_replica() -> ReplicaApp:
+        """Ray's ingress builder: runs in each replica as it starts, so each has its own app and engines."""
+        if threads:
+            import torch
 
-                torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
+        return build_replica_app(settings, pipeline_factory, replica_id=serve.get_replica_context().replica_tag)
 
-        def __serve_build_asgi_app__(self) -> ASGIApp:
-            replica_id = serve.get_replica_context().replica_id.unique_id
-            return build_replica_app(self.settings, self.factory, replica_id=replica_id)
-
+    ingress = serve.ingress(build_on_replica)()
     deployment = serve.deployment(**deployment_options(settings, options, gpus=gpus, max_batch=max_batch))
-    return deployment(SdxlTrtReplica).bind(settings, pipeline_factory, options.threads_per_replica)
+    return deployment(ingress).bind()
 
 
 class RayServer:
