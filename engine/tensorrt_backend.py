@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 from sdxl_trt.contracts import COMPONENT_NAMES, ComponentSpec
 from sdxl_trt.errors import BackendUnavailableError, BuildError, ProfileError
+from sdxl_trt.tensorrt_support import INSTALL_HINT, logger_bridge, tensorrt_status
 
 from .profiles import VAE_COMPONENTS, Profile, validate_shapes
 
@@ -35,35 +36,11 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["fp16", "int8", "fp32"]
 
-INSTALL_HINT = (
-    "install it with `pip install 'sdxl-trt[tensorrt]'` on a machine with an NVIDIA GPU and driver, "
-    "or build with another backend (onnxruntime, torch)"
-)
 BUILDER_FLAG_NAMES = ("FP16", "INT8", "REFIT", "REFIT_IDENTICAL", "WEIGHT_STREAMING")
 """Every ``trt.BuilderFlag`` name :func:`flag_names` can return."""
 NETWORK_FLAG_NAMES = ("STRONGLY_TYPED",)
 """Every ``trt.NetworkDefinitionCreationFlag`` name :func:`flag_names` can return."""
 MAX_OPTIMIZATION_LEVEL = 5
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """Whether TensorRT 10 can build here, and why (not) in words."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer cannot load
-        return False, f"the tensorrt package cannot be imported ({e})"
-    version = getattr(trt, "__version__", None)
-    if version is None or not hasattr(trt, "Builder"):
-        # tensorrt-stubs installs a bare tensorrt/ folder, which imports as an empty namespace package.
-        where = ", ".join(getattr(trt, "__path__", [])) or "?"
-        return False, f"'tensorrt' ({where}) holds only type stubs (tensorrt-stubs), not the TensorRT library"
-    if not str(version).startswith("10."):
-        return False, f"TensorRT {version} is installed but this backend is written for TensorRT 10"
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, f"TensorRT {version} is installed but no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    return True, f"TensorRT {version} on {torch.cuda.get_device_name()}"
 
 
 def require_tensorrt() -> None:
@@ -236,7 +213,7 @@ def build_engine(
         log.info("%s: building in %s instead of %s (component rule)", spec.name, cfg.precision, config.precision)
     flags = flag_names(cfg)
 
-    trt_logger = _logger_bridge()
+    trt_logger = logger_bridge(log)
     builder = trt.Builder(trt_logger)
     network_flags = 0
     for name in flags.network:
@@ -312,28 +289,6 @@ def _network_flags() -> dict[str, trt.NetworkDefinitionCreationFlag]:
     import tensorrt as trt
 
     return {"STRONGLY_TYPED": trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED}
-
-
-def _logger_bridge() -> trt.ILogger:
-    """A TensorRT logger that forwards to this module's ``logging`` logger (TensorRT's own prints)."""
-    import tensorrt as trt
-
-    levels = {
-        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
-        trt.ILogger.Severity.ERROR: logging.ERROR,
-        trt.ILogger.Severity.WARNING: logging.WARNING,
-        trt.ILogger.Severity.INFO: logging.DEBUG,  # TensorRT's INFO is a build transcript
-        trt.ILogger.Severity.VERBOSE: logging.DEBUG - 5,
-    }
-
-    class _Bridge(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)  # TensorRT requires the explicit base-class call
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            log.log(levels.get(severity, logging.DEBUG), "TensorRT: %s", msg)
-
-    return _Bridge()
 
 
 def _parser_errors(parser: trt.OnnxParser) -> str:

@@ -23,6 +23,7 @@ import torch
 
 from sdxl_trt.contracts import ComponentSpec
 from sdxl_trt.errors import BackendUnavailableError, InvalidRequestError, ManifestError
+from sdxl_trt.tensorrt_support import INSTALL_HINT, logger_bridge
 
 from .engine import Shape, check_input_shapes
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "install it with `pip install 'sdxl-trt[tensorrt]'` (needs an NVIDIA GPU and driver)"
 
 
 class SharedDeviceMemory:
@@ -153,7 +153,7 @@ class TensorRTEngine:
         rebuild = f"rebuild it: {rebuild_hint}" if rebuild_hint else "rebuild the engines on this machine"
         if not path.is_file():
             raise ManifestError(f"{spec.name}: TensorRT plan {path} is missing; {rebuild}")
-        logger = _logger_bridge()
+        logger = logger_bridge(log)
         runtime = trt.Runtime(logger)
         engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
@@ -261,23 +261,3 @@ def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
     return table[dtype]
 
 
-def _logger_bridge() -> trt.ILogger:
-    """A TensorRT logger that forwards to ``logging`` instead of printing."""
-    import tensorrt as trt
-
-    levels = {
-        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
-        trt.ILogger.Severity.ERROR: logging.ERROR,
-        trt.ILogger.Severity.WARNING: logging.WARNING,
-        trt.ILogger.Severity.INFO: logging.DEBUG,
-        trt.ILogger.Severity.VERBOSE: logging.DEBUG - 5,
-    }
-
-    class _Bridge(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)  # TensorRT requires the explicit base-class call
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            log.log(levels.get(severity, logging.DEBUG), "TensorRT: %s", msg)
-
-    return _Bridge()
