@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 from .errors import ModelLoadError
@@ -21,24 +23,62 @@ def preset_identity_hash(preset: Preset) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def hash_model_files(path: Path, *, sample_bytes: int = 1 << 22) -> str:
-    """A content hash of a model directory or file: all small files in full, large weight files by size
-    plus their first and last 4 MiB. Reading every byte of a 7 GB model at each build is too slow for
-    staleness checks; changed weights virtually always change the sampled bytes too."""
+CACHE_ENV = "SDXL_TRT_CACHE_DIR"
+_CACHE_ENTRIES = 4096
+_RACY_NS = 2_000_000_000
+"""A file modified less than this before it was hashed is not cached: a second write within the same
+timestamp tick would keep size and mtime and could pass for the first (git's "racy" rule)."""
+
+
+def _hash_cache_path() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "sdxl-trt")
+    return Path(root) / "file-hashes.json"
+
+
+def _read_hash_cache(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of every byte of ``path``, remembered per (path, size, mtime, inode) so a 7 GB checkpoint is read
+    once, not at every build and load. A merged LoRA changes bytes in the middle of a file: sampling the
+    ends would miss it, so nothing short of the full hash is trusted."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache_file = _hash_cache_path()
+    cache = _read_hash_cache(cache_file)
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    digest = h.hexdigest()
+    if time.time_ns() - st.st_mtime_ns > _RACY_NS:
+        cache[key] = digest
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(dict(list(cache.items())[-_CACHE_ENTRIES:])))
+            os.replace(tmp, cache_file)
+        except OSError:  # a read-only home only costs the next hash its speed
+            pass
+    return digest
+
+
+def hash_model_files(path: Path) -> str:
+    """A content hash of a model directory (every file, by relative name) or of one file."""
     path = Path(path)
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
-        size = f.stat().st_size
-        h.update(f"{rel}:{size}\n".encode())
-        with f.open("rb") as fh:
-            if size <= 2 * sample_bytes:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(sample_bytes))
-                fh.seek(size - sample_bytes)
-                h.update(fh.read(sample_bytes))
+        h.update(f"{rel}:{f.stat().st_size}:{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 

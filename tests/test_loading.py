@@ -555,7 +555,6 @@ def test_hash_changes_with_one_weight_byte(other_base: SavedModel, tmp_path: Pat
     copy = tmp_path / "model"
     shutil.copytree(other_base.path, copy)
     weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
-    assert weights.stat().st_size < 2 * (1 << 22)  # small: hashed in full
     before_file, before_dir = hash_model_files(weights), hash_model_files(copy)
     assert (hash_model_files(weights), hash_model_files(copy)) == (before_file, before_dir)
     assert before_file == hash_model_files(other_base.path / "unet" / "diffusion_pytorch_model.safetensors")
@@ -567,31 +566,41 @@ def test_hash_changes_with_one_weight_byte(other_base: SavedModel, tmp_path: Pat
     assert hash_model_files(copy) != before_dir
 
 
-def test_hash_samples_the_ends_of_large_files(tmp_path: Path) -> None:
-    """Files over twice ``sample_bytes`` are hashed by their size, head and tail."""
+def test_hash_sees_a_change_anywhere_in_a_large_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every byte counts (a merged LoRA edits the middle of a checkpoint), also for files over 8 MiB."""
+    monkeypatch.setenv("SDXL_TRT_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "big.bin"
-    data = bytearray(range(256)) * 64  # 16 KiB
+    data = bytearray(9 << 20)
     path.write_bytes(bytes(data))
-    before = hash_model_files(path, sample_bytes=1024)
-    for where in (0, len(data) - 1):
+    before = hash_model_files(path)
+    for where in (0, len(data) // 2, len(data) - 1):
         changed = bytearray(data)
         changed[where] ^= 0xFF
         path.write_bytes(bytes(changed))
-        assert hash_model_files(path, sample_bytes=1024) != before
-    path.write_bytes(bytes(data) + b"\0")
-    assert hash_model_files(path, sample_bytes=1024) != before
+        assert hash_model_files(path) != before, where
 
 
-@pytest.mark.xfail(strict=True, reason="by design for speed: files over 8 MiB are hashed by size, first and last "
-                   "4 MiB only, so a weight changed in the middle (e.g. a merged LoRA) keeps the identity")
-def test_hash_sees_a_change_in_the_middle_of_a_large_file(tmp_path: Path) -> None:
-    path = tmp_path / "big.bin"
-    data = bytearray(range(256)) * 64
-    path.write_bytes(bytes(data))
-    before = hash_model_files(path, sample_bytes=1024)
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    assert hash_model_files(path, sample_bytes=1024) != before
+def test_full_hashes_are_cached_by_size_mtime_and_inode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A settled file is read once; an edited one (new mtime) is read again; a just-written one is never cached."""
+    import os
+
+    from sdxl_trt import identity
+
+    monkeypatch.setenv("SDXL_TRT_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"a" * 1000)
+    identity.file_sha256(path)
+    assert not (tmp_path / "cache" / "file-hashes.json").exists()  # too fresh to trust
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    first = identity.file_sha256(path)
+    reads = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: reads.append(self) or real_open(self, *a, **k))
+    weight_reads = lambda: [r for r in reads if r.name == path.name]  # noqa: E731 - the cache file is read too
+    assert identity.file_sha256(path) == first and not weight_reads()  # from the cache
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(2_000_000_000, 2_000_000_000))
+    assert identity.file_sha256(path) != first and weight_reads()
 
 
 def test_hash_of_a_directory(other_base: SavedModel, tmp_path: Path) -> None:
