@@ -219,13 +219,8 @@ def _build_onnxruntime(name: str, precision: str, onnx_dir: Path, out: Path, opt
     if precision == "int8":
         src, info = _quantize_unet(onnx_dir, opts)
     dst = out / f"{name}.onnx"
-    info.update(build_onnxruntime_engine(src, dst) if src.name == dst.name else _copy_renamed(src, dst))
+    info.update(build_onnxruntime_engine(src, dst))
     return {"file": dst.name, **info}
-
-
-def _copy_renamed(src: Path, dst: Path) -> dict[str, Any]:
-    shutil.copy2(src, dst)
-    return {"external_data": None}
 
 
 def _quantize_unet(onnx_dir: Path, opts: BuildOptions) -> tuple[Path, dict[str, Any]]:

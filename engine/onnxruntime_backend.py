@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sdxl_trt.errors import BuildError
+
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -41,7 +43,7 @@ def build_onnxruntime_engine(onnx_path: Path, out_path: Path) -> dict[str, Any]:
     if data.exists():
         # The graph names its data file relatively; keep the same base name beside the copy.
         if out_path.name != onnx_path.name:
-            raise ValueError(f"an ONNX file with external data must keep its name: {onnx_path.name} -> {out_path.name}")
+            raise BuildError(f"an ONNX file with external data must keep its name: {onnx_path.name} -> {out_path.name}")
         _link_or_copy(data, out_path.with_name(data.name))
         info["external_data"] = data.name
     return info

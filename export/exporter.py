@@ -108,9 +108,10 @@ def export_model(
         out, wanted, identities=identities, precision=precision, vae_precision=vae_precision
     )
     previous = read_export_manifest(out) or {}
-    if not todo and previous:
+    same_refiner = (previous.get("refiner") or {}).get("identity_hash") == identities.get("refiner")
+    if not todo and previous and same_refiner:
         log.info("export: all %d components up to date in %s", len(wanted), out)
-        return previous
+        return {**previous, "components": {k: previous["components"][k] for k in wanted}}
 
     if loaded is None:
         base_m = load_model(model, dtype=torch.float32, device=device, config=model_config)

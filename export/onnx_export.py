@@ -7,7 +7,6 @@ Names and dynamic axes come from the component's :class:`~sdxl_trt.contracts.Com
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -188,9 +187,3 @@ def verify_onnx(
         rel[name] = float(np.linalg.norm(diff) / max(np.linalg.norm(e64), 1e-30))
         mx[name] = float(np.abs(diff).max())
     return Verification(dict(dims), rel, mx)
-
-
-def timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
