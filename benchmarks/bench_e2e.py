@@ -37,7 +37,7 @@ import torch
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.engine.build import BuildOptions, build_engines
-from sdxl_trt.engine.manifest import library_versions
+from sdxl_trt.engine_dir.environment import library_versions
 from sdxl_trt.request import GenerationRequest
 from sdxl_trt.runtime.pipeline import Pipeline
 

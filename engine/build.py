@@ -1,11 +1,7 @@
 """``sdxl-trt build``: export what is missing or stale, then build each component's engine.
 
-Layout of an engine directory::
-
-    DIR/manifest.json          what was built, from what, for which machine (engine/manifest.py)
-    DIR/<component>.<ext>      .onnx (onnxruntime), .plan (tensorrt), .pt2 (torch)
-    DIR/tokenizer/ tokenizer_2/ scheduler/   what the runtime needs besides engines
-    DIR/onnx/                  the verified ONNX export and its own manifest.json
+The directory's layout and manifest are the ground floor's (:mod:`sdxl_trt.engine_dir`): this module
+writes them, the runtime reads them.
 
 A component is rebuilt only when its source (ONNX hash, or the model identity for torch), precision,
 profiles or backend changed, or its file no longer matches the manifest.
@@ -23,18 +19,16 @@ from typing import Any
 
 from sdxl_trt.buckets import SDXL_BUCKETS, Bucket, check_bucket_divisible, parse_buckets
 from sdxl_trt.contracts import ModelDims, component_specs
+from sdxl_trt.engine_dir.environment import library_versions, sha256_file
+from sdxl_trt.engine_dir.layout import BACKENDS, RUNTIME_ASSETS, TIMING_CACHE_NAME
+from sdxl_trt.engine_dir.manifest import ComponentEntry, Manifest
+from sdxl_trt.engine_dir.profiles import Profile, component_profiles
 from sdxl_trt.errors import BackendUnavailableError, BuildError
 from sdxl_trt.identity import model_identity_hash
 from sdxl_trt.tables import format_table, human_bytes
 
-from .manifest import ComponentEntry, Manifest, library_versions, sha256_file
-from .profiles import Profile, component_profiles
-
 log = logging.getLogger(__name__)
 
-BACKENDS = ("tensorrt", "onnxruntime", "torch")
-EXTENSIONS = {"tensorrt": ".plan", "onnxruntime": ".onnx", "torch": ".pt2"}
-RUNTIME_ASSETS = ("tokenizer", "tokenizer_2", "scheduler", "refiner_scheduler")
 
 
 @dataclass(frozen=True)
@@ -252,7 +246,7 @@ def _build_tensorrt(name: str, precision: str, specs: dict, profiles: list[Profi
     config = TensorRTBuildConfig(
         precision=precision,  # type: ignore[arg-type]
         strongly_typed=True if export_info.get("precision") == "fp16" else None,  # fp16 ONNX decides dtypes
-        workspace_gib=opts.workspace_gib, timing_cache=out / "timing.cache", refittable=opts.refittable,
+        workspace_gib=opts.workspace_gib, timing_cache=out / TIMING_CACHE_NAME, refittable=opts.refittable,
         weight_streaming=opts.weight_streaming,
     )
     plan = out / f"{name}.plan"
@@ -305,19 +299,17 @@ def _verify_torch_engine(module: Any, spec: Any, path: Path, profiles: list[Prof
     the torch backend's counterpart of the ONNX export check."""
     import torch
 
+    from sdxl_trt.engine_dir.torch_program import load_program
     from sdxl_trt.export.onnx_export import sample_inputs
-    from sdxl_trt.runtime.torch_engine import TorchEngine
 
-    engine = TorchEngine.load(path, spec, profiles, device=torch.device(opts.device))
+    program = load_program(path, spec, device=opts.device)
     dims = {n: r.opt for n, r in profiles[0].dims.items()}
     inputs = sample_inputs(spec, dims, dtype, device=opts.device, seed=1)
-    shapes = engine.infer_shapes({k: tuple(v.shape) for k, v in inputs.items()}, 0)
-    outputs = {k: torch.empty(s, dtype=dtype, device=opts.device) for k, s in shapes.items()}
-    engine.run(inputs, outputs, profile=0)
+    got = dict(zip(spec.output_names, program(spec, inputs), strict=True))
     with torch.inference_mode():
         expected = module(*(inputs[n] for n in spec.input_names))
     expected = (expected,) if isinstance(expected, torch.Tensor) else expected
-    return {name: float((outputs[name].double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
+    return {name: float((got[name].double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
             for name, e in zip(spec.output_names, expected, strict=True)}
 
 

@@ -2,7 +2,7 @@
 
 Building copies (hard-links where possible) each ONNX file and its external data into the engine
 directory, so the engine directory is self-contained. The execution providers are chosen at load time
-from what is installed, in the order TensorRT, CUDA, CPU; the choice is logged, never silent.
+from what is installed (``sdxl_trt.engine_dir.layout.preferred_providers``); the choice is logged.
 """
 
 from __future__ import annotations
@@ -13,17 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_trt.errors import BuildError
-
-PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-def preferred_providers(device_type: str = "cpu") -> list[str]:
-    """Installed providers in preference order; only CPU when the pipeline runs on the CPU."""
-    import onnxruntime as ort
-
-    available = set(ort.get_available_providers())
-    wanted = PROVIDER_ORDER if device_type == "cuda" else ("CPUExecutionProvider",)
-    return [p for p in wanted if p in available]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

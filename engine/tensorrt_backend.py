@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 from sdxl_trt.contracts import COMPONENT_NAMES, ComponentSpec
+from sdxl_trt.engine_dir.profiles import VAE_COMPONENTS, Profile, validate_shapes
 from sdxl_trt.errors import BackendUnavailableError, BuildError, ProfileError
 from sdxl_trt.tensorrt_support import INSTALL_HINT, logger_bridge, tensorrt_status
-
-from .profiles import VAE_COMPONENTS, Profile, validate_shapes
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -4,7 +4,8 @@ What a torch engine is:
 
 * ``<component>.pt2``: the component's ``ExportedProgram`` (ATen graph + weights), saved with
   ``torch.export.save``. Loading it needs torch only: no diffusers, no transformers, no Python source of
-  the model (the runtime's :class:`~sdxl_trt.runtime.torch_engine.TorchEngine` reads it).
+  the model (:func:`~sdxl_trt.engine_dir.torch_program.load_program` reads it, here to verify and compile,
+  in the runtime to serve).
 * ``<component>.inductor-cache.bin`` (optional, ``compile_shapes``): torch's portable compile cache
   (``torch.compiler.save_cache_artifacts``) for the (bucket, batch) shapes compiled at build time. A
   service that loads it before compiling gets Inductor cache hits instead of full compiles (on the H100:
@@ -40,23 +41,19 @@ import torch
 from torch import nn
 
 from sdxl_trt.contracts import ComponentSpec, Dim, ModelDims
+from sdxl_trt.engine_dir.layout import EXTENSIONS, cache_artifacts_path
+from sdxl_trt.engine_dir.profiles import Profile
+from sdxl_trt.engine_dir.torch_program import load_program
 from sdxl_trt.errors import BuildError
-
-from .profiles import Profile
 
 log = logging.getLogger(__name__)
 
-ENGINE_SUFFIX = ".pt2"
-CACHE_SUFFIX = ".inductor-cache.bin"
+ENGINE_SUFFIX = EXTENSIONS["torch"]
+
 TORCH_DTYPES = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
 
 ExportDim = Any
 """A value in torch.export's ``dynamic_shapes``: a ``Dim`` or a derived Dim (``4 * _h``, ``8 * h``)."""
-
-
-def cache_artifacts_path(engine_path: Path) -> Path:
-    """Where the portable Inductor cache of an engine lives: ``unet.pt2`` -> ``unet.inductor-cache.bin``."""
-    return engine_path.with_name(engine_path.name.removesuffix(ENGINE_SUFFIX) + CACHE_SUFFIX)
 
 
 def dim_multiples_for(component: str, dims: ModelDims) -> dict[str, int]:
@@ -388,33 +385,25 @@ def _compile_and_save_cache(
 ) -> dict[str, Any]:
     """Compile the saved engine for each shape exactly as the runtime will, then save torch's cache.
 
-    The runtime's loader is used (imported here, lazily, so engine/ stays importable without runtime/)
-    because the cache only hits when the graph and the compile options are the ones a service uses.
+    The program is loaded with :func:`load_program`, the loader the runtime uses, because the cache only
+    hits when the graph and the compile options are the ones a service uses.
     """
-    from sdxl_trt.runtime.torch_engine import TorchEngine
-
-    planned: list[tuple[dict[str, int], int]] = []  # checked up front: fail before minutes of compiling
+    planned: list[dict[str, int]] = []  # checked up front: fail before minutes of compiling
     for requested in shapes:
         values = _complete_shape(spec, profiles, requested)
-        profile = next((i for i, p in enumerate(profiles) if p.accepts(values)), None)
-        if profile is None:
+        if not any(p.accepts(values) for p in profiles):
             raise BuildError(f"{spec.name}: compile shape {values} is outside every profile ({[p.name for p in profiles]})")
-        planned.append((values, profile))
+        planned.append(values)
 
     t0 = time.perf_counter()
     per_shape: list[dict[str, Any]] = []
     with _fresh_cache_artifacts():
-        engine = TorchEngine.load(engine_path, spec, profiles, device=device, compile=True)
-        for values, profile in planned:
-            shapes_in = {t.name: t.shape(values) for t in spec.inputs}
-            out_shapes = engine.infer_shapes(shapes_in, profile)
-            inputs = {
-                t.name: torch.zeros(shapes_in[t.name], dtype=engine.input_dtypes[t.name], device=device)
-                for t in spec.inputs
-            }
-            outputs = {n: torch.empty(s, dtype=engine.output_dtypes[n], device=device) for n, s in out_shapes.items()}
+        program = load_program(engine_path, spec, device=device, compile=True)
+        for values in planned:
+            inputs = {t.name: torch.zeros(t.shape(values), dtype=program.input_dtypes[t.name], device=device)
+                      for t in spec.inputs}
             t1 = time.perf_counter()
-            engine.run(inputs, outputs, profile=profile)
+            program(spec, inputs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             per_shape.append({"dims": values, "seconds": round(time.perf_counter() - t1, 3)})

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sdxl_trt.contracts import CONTRACT_VERSION, VAE_SCALE, component_specs
-from sdxl_trt.engine.manifest import current_device, library_versions, sha256_file
+from sdxl_trt.engine_dir.environment import current_device, library_versions, sha256_file
 from sdxl_trt.errors import ExportError
 from sdxl_trt.identity import model_identity_hash
 from sdxl_trt.presets import PRESETS

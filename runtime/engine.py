@@ -26,7 +26,7 @@ Shape = tuple[int, ...]
 @runtime_checkable
 class Engine(Protocol):
     spec: ComponentSpec
-    profiles: Sequence[Any]  # engine.profiles.Profile, as stored in the manifest
+    profiles: Sequence[Any]  # sdxl_trt.engine_dir.profiles.Profile, as stored in the manifest
     backend: str
 
     def infer_shapes(self, input_shapes: Mapping[str, Shape], profile: int) -> dict[str, Shape]: ...

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from sdxl_trt.contracts import ModelDims, component_specs
-from sdxl_trt.engine.manifest import Manifest, check_engine_dir
-from sdxl_trt.engine.profiles import Profile
+from sdxl_trt.engine_dir.layout import cache_artifacts_path
+from sdxl_trt.engine_dir.manifest import Manifest
+from sdxl_trt.engine_dir.profiles import Profile
 from sdxl_trt.errors import ManifestError
 
 from .engine import Engine
@@ -46,8 +47,6 @@ def load_engines(directory: Path, manifest: Manifest, *, device: torch.device,
 
             engines[name] = OnnxRuntimeEngine(path, specs[name], profiles, device=device)
         elif manifest.backend == "torch":
-            from sdxl_trt.engine.torch_backend import cache_artifacts_path
-
             from .torch_engine import TorchEngine
 
             cache = cache_artifacts_path(path)  # Inductor artifacts compiled at build time, if any
@@ -66,12 +65,3 @@ def load_engines(directory: Path, manifest: Manifest, *, device: torch.device,
         shared_memory.allocate()
     return engines
 
-
-def open_engine_dir(directory: str | Path, *, verify_hashes: bool = True) -> Manifest:
-    directory = Path(directory)
-    manifest = Manifest.load(directory)
-    check_engine_dir(directory, manifest, verify_hashes=verify_hashes)
-    missing = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder") if c not in manifest.components]
-    if missing:
-        raise ManifestError(f"{directory} lacks engines for {missing}; rebuild: {manifest.rebuild_hint(directory)}")
-    return manifest

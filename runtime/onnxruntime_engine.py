@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sdxl_trt.contracts import ComponentSpec
+from sdxl_trt.engine_dir.layout import preferred_providers
 
 from .engine import Shape, check_input_shapes
 
@@ -29,8 +30,6 @@ class OnnxRuntimeEngine:
     def __init__(self, path: Path, spec: ComponentSpec, profiles: Sequence[Any], *, device: torch.device,
                  providers: Sequence[str] | None = None, intra_op_threads: int | None = None) -> None:
         import onnxruntime as ort
-
-        from sdxl_trt.engine.onnxruntime_backend import preferred_providers
 
         self.spec = spec
         self.profiles = profiles

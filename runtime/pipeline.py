@@ -26,8 +26,8 @@ import torch
 
 from sdxl_trt.buckets import Bucket, nearest_bucket
 from sdxl_trt.contracts import TOKENS_PER_CHUNK, ModelDims, component_specs
-from sdxl_trt.engine.manifest import Manifest
-from sdxl_trt.engine.profiles import Profile, select_profile
+from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir
+from sdxl_trt.engine_dir.profiles import Profile, select_profile
 from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.request import GenerationRequest, GenerationResult
 
@@ -35,7 +35,7 @@ from .arena import Arena
 from .denoise import Denoiser, StepBuffers
 from .engine import Engine
 from .images import check_finite, image_to_tensor, mask_to_tensor, tensor_to_images
-from .loader import DTYPES, default_device, load_engines, open_engine_dir
+from .loader import DTYPES, default_device, load_engines
 from .schedulers import make_schedule
 from .text import PromptTokenizer, check_chunks, chunks_needed
 

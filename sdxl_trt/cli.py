@@ -64,7 +64,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .engine.build import format_manifest
-    from .engine.manifest import Manifest
+    from .engine_dir.manifest import Manifest
 
     manifest = Manifest.load(Path(args.engines))
     print(json.dumps(manifest.to_json(), indent=2) if args.json else format_manifest(manifest))

@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from .engine_dir.environment import sha256_file
 from .errors import ModelLoadError
 from .presets import PRESETS, Preset
 
@@ -54,11 +55,7 @@ def file_sha256(path: Path) -> str:
     cache = _read_hash_cache(cache_file)
     if key in cache:
         return cache[key]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     if time.time_ns() - st.st_mtime_ns > _RACY_NS:
         cache[key] = digest
         try:

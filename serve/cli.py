@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SdxlTrtError(f"sdxl-trt serve needs the serve extra ({e.name} is missing): "
                            "pip install 'sdxl-trt[serve]'") from None
-    from sdxl_trt.runtime.loader import open_engine_dir
+    from sdxl_trt.engine_dir.manifest import open_engine_dir
 
     settings = settings_from_args(args)
     open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line
@@ -126,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_ray(args: argparse.Namespace) -> int:
-    from sdxl_trt.runtime.loader import open_engine_dir
+    from sdxl_trt.engine_dir.manifest import open_engine_dir
 
     from .ray_app import RayOptions, serve_on_ray
 

@@ -207,7 +207,7 @@ class RayServer:
         import ray
         from ray import serve
 
-        from sdxl_trt.engine.manifest import Manifest
+        from sdxl_trt.engine_dir.manifest import Manifest
 
         s, o = self.settings, self.options
         gpus = o.gpus_per_replica if o.gpus_per_replica is not None else self._default_gpus(ray.cluster_resources())

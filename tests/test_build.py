@@ -15,8 +15,8 @@ import torch
 
 from sdxl_trt.buckets import SDXL_BUCKETS, Bucket
 from sdxl_trt.contracts import ModelDims, component_specs
-from sdxl_trt.engine.manifest import Manifest, check_engine_dir
-from sdxl_trt.engine.profiles import component_profiles, select_profile, validate_shapes
+from sdxl_trt.engine_dir.manifest import Manifest, check_engine_dir
+from sdxl_trt.engine_dir.profiles import component_profiles, select_profile, validate_shapes
 from sdxl_trt.errors import ManifestError, ProfileError
 
 SPECS = component_specs(ModelDims())  # full-size SDXL widths
@@ -80,9 +80,10 @@ def test_mismatched_named_dimensions_name_the_tensors():
 # --------------------------------------------------------------------------- building
 def test_onnxruntime_engines_match_pytorch(tiny_engines: Path, tiny_models):
     """Each built ONNX Runtime engine, run through the Engine protocol, equals the PyTorch component."""
+    from sdxl_trt.engine_dir.manifest import open_engine_dir
     from sdxl_trt.export.onnx_export import sample_inputs
     from sdxl_trt.export.wrappers import wrap_components
-    from sdxl_trt.runtime.loader import load_engines, open_engine_dir
+    from sdxl_trt.runtime.loader import load_engines
 
     manifest = open_engine_dir(tiny_engines)
     engines = load_engines(tiny_engines, manifest, device=torch.device("cpu"))
@@ -203,7 +204,7 @@ def test_changed_model_is_refused(tmp_path: Path, tiny_models):
     from transformers import CLIPTokenizer
 
     from sdxl_trt.engine.build import BuildOptions, build_engines
-    from sdxl_trt.runtime.loader import open_engine_dir
+    from sdxl_trt.engine_dir.manifest import open_engine_dir
 
     base, _ = tiny_models
     model_dir = tmp_path / "model"
@@ -321,3 +322,19 @@ def test_torch_backend_builds_matches_pytorch_and_the_onnxruntime_pipeline(tmp_p
     ours = np.asarray(Pipeline.load(out).generate(req).images[0]).astype(int)
     ort = np.asarray(tiny_pipeline.generate(req).images[0]).astype(int)
     assert np.abs(ours - ort).max() <= 2
+
+
+def test_manifest_written_before_the_engine_dir_move_loads(tiny_engines: Path, tmp_path: Path) -> None:
+    """tests/data/manifest-format1-onnxruntime.json was written by the code before the engine-directory format
+    moved to sdxl_trt.engine_dir: it loads unchanged, and today's build writes the same fields."""
+    from sdxl_trt.engine_dir.profiles import Profile
+
+    old = json.loads((Path(__file__).parent / "data" / "manifest-format1-onnxruntime.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    loaded = Manifest.load(tmp_path)
+    assert loaded.to_json() == old
+    profiles = [Profile.from_json(p) for p in loaded.components["unet"].profiles]
+    assert [p.to_json() for p in profiles] == old["components"]["unet"]["profiles"]
+    new = json.loads((tiny_engines / "manifest.json").read_text())
+    assert set(new) == set(old)
+    assert set(new["components"]["unet"]) == set(old["components"]["unet"])

@@ -30,7 +30,7 @@ import torch
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.contracts import COMPONENT_NAMES, ModelDims, component_specs
 from sdxl_trt.engine import tensorrt_backend as tb
-from sdxl_trt.engine.profiles import Profile, component_profiles
+from sdxl_trt.engine_dir.profiles import Profile, component_profiles
 from sdxl_trt.errors import (
     BackendUnavailableError,
     BuildError,

@@ -20,7 +20,6 @@ import torch
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.contracts import component_specs
-from sdxl_trt.engine.profiles import Profile, component_profiles
 from sdxl_trt.engine.torch_backend import (
     build_torch_engine,
     cache_artifacts_path,
@@ -28,6 +27,7 @@ from sdxl_trt.engine.torch_backend import (
     export_ranges,
     multiples_from_suggested_fixes,
 )
+from sdxl_trt.engine_dir.profiles import Profile, component_profiles
 from sdxl_trt.errors import BuildError, InvalidRequestError
 from sdxl_trt.export.loading import load_model, model_dims
 from sdxl_trt.export.onnx_export import sample_inputs
@@ -178,7 +178,7 @@ def test_engine_loads_without_diffusers_or_transformers(
         sys.meta_path.insert(0, Block())
         import torch
         from sdxl_trt.contracts import ModelDims, component_specs
-        from sdxl_trt.engine.profiles import Profile
+        from sdxl_trt.engine_dir.profiles import Profile
         from sdxl_trt.runtime.torch_engine import TorchEngine
 
         specs = component_specs(ModelDims.from_json(json.loads(sys.argv[1])))
@@ -316,7 +316,7 @@ def test_compile_cache_is_a_hit_in_a_fresh_process(tiny: dict[str, Any], tmp_pat
         import json, sys, torch
         from torch._dynamo.utils import counters
         from sdxl_trt.contracts import ModelDims, component_specs
-        from sdxl_trt.engine.profiles import Profile
+        from sdxl_trt.engine_dir.profiles import Profile
         from sdxl_trt.runtime.torch_engine import TorchEngine
 
         spec = component_specs(ModelDims.from_json(json.loads(sys.argv[1])))["text_encoder"]

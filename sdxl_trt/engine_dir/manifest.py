@@ -5,16 +5,14 @@ precision and optimization profiles, the library versions and the GPU the engine
 ONNX each engine came from and the export error figures. :func:`check_engine_dir` refuses, with the
 rebuild command, an engine directory that does not fit this machine or whose files changed.
 
-This module imports neither TensorRT nor torch at import time: the runtime reads it on the hot start path.
+engine/ writes it and runtime/ reads it; neither imports the other, both import this. It imports neither
+TensorRT nor torch at import time: the runtime reads it on the hot start path.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,41 +21,11 @@ from typing import Any
 
 from sdxl_trt.errors import ManifestError
 
+from .environment import current_device, library_versions, sha256_file
+from .layout import REQUIRED_COMPONENTS
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path, *, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def library_versions(*names: str) -> dict[str, str]:
-    """Installed versions of the libraries an engine depends on (absent ones are left out)."""
-    out = {}
-    for n in ("sdxl-trt", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "diffusers", *names):
-        try:
-            out[n] = importlib.metadata.version(n)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def current_device() -> dict[str, Any]:
-    """The GPU this process would build for (name, compute capability), or the CPU."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            idx = torch.cuda.current_device()
-            major, minor = torch.cuda.get_device_capability(idx)
-            return {"type": "cuda", "name": torch.cuda.get_device_name(idx), "compute_capability": f"{major}.{minor}"}
-    except ImportError:
-        pass
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "compute_capability": None}
 
 
 @dataclass
@@ -200,3 +168,14 @@ def check_engine_dir(
                     f"the model at {src['path']} changed since these engines were built (hash "
                     f"{manifest.model.get('identity_hash', '')[:12]} -> {now[:12]}); rebuild: {hint}"
                 )
+
+
+def open_engine_dir(directory: str | Path, *, verify_hashes: bool = True) -> Manifest:
+    """The manifest of an engine directory that this machine can run, or a ManifestError naming the fix."""
+    directory = Path(directory)
+    manifest = Manifest.load(directory)
+    check_engine_dir(directory, manifest, verify_hashes=verify_hashes)
+    missing = [c for c in REQUIRED_COMPONENTS if c not in manifest.components]
+    if missing:
+        raise ManifestError(f"{directory} lacks engines for {missing}; rebuild: {manifest.rebuild_hint(directory)}")
+    return manifest

@@ -1,0 +1,45 @@
+"""The files of an engine directory and each backend's per-directory facts.
+
+Layout::
+
+    DIR/manifest.json                  what was built, from what, for which machine (manifest.py)
+    DIR/<component>.<ext>              .plan (tensorrt), .onnx (onnxruntime; int8: unet.int8.onnx), .pt2 (torch)
+    DIR/<component>.inductor-cache.bin   torch: Inductor artifacts compiled at build time (optional)
+    DIR/timing.cache                   tensorrt: the builder's timing cache, reused by the next build
+    DIR/tokenizer/ tokenizer_2/ scheduler/ refiner_scheduler/   what the runtime needs besides engines
+    DIR/onnx/                          the verified ONNX export and its own manifest.json
+
+engine/ writes these names and runtime/ reads them; both take them from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+EXTENSIONS = {"tensorrt": ".plan", "onnxruntime": ".onnx", "torch": ".pt2"}
+RUNTIME_ASSETS = ("tokenizer", "tokenizer_2", "scheduler", "refiner_scheduler")
+REQUIRED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+TIMING_CACHE_NAME = "timing.cache"
+
+ONNXRUNTIME_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+"""ONNX Runtime engines use the first installed of these (only CPU when the pipeline runs on the CPU)."""
+
+
+def engine_file_name(component: str, backend: str) -> str:
+    """The file a component's engine is written to (an INT8 ONNX UNet renames itself; the manifest says so)."""
+    return f"{component}{EXTENSIONS[backend]}"
+
+
+def cache_artifacts_path(engine_path: Path) -> Path:
+    """Where a torch engine's Inductor cache artifacts live: ``unet.pt2`` -> ``unet.inductor-cache.bin``."""
+    return engine_path.with_name(engine_path.name.removesuffix(EXTENSIONS["torch"]) + ".inductor-cache.bin")
+
+
+def preferred_providers(device_type: str = "cpu") -> list[str]:
+    """Installed ONNX Runtime providers in preference order; only CPU when the pipeline runs on the CPU."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    wanted = ONNXRUNTIME_PROVIDER_ORDER if device_type == "cuda" else ("CPUExecutionProvider",)
+    return [p for p in wanted if p in available]
