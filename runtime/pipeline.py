@@ -137,15 +137,21 @@ class Pipeline:
         self.arena.reserve("step_noise", (self.max_steps, *lat), dt)
 
     # ------------------------------------------------------------------ public API
-    def warmup(self, *, steps: int = 30, scheduler: str = "euler", guidance_scale: float = 5.0,
-               batch_sizes: Sequence[int] | None = None, refiner: bool = False) -> float:
-        """Run every built bucket at each batch size once, capturing CUDA graphs; then forbid capture.
+    def warmup(self, *, buckets: Sequence[str | Bucket] | None = None, batch_sizes: Sequence[int] | None = None,
+               steps: int = 30, scheduler: str = "euler", guidance_scale: float = 5.0, refiner: bool = False) -> float:
+        """Run each bucket (default: every built one) at each batch size (default: 1 and max_batch) once,
+        capturing CUDA graphs; then forbid capture. Returns the seconds spent.
 
-        Shapes first seen after warm-up run eagerly instead of stalling a request behind a capture.
-        Returns the seconds spent.
+        Call it once after ``load`` in a service, before taking traffic: afterwards no request waits behind a
+        capture, and shapes first seen after warm-up run eagerly instead.
         """
         t0 = time.perf_counter()
-        for bucket in sorted(self.buckets, key=lambda b: -b.pixels):  # largest first, like vLLM
+        chosen = self.buckets if buckets is None else [b if isinstance(b, Bucket) else Bucket.parse(b) for b in buckets]
+        unknown = [str(b) for b in chosen if b not in self.buckets]
+        if unknown:
+            raise InvalidRequestError(f"warm-up bucket(s) {', '.join(unknown)} were not built; built: "
+                                      f"{', '.join(map(str, self.buckets))}", param="warmup")
+        for bucket in sorted(chosen, key=lambda b: -b.pixels):  # largest first, like vLLM
             for n in batch_sizes or sorted({1, self.max_batch}, reverse=True):
                 req = GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height, steps=steps,
                                         scheduler=scheduler, guidance_scale=guidance_scale, seed=0, num_images=n,
@@ -154,6 +160,10 @@ class Pipeline:
         for d in self.denoisers.values():
             d.capture_allowed = False
         return time.perf_counter() - t0
+
+    def cuda_graph_stats(self) -> dict[str, int]:
+        """How many CUDA graphs are captured and the bytes their shared memory pool holds (0 on the CPU)."""
+        return {"graphs": sum(len(d.graphs) for d in self.denoisers.values()), "pool_bytes": 0}
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         return self.generate_batch([request])[0]
