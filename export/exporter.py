@@ -217,20 +217,21 @@ def _config_only(config_dir: Path, name: str, source: dict[str, Any], identity: 
     """A LoadedModel whose modules are just their configs: enough for widths and options, no weights."""
     from types import SimpleNamespace
 
-    from .loading import _pipeline_options, _read_json, check_config_dir
+    from .loading_core import pipeline_options, read_json
+    from .loading_diffusers import check_config_dir
 
     check_config_dir(config_dir)
-    index = _read_json(config_dir / "model_index.json")
+    index = read_json(config_dir / "model_index.json")
 
     def cfg(sub: str) -> Any:
         path = config_dir / sub / "config.json"
-        return SimpleNamespace(config=SimpleNamespace(**_read_json(path))) if path.exists() else None
+        return SimpleNamespace(config=SimpleNamespace(**read_json(path))) if path.exists() else None
 
     te1 = cfg("text_encoder")
     return LoadedModel(
         name=name, kind="base" if te1 is not None else "refiner", source=source, identity_hash=identity,
         unet=cfg("unet"), vae=cfg("vae"), text_encoder=te1, text_encoder_2=cfg("text_encoder_2"),
-        config_dir=config_dir, options=_pipeline_options(index),
+        config_dir=config_dir, options=pipeline_options(index),
     )
 
 
