@@ -18,7 +18,7 @@ import torch
 from onnx import numpy_helper
 
 from sdxl_trt.contracts import component_specs
-from sdxl_trt.engine import int8
+from sdxl_trt.engine import int8, int8_calibration
 from sdxl_trt.errors import BuildError
 from sdxl_trt.export.loading import load_model, model_dims
 from sdxl_trt.export.onnx_export import export_onnx
@@ -211,10 +211,10 @@ def test_errors_name_the_bad_value(built: dict[str, Any], tmp_path: Path) -> Non
 
 
 def test_picked_steps_cover_the_schedule() -> None:
-    picks = [int8._picked_steps(i, 30, 2) for i in range(15)]
+    picks = [int8_calibration.picked_steps(i, 30, 2) for i in range(15)]
     assert all(len(p) == 2 for p in picks)
     covered = set().union(*picks)
     assert len(covered) >= 20, sorted(covered)  # 15 prompts x 2 picks spread over most of 30 steps
-    assert int8._picked_steps(0, 4, 10) == {0, 1, 2, 3}
+    assert int8_calibration.picked_steps(0, 4, 10) == {0, 1, 2, 3}
 
 

@@ -1,0 +1,227 @@
+"""INT8 calibration data: the SDXL UNet's real inputs, recorded while diffusers' pipeline denoises real prompts.
+
+Random inputs would calibrate the wrong ranges: the latent's scale changes by two orders of magnitude over the
+schedule and the text context is far from normal. So :func:`run_calibration_prompts` runs diffusers'
+``StableDiffusionXLPipeline`` (built from the loaded model's own modules; nothing fetched) over the prompts and
+tells a callback which UNet calls to look at (evenly spaced over the schedule, a different phase per prompt), and
+:func:`collect_calibration_inputs` uses it to record those calls' inputs under the contract's input names (for the
+ONNX Runtime calibrator and the held-out error measurement). This module knows nothing of ONNX or quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sdxl_trt.errors import BuildError
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdxl_trt.export.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS_FILE = Path(__file__).parent / "data" / "calibration_prompts.txt"
+"""Shipped calibration prompts: varied subjects, styles and lengths, one per line."""
+
+UNET_INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+"""The UNet contract's input names (``component_specs(dims)["unet"].input_names``); checked at import below."""
+
+
+def read_prompts(path: Path | str | None = None) -> list[str]:
+    """Non-empty, stripped lines of a prompts file (the shipped one by default); ``#`` lines are comments."""
+    p = Path(path) if path is not None else DEFAULT_PROMPTS_FILE
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise BuildError(f"calibration prompts file {p} does not exist; pass an existing text file, one prompt a line") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise BuildError(f"calibration prompts file {p} has no prompts; write one prompt per line")
+    return prompts
+
+
+def picked_steps(prompt_index: int, steps: int, per_prompt: int) -> set[int]:
+    """``per_prompt`` evenly spaced step indices of ``steps``, with a phase that differs per prompt.
+
+    The golden-ratio phase shifts each prompt's picks, so together the prompts cover the whole schedule instead of
+    every prompt landing on the same few timesteps."""
+    if per_prompt >= steps:
+        return set(range(steps))
+    phase = (prompt_index * 0.6180339887498949) % 1.0
+    return {min(steps - 1, int((j + phase) * steps / per_prompt)) for j in range(per_prompt)}
+
+
+def _build_pipeline(model: LoadedModel) -> Any:
+    """diffusers' SDXL pipeline over the loaded modules, tokenizers and scheduler config from ``model.config_dir``."""
+    import diffusers
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    if model.kind != "base" or model.text_encoder is None:
+        raise BuildError(
+            f"INT8 calibration needs an SDXL base model with both text encoders; {model.name!r} is a {model.kind} "
+            "model (calibrate the refiner UNet with an img2img pipeline, not supported yet)"
+        )
+    cfg_dir = Path(model.config_dir)
+    sched_cfg_path = cfg_dir / "scheduler" / "scheduler_config.json"
+    try:
+        sched_cfg = json.loads(sched_cfg_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise BuildError(f"cannot read the scheduler config {sched_cfg_path}: {e}; the model directory is incomplete") from e
+    sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name", "EulerDiscreteScheduler")), None)
+    if sched_cls is None:
+        raise BuildError(f"{sched_cfg_path} names scheduler {sched_cfg.get('_class_name')!r}, which diffusers does not have")
+    tokenizers = []
+    for sub in ("tokenizer", "tokenizer_2"):
+        try:
+            tokenizers.append(CLIPTokenizer.from_pretrained(str(cfg_dir / sub), local_files_only=True))
+        except Exception as e:  # noqa: BLE001 - transformers raises many types; name the folder
+            raise BuildError(f"cannot load the CLIP tokenizer from {cfg_dir / sub}: {e}") from e
+    pipe: Any = StableDiffusionXLPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        text_encoder_2=model.text_encoder_2,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=model.unet,
+        scheduler=sched_cls.from_config(sched_cfg),
+        force_zeros_for_empty_prompt=bool(model.options.get("force_zeros_for_empty_prompt", True)),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu").float().numpy().copy()
+
+
+def _unet_call_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The contract's five inputs from one ``UNet2DConditionModel.forward`` call (positional or keyword)."""
+    import torch
+
+    names = ("sample", "timestep", "encoder_hidden_states")
+    got = {n: (args[i] if i < len(args) else kwargs.get(n)) for i, n in enumerate(names)}
+    added = kwargs.get("added_cond_kwargs") or {}
+    got["text_embeds"] = added.get("text_embeds")
+    got["time_ids"] = added.get("time_ids")
+    missing = [n for n, v in got.items() if v is None]
+    if missing:
+        raise BuildError(f"the UNet was called without {missing}; is this an SDXL (text_time-conditioned) pipeline?")
+    batch = int(got["sample"].shape[0])  # type: ignore[union-attr]
+    t = torch.as_tensor(got["timestep"]).reshape(-1)
+    if t.numel() not in (1, batch):
+        raise BuildError(f"UNet timestep has {t.numel()} values for batch {batch}; expected 1 or {batch}")
+    out = {n: _as_numpy(got[n]) for n in ("sample", "encoder_hidden_states", "text_embeds", "time_ids")}
+    out["timestep"] = np.broadcast_to(_as_numpy(t).astype(np.float32), (batch,)).copy()
+    return {n: out[n] for n in UNET_INPUT_NAMES}
+
+
+def collect_calibration_inputs(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    steps: int,
+    width: int,
+    height: int,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    max_samples: int,
+    negative_prompt: str | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Record the UNet's actual inputs while diffusers' SDXL pipeline denoises ``prompts``.
+
+    One pipeline call per prompt (batch 1, so each recorded call is B = 2 with classifier-free guidance, the shape
+    served most). A forward pre-hook on the UNet copies (sample, timestep, encoder_hidden_states, text_embeds,
+    time_ids) at evenly spaced steps, each prompt at a different phase, so at most ``max_samples`` calls are kept
+    and together they span the schedule. The timestep is broadcast to shape [B] float32 as in the contract.
+    Latents are not decoded (``output_type="latent"``): the VAE plays no part in UNet calibration.
+    """
+    import torch
+
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise BuildError("no calibration prompts given; pass at least one non-empty prompt")
+    if steps < 1:
+        raise BuildError(f"calibration steps must be at least 1, got {steps}")
+    if max_samples < 1:
+        raise BuildError(f"max_samples must be at least 1, got {max_samples}")
+    multiple = 8 * 2 ** (len(model.unet.config.block_out_channels) - 1)  # VAE factor x UNet downsamplings
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise BuildError(
+            f"calibration size {width}x{height} must be positive multiples of {multiple} for this UNet; use e.g. 1024x1024"
+        )
+    if len(prompts) > max_samples:
+        log.info("using the first %d of %d prompts (one sample each fills max_samples)", max_samples, len(prompts))
+        prompts = prompts[:max_samples]
+    base, extra = divmod(max_samples, len(prompts))  # the first `extra` prompts give one sample more
+
+    pipe = _build_pipeline(model)
+    device = next(model.unet.parameters()).device
+    records: list[dict[str, np.ndarray]] = []
+    step, keep = 0, set[int]()
+
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        nonlocal step
+        if step in keep:
+            records.append(_unet_call_inputs(args, kwargs))
+        step += 1
+
+    handle = model.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    t0 = time.perf_counter()
+    try:
+        for i, prompt in enumerate(prompts):
+            step, keep = 0, picked_steps(i, steps, max(1, base + (i < extra)))
+            generator = torch.Generator(device=device).manual_seed(seed + i)
+            with torch.inference_mode():
+                pipe(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt,
+                    num_inference_steps=steps,
+                    width=width,
+                    height=height,
+                    guidance_scale=guidance_scale,
+                    generator=generator,
+                    output_type="latent",
+                )
+            if step != steps:
+                log.warning("prompt %d: the UNet ran %d times for %d steps", i, step, steps)
+            log.info(
+                "calibration prompt %d/%d done: %d samples so far (%.1f s)",
+                i + 1, len(prompts), len(records), time.perf_counter() - t0,
+            )
+    finally:
+        handle.remove()
+    if not records:
+        raise BuildError(
+            f"no UNet calls were recorded for {len(prompts)} prompts x {steps} steps; "
+            f"guidance_scale {guidance_scale} and the pipeline must call model.unet"
+        )
+    return records[:max_samples]
+
+
+def check_samples(samples: Sequence[Mapping[str, np.ndarray]], input_names: Sequence[str], what: str) -> None:
+    if not samples:
+        raise BuildError(f"{what} is empty; collect inputs with collect_calibration_inputs first")
+    for i, s in enumerate(samples):
+        missing = [n for n in input_names if n not in s]
+        if missing:
+            raise BuildError(f"{what}[{i}] lacks input(s) {missing}; the model's inputs are {list(input_names)}")
+
+
+def _check_contract_names() -> None:
+    from sdxl_trt.contracts import ModelDims, component_specs
+
+    names = tuple(component_specs(ModelDims())["unet"].input_names)
+    if names != UNET_INPUT_NAMES:  # pragma: no cover - a contract change must update this module
+        raise ImportError(f"engine/int8_calibration.py records UNet inputs {UNET_INPUT_NAMES}, the contract now says {names}")
+
+
+_check_contract_names()
