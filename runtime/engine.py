@@ -7,6 +7,8 @@ Rules for every implementation (TensorRT, ONNX Runtime, torch):
 * ``run`` binds the caller's buffers (inputs and outputs are preallocated views owned by the caller) and
   enqueues the work on ``stream``. It does not synchronise and does not allocate device memory that
   outlives the call: the caller owns buffers and stream (TensorRT-LLM's session rule).
+* ``graph_safe`` is True only for engines whose ``run`` enqueues everything on ``stream`` (TensorRT,
+  torch): those alone may be captured in a CUDA graph.
 * Engines are loaded once; they are not thread-safe on their own, the pipeline serialises calls.
 """
 
@@ -28,6 +30,7 @@ class Engine(Protocol):
     spec: ComponentSpec
     profiles: Sequence[Any]  # sdxl_trt.engine_dir.profiles.Profile, as stored in the manifest
     backend: str
+    graph_safe: bool  # enqueues all its work on the given stream, so a CUDA graph capture records it
 
     def infer_shapes(self, input_shapes: Mapping[str, Shape], profile: int) -> dict[str, Shape]: ...
 

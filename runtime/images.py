@@ -50,19 +50,23 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int, image_size: tuple
 
 def check_finite(t: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteOutputError(
-            f"{what} contains {bad} NaN/inf values; no image was written. With fp16 engines this is usually the "
-            "SDXL VAE overflowing: build the VAE in fp32 (the default) or use an fp16-fixed VAE"
-        )
+        raise non_finite_error(what, int((~torch.isfinite(t)).sum()))
 
 
-def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
-    """``[N, 3, H, W]`` in [-1, 1] -> RGB PIL images (diffusers: ``(x / 2 + 0.5).clamp(0, 1)``, x255, round)."""
-    check_finite(images, "decoded image")
-    arr = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    arr = (arr * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in arr]
+def non_finite_error(what: str, bad: int | None = None) -> NonFiniteOutputError:
+    count = f"{bad} " if bad is not None else ""
+    return NonFiniteOutputError(
+        f"{what} contains {count}NaN/inf values; no image was written. With fp16 engines this is usually the "
+        "SDXL VAE overflowing: build the VAE in fp32 or bf16 (the defaults) or use an fp16-fixed VAE"
+    )
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` in [-1, 1] -> ``[N, H, W, 3]`` uint8 on the same device (diffusers' rounding:
+    ``(x / 2 + 0.5).clamp(0, 1)`` x255, round half to even, in float32), so only bytes cross to the host.
+    Check the input with ``torch.isfinite`` first: clamping would turn NaN into a black image."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    return (x * 255).round().to(torch.uint8)
 
 
 def png_info(parameters: dict[str, Any]) -> PngImagePlugin.PngInfo:

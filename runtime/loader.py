@@ -18,19 +18,35 @@ from .engine import Engine
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}
-"""Engine I/O dtype per precision (INT8 Q/DQ graphs keep float32 inputs and outputs)."""
-
 
 def default_device(backend: str) -> torch.device:
+    """The current CUDA device where the backend can use it, else the CPU."""
     if backend == "tensorrt" or (backend == "torch" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
     if backend == "onnxruntime" and torch.cuda.is_available():
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None, backend: str) -> torch.device:
+    """``device`` with its CUDA index made explicit (``cuda`` means the current device, ``cuda:1`` is kept),
+    so every tensor, stream and graph of a pipeline lands on one GPU."""
+    if device is None:
+        return default_device(backend)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ManifestError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use "
+                                "device='cpu' with onnxruntime or torch engines")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise ManifestError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} "
+                                "CUDA device(s)")
+    return dev
 
 
 def load_engines(directory: Path, manifest: Manifest, *, device: torch.device,

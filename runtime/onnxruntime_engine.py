@@ -26,6 +26,7 @@ _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64:
 
 class OnnxRuntimeEngine:
     backend = "onnxruntime"
+    graph_safe = False  # ONNX Runtime launches on its own stream: a capture would record none of it
 
     def __init__(self, path: Path, spec: ComponentSpec, profiles: Sequence[Any], *, device: torch.device,
                  providers: Sequence[str] | None = None, intra_op_threads: int | None = None) -> None:

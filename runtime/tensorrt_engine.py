@@ -90,6 +90,7 @@ class TensorRTEngine:
     """A TensorRT plan behind the Engine protocol (``infer_shapes``, ``run``). Build one with :meth:`load`."""
 
     backend = "tensorrt"
+    graph_safe = True  # execute_async_v3 enqueues on the caller's stream
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ the same number of chunks (the shorter padded with empty chunks) so they batch t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +39,12 @@ class PromptTokenizer:
         self.eos = int(self.tokenizer.eos_token_id)
         self.pad = int(self.tokenizer.pad_token_id)
 
-    def content_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids)
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - tokenizers live as long as their pipeline
+    def content_ids(self, prompt: str) -> tuple[int, ...]:
+        """Token ids without BOS/EOS; cached, since a request is checked before queueing and encoded later."""
+        return tuple(self.tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids)
 
-    def chunk(self, ids: list[int], n_chunks: int) -> torch.Tensor:
+    def chunk(self, ids: tuple[int, ...], n_chunks: int) -> torch.Tensor:
         """``[n_chunks, 77]`` ids: BOS + up to 75 tokens + EOS + padding per chunk."""
         rows = []
         for c in range(n_chunks):
@@ -51,15 +54,15 @@ class PromptTokenizer:
         return torch.tensor(rows, dtype=torch.int64)
 
 
-def chunks_needed(*token_lists: list[int]) -> int:
+def chunks_needed(*token_lists: tuple[int, ...]) -> int:
     return max(1, *(-(-len(t) // CONTENT_TOKENS) for t in token_lists))
 
 
-def check_chunks(n: int, max_chunks: int, prompt: str) -> None:
+def check_chunks(n: int, max_chunks: int, prompt: str, *, param: str = "prompt") -> None:
     if n > max_chunks:
         raise InvalidRequestError(
-            f"prompt is {n * CONTENT_TOKENS}+ tokens ({n} chunks of 75) but the engines were built for at most "
-            f"{max_chunks} chunks ({max_chunks * CONTENT_TOKENS} tokens): shorten it or rebuild with "
-            f"--max-prompt-chunks {n} (prompt starts {prompt[:40]!r})",
-            param="prompt",
+            f"{param} is over {(n - 1) * CONTENT_TOKENS} tokens ({n} chunks of 75) but the engines were built for "
+            f"at most {max_chunks} chunks ({max_chunks * CONTENT_TOKENS} tokens): shorten it or rebuild with "
+            f"--max-prompt-chunks {n} ({param} starts {prompt[:40]!r})",
+            param=param,
         )

@@ -34,6 +34,7 @@ class TorchEngine:
     """One component saved with ``torch.export``, optionally compiled with Inductor."""
 
     backend = "torch"
+    graph_safe = True  # runs on the caller's stream
 
     def __init__(
         self,

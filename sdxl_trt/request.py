@@ -96,9 +96,13 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    """Images (PIL, RGB) with the seed each was drawn from, per-stage seconds and the parameters used."""
+    """Images (PIL, RGB) with the seed each was drawn from, per-stage seconds and the parameters used.
+
+    ``steps_run``: denoising steps each UNet ran for this request ("unet", "refiner"), which strength and
+    the refiner split make fewer than ``steps``: the denominator of a per-step time."""
 
     images: list[Image.Image]
     seeds: list[int]
     timings: dict[str, float]
     parameters: dict[str, Any]
+    steps_run: dict[str, int] = field(default_factory=dict)

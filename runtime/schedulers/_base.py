@@ -8,6 +8,7 @@ update coefficients are computed differently: in float64 from those float32 sigm
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -203,6 +204,32 @@ class Window:
         return begin, count
 
 
+@dataclass(frozen=True)
+class FixedTables:
+    """Device buffers sized for ``max_steps`` that a captured step reads (see :meth:`Schedule.bind`).
+
+    A CUDA graph records the addresses of the tables its step reads. Copying each request's tables into
+    the same fixed buffers before the loop lets one captured step serve every step count, strength and
+    refiner split of a scheduler; rows past a request's steps are never read by its loop.
+    """
+
+    timesteps: torch.Tensor  # [max_steps] float32
+    coefs: torch.Tensor  # [max_steps, K] float32
+    noise_levels: torch.Tensor  # [max_steps + 1, 2] float32
+    input_scale: torch.Tensor  # [max_steps] float32
+
+    @classmethod
+    def allocate(cls, max_steps: int, width: int, device: torch.device | str) -> FixedTables:
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+
+        return cls(z(max_steps), z(max_steps, width), z(max_steps + 1, 2), z(max_steps))
+
+    @property
+    def max_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+
 class Schedule:
     """A denoising schedule as device tables, read by a step index that lives on the device.
 
@@ -248,6 +275,34 @@ class Schedule:
         if isinstance(step_index, int):
             return table[step_index]
         return table.index_select(0, step_index.reshape(1)).squeeze(0)
+
+    @property
+    def table_width(self) -> int:
+        """K, the number of step coefficients per row (the width of :class:`FixedTables` it binds to)."""
+        return int(self._coefs.shape[1])
+
+    def bind(self, fixed: FixedTables) -> Schedule:
+        """Copy this schedule's tables into ``fixed`` and return a view of it that reads them from there.
+
+        Every per-step method of the returned schedule reads only ``fixed`` (same addresses for every
+        request), so a step captured with one bound schedule replays correctly for another of the same
+        sampler. The copies are device-side and asynchronous; nothing here synchronises.
+        """
+        n = self.num_steps
+        if n > fixed.max_steps:
+            raise InvalidRequestError(f"{n} steps exceed this pipeline's max_steps {fixed.max_steps}", param="steps")
+        if fixed.coefs.shape[1] != self.table_width:
+            raise ValueError(f"{type(self).__name__} has {self.table_width} coefficients per step, the fixed "
+                             f"tables {fixed.coefs.shape[1]}: bind each sampler to its own tables")
+        fixed.timesteps[:n].copy_(self.timesteps, non_blocking=True)
+        fixed.coefs[:n].copy_(self._coefs, non_blocking=True)
+        fixed.noise_levels[: n + 1].copy_(self._noise_levels, non_blocking=True)
+        bound = copy.copy(self)
+        bound.timesteps, bound._coefs, bound._noise_levels = fixed.timesteps, fixed.coefs, fixed.noise_levels
+        if self._input_scale is not None:
+            fixed.input_scale[:n].copy_(self._input_scale, non_blocking=True)
+            bound._input_scale = fixed.input_scale
+        return bound
 
     def make_state(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
         """Buffers the step carries between steps (none for single-step methods). Allocate once per
