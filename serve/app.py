@@ -38,6 +38,7 @@ def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load
     metrics = ServeMetrics()
     service = Service(settings, pipeline_factory, on_batch=metrics.observe_batch)
     metrics.bind_queue_depth(lambda: service.queue_depth)
+    metrics.bind_cuda_graph_stats(service.cuda_graph_stats)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -55,6 +55,11 @@ class PipelineLike(Protocol):
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
 
+    def warmup(self, *, buckets: Sequence[str] | None, batch_sizes: Sequence[int], steps: int,
+               refiner: bool) -> float: ...
+
+    def cuda_graph_stats(self) -> dict[str, int]: ...
+
 
 @dataclass(frozen=True)
 class BatchReport:

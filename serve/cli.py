@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sdxl_trt.errors import SdxlTrtError
+from sdxl_trt.buckets import Bucket
+from sdxl_trt.errors import InvalidRequestError, SdxlTrtError
 
 from .settings import API_KEY_ENV, ServeSettings
 
@@ -43,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="on SIGTERM, how long queued and running requests may take to finish")
     p.add_argument("--max-body-mb", type=_positive(float), default=d.max_body_mb, help="largest request body")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--warmup", type=_warmup, default=d.warmup, metavar="all|none|WxH,...",
+                   help="buckets whose CUDA graphs are captured at start, at every batch size up to --max-batch, "
+                        "while /ready answers 503 (default: all built buckets); none: the first request of each "
+                        "shape captures on its own path")
     p.add_argument("--ray", action="store_true",
                    help="run on Ray Serve: a local cluster, or the one in $RAY_ADDRESS (needs the ray extra)")
     p.add_argument("--replicas", type=_positive(int), default=None,
@@ -75,6 +80,28 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _warmup(text: str) -> str | tuple[str, ...]:
+    """``all``, ``none`` or a comma-separated list of WxH buckets (checked against the engines at start)."""
+    word = text.strip().lower()
+    if word in ("all", "none"):
+        return word
+    buckets = []
+    for part in text.split(","):
+        try:
+            buckets.append(str(Bucket.parse(part)))
+        except InvalidRequestError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not WIDTHxHEIGHT; give all, none or e.g. "
+                                             "1024x1024,1152x896") from None
+    return tuple(buckets)
+
+
+def _check_warmup(settings: ServeSettings, built: list[str]) -> None:
+    unknown = [b for b in settings.warmup_buckets or [] if b not in built]
+    if unknown:
+        raise SdxlTrtError(f"--warmup names {', '.join(unknown)}, which these engines were not built for; "
+                           f"built: {', '.join(built)}")
+
+
 def _autoscale(text: str) -> tuple[int, int]:
     from .ray_app import parse_autoscale
 
@@ -90,7 +117,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         api_key=args.api_key or ServeSettings.key_from_env(), max_batch=args.max_batch,
         batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, max_images=args.max_images,
         max_steps=args.max_steps, request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
-        max_body_mb=args.max_body_mb, device=args.device,
+        max_body_mb=args.max_body_mb, device=args.device, warmup=args.warmup,
     )
 
 
@@ -110,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sdxl_trt.engine_dir.manifest import open_engine_dir
 
     settings = settings_from_args(args)
-    open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line
+    manifest = open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line
+    _check_warmup(settings, list(manifest.buckets))
     if settings.api_key is None and not _is_loopback(settings.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", settings.host)
     app = create_app(settings)
@@ -133,7 +161,8 @@ def _cmd_serve_ray(args: argparse.Namespace) -> int:
     if args.replicas is not None and args.autoscale is not None:
         raise SdxlTrtError("give --replicas or --autoscale, not both")
     settings = settings_from_args(args)
-    open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line
+    manifest = open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line
+    _check_warmup(settings, list(manifest.buckets))
     if settings.api_key is None and not _is_loopback(settings.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", settings.host)
     return serve_on_ray(settings, RayOptions(replicas=args.replicas or 1, autoscale=args.autoscale))

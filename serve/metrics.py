@@ -2,7 +2,8 @@
 
 ``sdxl_trt_requests_total{endpoint,outcome}`` and ``sdxl_trt_request_seconds{endpoint}`` come from the
 ASGI middleware below (every answer counts, refusals included); batch sizes, stage times and images from
-the AsyncPipeline's per-batch report; the queue depth is read at scrape time.
+the AsyncPipeline's per-batch report; the queue depth and the CUDA graph count and pool
+size are read at scrape time.
 """
 
 from __future__ import annotations
@@ -52,9 +53,16 @@ class ServeMetrics:
         self.stage_seconds = Histogram("sdxl_trt_stage_seconds", "Seconds per pipeline stage per batch", ["stage"],
                                        buckets=_SECONDS, registry=r)
         self.images = Counter("sdxl_trt_images", "Images generated", registry=r)
+        self.cuda_graphs = Gauge("sdxl_trt_cuda_graphs", "CUDA graphs captured (all at warm-up)", registry=r)
+        self.graph_pool_bytes = Gauge("sdxl_trt_graph_pool_bytes", "Bytes of the CUDA graphs' shared memory pool",
+                                      registry=r)
 
     def bind_queue_depth(self, read: Callable[[], float]) -> None:
         self.queue_depth.set_function(read)
+
+    def bind_cuda_graph_stats(self, read: Callable[[], dict[str, int]]) -> None:
+        self.cuda_graphs.set_function(lambda: read()["graphs"])
+        self.graph_pool_bytes.set_function(lambda: read()["pool_bytes"])
 
     def observe_batch(self, report: BatchReport) -> None:
         self.batch_size.observe(report.images)

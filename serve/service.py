@@ -59,8 +59,7 @@ class Service:
         t0 = time.perf_counter()
         try:
             pipeline = await asyncio.to_thread(self._factory, self.settings)
-            if self.settings.warmup:
-                await asyncio.to_thread(self._warm_up, pipeline)
+            await asyncio.to_thread(self._warm_up, pipeline)
         except Exception as e:  # reported on /ready and by the CLI; the process cannot serve without engines
             log.error("loading the engines failed: %s", e, exc_info=not isinstance(e, SdxlTrtError))
             self.error = f"loading the engines failed: {e}"
@@ -77,12 +76,23 @@ class Service:
             log.info("ready in %.1f s: max batch %d, batch window %g ms, queue %d", time.perf_counter() - t0,
                      self.async_pipeline.max_batch, s.batch_window_ms, s.max_queue)
 
-    @staticmethod
-    def _warm_up(pipeline: PipelineLike) -> None:
-        """One small generation, so first-call initialisation does not land on a client's request."""
+    def _warm_up(self, pipeline: PipelineLike) -> None:
+        """Capture every chosen bucket at each batch size up to the service's max batch, then forbid capture,
+        so no request ever waits behind a capture (or first-call initialisation)."""
+        s = self.settings
+        buckets = s.warmup_buckets
+        if buckets == []:
+            log.info("warm-up skipped (--warmup none): the first request of each shape pays for its capture")
+            return
+        largest = min(s.max_batch or pipeline.max_batch, pipeline.max_batch)
+        sizes = list(range(1, largest + 1))
         t0 = time.perf_counter()
-        pipeline.generate_batch([GenerationRequest(prompt="warm-up", steps=2, seed=0)])
-        log.info("warm-up generation took %.2f s", time.perf_counter() - t0)
+        pipeline.warmup(buckets=buckets, batch_sizes=sizes, steps=s.warmup_steps,
+                        refiner=bool(getattr(pipeline, "has_refiner", False)))
+        stats = pipeline.cuda_graph_stats()
+        log.info("warm-up of %s at batch sizes 1..%d took %.2f s: %d CUDA graphs, pool %.1f MB",
+                 "every built bucket" if buckets is None else ", ".join(buckets), largest,
+                 time.perf_counter() - t0, stats["graphs"], stats["pool_bytes"] / 2**20)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Refuse new work, let queued and running work finish; True when all of it did in time."""
@@ -115,6 +125,12 @@ class Service:
         if self.state != "ready" or self.async_pipeline is None:
             raise NotReadyError(self.error or "the engines are still loading; retry shortly")
         return await self.async_pipeline.generate(request)
+
+    def cuda_graph_stats(self) -> dict[str, int]:
+        """The pipeline's captured graphs and their pool's bytes (zeros before loading), for /metrics."""
+        if self.pipeline is None:
+            return {"graphs": 0, "pool_bytes": 0}
+        return self.pipeline.cuda_graph_stats()
 
     @property
     def queue_depth(self) -> int:

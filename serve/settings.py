@@ -26,11 +26,22 @@ class ServeSettings:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long queued and running work may take to finish
     max_body_mb: float = 32.0
     device: str | None = None
-    warmup: bool = True  # one small generation before /ready turns 200
+    # Buckets captured at start, before /ready turns 200: "all" built buckets, "none", or a tuple of "WxH".
+    warmup: str | tuple[str, ...] = "all"
+    warmup_steps: int = 3  # steps per warm-up generation: the captured step serves any step count
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+    @property
+    def warmup_buckets(self) -> list[str] | None:
+        """The buckets to warm up: None for every built one, [] for none."""
+        if self.warmup == "all":
+            return None
+        if self.warmup == "none":
+            return []
+        return list(self.warmup)
 
     @staticmethod
     def key_from_env() -> str | None:

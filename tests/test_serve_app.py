@@ -26,7 +26,7 @@ A1111 = {"prompt": "x", "width": 256, "height": 256, "steps": 2}
 
 
 def _settings(**kw: Any) -> ServeSettings:
-    return ServeSettings(engines=Path("unused"), api_key=KEY, warmup=False, batch_window_ms=0, **kw)
+    return ServeSettings(**{"engines": Path("unused"), "api_key": KEY, "warmup": "none", "batch_window_ms": 0, **kw})
 
 
 async def _with_app(settings: ServeSettings, factory: Callable[[ServeSettings], Any],
@@ -70,6 +70,44 @@ def test_not_ready_while_loading_then_ready() -> None:
         assert r.status_code == 200 and len(r.json()["data"]) == 1
 
     asyncio.run(_with_app(_settings(), factory, body))
+
+
+def test_warm_up_runs_before_ready_for_each_bucket_and_batch_size() -> None:
+    """Every chosen bucket is captured at each batch size up to --max-batch while /ready is 503; /metrics shows
+    the graphs and their pool from ``cuda_graph_stats()``; nothing is captured while serving."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowWarmup(GatedPipeline):
+        def warmup(self, **kw: Any) -> float:
+            entered.set()
+            assert release.wait(30)
+            return super().warmup(**kw)
+
+    fake = SlowWarmup(open_gate=True)
+
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        await _until(entered.is_set)
+        r = await client.get("/ready")
+        assert r.status_code == 503 and r.json()["state"] == "loading"
+        assert (await client.post("/v1/images/generations", json=GEN)).status_code == 503
+        release.set()
+        await app.state.service.wait_loaded()
+        assert (await client.get("/ready")).status_code == 200
+        assert fake.warmed == [("256x256", 1), ("256x256", 2), ("384x192", 1), ("384x192", 2)]
+        assert (await client.post("/v1/images/generations", json=GEN)).status_code == 200
+        assert len(fake.warmed) == 4  # a request never warms up (captures) anything
+        metrics = (await client.get("/metrics")).text
+        assert "sdxl_trt_cuda_graphs 4.0" in metrics and "sdxl_trt_graph_pool_bytes 4096.0" in metrics
+
+    asyncio.run(_with_app(_settings(warmup=("256x256", "384x192"), max_batch=2), lambda s: fake, body))
+    none = GatedPipeline(open_gate=True)
+
+    async def skipped(client: httpx.AsyncClient, app: Any) -> None:
+        await app.state.service.wait_loaded()
+        assert (await client.get("/ready")).status_code == 200 and none.warmed == []
+        assert "sdxl_trt_cuda_graphs 0.0" in (await client.get("/metrics")).text
+
+    asyncio.run(_with_app(_settings(), lambda s: none, skipped))
 
 
 def test_failed_load_is_reported_not_served() -> None:

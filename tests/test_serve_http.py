@@ -344,7 +344,8 @@ def test_probes_metrics_and_info_endpoints(server) -> None:
     assert httpx.get(server.url + "/metrics", timeout=TIMEOUT).status_code == 401
     text = httpx.get(server.url + "/metrics", headers=auth(), timeout=TIMEOUT).text
     for name in ("sdxl_trt_requests_total", "sdxl_trt_queue_depth", "sdxl_trt_batch_size_bucket",
-                 "sdxl_trt_request_seconds_bucket", "sdxl_trt_stage_seconds_bucket", "sdxl_trt_images_total"):
+                 "sdxl_trt_request_seconds_bucket", "sdxl_trt_stage_seconds_bucket", "sdxl_trt_images_total",
+                 "sdxl_trt_cuda_graphs", "sdxl_trt_graph_pool_bytes"):
         assert name in text
     assert metric(text, "sdxl_trt_requests_total", 'endpoint="/v1/images/generations",outcome="ok"') > 0
     for path in ("samplers", "schedulers", "sd-models", "options", "progress"):
@@ -352,6 +353,19 @@ def test_probes_metrics_and_info_endpoints(server) -> None:
         assert r.status_code == 200, (path, r.text)
     assert {"Euler", "Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= {
         s["name"] for s in httpx.get(server.url + "/sdapi/v1/samplers", headers=auth(), timeout=TIMEOUT).json()}
+
+
+def test_warm_up_runs_at_start_for_every_bucket(server, tiny_pipeline) -> None:
+    """The default --warmup all ran before /ready turned 200, over every built bucket and batch size."""
+    assert "warm-up of every built bucket at batch sizes 1..2" in server.log()
+    text = httpx.get(server.url + "/metrics", headers=auth(), timeout=TIMEOUT).text
+    assert metric(text, "sdxl_trt_cuda_graphs") == tiny_pipeline.cuda_graph_stats()["graphs"]  # 0 on the CPU
+
+
+def test_warmup_of_an_unbuilt_bucket_exits_2(tiny_engines) -> None:
+    r = subprocess.run([sys.executable, "-m", "sdxl_trt.cli", "serve", "--engines", str(tiny_engines),
+                        "--warmup", "256x256,999x999"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "999x999" in r.stderr and "256x256" in r.stderr, r.stderr
 
 
 def test_client_gone_drops_its_queued_request_unrun(server) -> None:

@@ -27,6 +27,15 @@ class GatedPipeline:
             self.gate.set()
         self.started = threading.Event()
         self.ran: list[list[str]] = []
+        self.warmed: list[tuple[str | None, int]] = []  # (bucket or None for all, batch size) per warm-up call
+
+    def warmup(self, *, buckets: Sequence[str] | None, batch_sizes: Sequence[int], steps: int,
+               refiner: bool) -> float:
+        self.warmed += [(b, n) for b in (buckets if buckets is not None else [None]) for n in batch_sizes]
+        return 0.0
+
+    def cuda_graph_stats(self) -> dict[str, int]:
+        return {"graphs": len(self.warmed), "pool_bytes": 1024 * len(self.warmed)}
 
     def check(self, request: GenerationRequest, *, max_images: int, max_steps: int | None) -> Bucket:
         from sdxl_trt.runtime.schedulers import SCHEDULERS
