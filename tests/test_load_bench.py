@@ -1,5 +1,5 @@
-"""benchmarks/load_bench.py against a spawned tiny server: the report's fields, and every accepted request
-answered with complete images. One server with a one-request queue, so the second level overloads it."""
+"""benchmarks/load_bench.py (load) and load_report.py (statistics, report) against a spawned tiny server: the
+report's fields, and every accepted request answered with complete images. One server with a one-request queue, so the second level overloads it."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def load_bench() -> ModuleType:
     return module
 
 
+@pytest.fixture(scope="module")
+def load_report(load_bench: ModuleType) -> ModuleType:
+    """The report side, imported by load_bench from beside it."""
+    return sys.modules["load_report"]
+
+
 def _png_b64(size: tuple[int, int], *, truncate: bool = False) -> str:
     out = io.BytesIO()
     Image.new("RGB", size, (200, 10, 10)).save(out, format="PNG")
@@ -43,14 +49,14 @@ def test_check_images_refuses_what_a_client_could_not_use(load_bench: ModuleType
     assert "decode" in load_bench.check_images({"data": [{"b64_json": "not base64!"}]}, spec)
 
 
-def test_percentiles_and_metrics_parsing(load_bench: ModuleType) -> None:
-    assert load_bench.percentile([], 0.5) is None
-    assert load_bench.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
-    assert load_bench.percentile([float(v) for v in range(1, 101)], 0.99) == 99.0
-    m = load_bench.parse_metrics('# HELP x\nsdxl_trt_queue_depth 3.0\n'
+def test_percentiles_and_metrics_parsing(load_report: ModuleType) -> None:
+    assert load_report.percentile([], 0.5) is None
+    assert load_report.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert load_report.percentile([float(v) for v in range(1, 101)], 0.99) == 99.0
+    m = load_report.parse_metrics('# HELP x\nsdxl_trt_queue_depth 3.0\n'
                                  'sdxl_trt_requests_total{endpoint="/v1/images/generations",outcome="ok"} 7.0\n')
     assert m["sdxl_trt_queue_depth"] == 3.0
-    assert load_bench._requests_by_outcome(m) == {"ok": 7.0}
+    assert load_report._requests_by_outcome(m) == {"ok": 7.0}
 
 
 @pytest.mark.slow
