@@ -2,11 +2,15 @@
 
 TensorRT builds INT8 engines from ONNX files that carry QuantizeLinear/DequantizeLinear pairs ("explicit
 quantization"): the Q/DQ nodes say exactly which tensors are INT8, and TensorRT fuses each DQ -> Conv/MatMul
-into an INT8 kernel. :func:`build_int8_unet` is the one call the build makes; the work is in four modules:
+into an INT8 kernel. :func:`build_int8_unet` is the one call the build makes; the work is in these modules:
 
-* :mod:`.int8_calibration`: the UNet's real inputs, recorded while diffusers' pipeline denoises real prompts;
+* :mod:`.int8_calibration`: diffusers' pipeline denoising real prompts, the UNet calls picked as samples (and
+  their inputs recorded, for held-out errors and the ONNX Runtime path), progress with an ETA;
 * :mod:`.int8_qdq`: which layers are quantized and which stay high precision, and TensorRT's placement checks;
-* :mod:`.int8_ort`: calibration and Q/DQ insertion with ONNX Runtime's ``quantize_static``;
+* :mod:`.int8_ranges` + :mod:`.int8_writer` (default): ranges measured by PyTorch forward hooks during the
+  denoising, then the Q/DQ file written weight by weight; memory does not grow with samples or activations;
+* :mod:`.int8_ort` (``backend="onnxruntime"``): calibration and Q/DQ insertion with ONNX Runtime's
+  ``quantize_static`` on recorded inputs, kept for comparison and for the percentile/entropy methods;
 * :mod:`.int8_report`: the report stored in the manifest and the error against FP32 on held-out inputs.
 
 The names below are re-exported so ``from sdxl_trt.engine import int8`` reaches the whole API.
@@ -14,12 +18,15 @@ The names below are re-exported so ``from sdxl_trt.engine import int8`` reaches 
 
 from __future__ import annotations
 
+import gc
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import onnx
 
 from sdxl_trt.errors import BuildError
 
@@ -30,23 +37,34 @@ from .int8_calibration import (
     read_prompts,
 )
 from .int8_ort import EXTERNAL_DATA_BYTES, CalibrateMethod, quantize_unet
-from .int8_qdq import EXCLUDED_NAME_PATTERNS, QUANTIZED_OP_TYPES, check_tensorrt_qdq, plan_exclusions
+from .int8_qdq import (
+    EXCLUDED_NAME_PATTERNS,
+    QUANTIZED_OP_TYPES,
+    check_tensorrt_qdq,
+    plan_exclusions,
+    quantized_node_names,
+    weighted_nodes,
+)
+from .int8_ranges import collect_activation_ranges
 from .int8_report import QuantizationReport, measure_error
+from .int8_writer import quantize_unet_from_ranges
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from sdxl_trt.export.loading import LoadedModel
+
+CalibrationBackend = Literal["torch", "onnxruntime"]
+CALIBRATION_BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
+"""Where INT8 ranges are measured: PyTorch forward hooks (default, bounded memory) or ONNX Runtime's calibrator."""
 
 __all__ = [
     "DEFAULT_PROMPTS_FILE", "EXCLUDED_NAME_PATTERNS", "EXTERNAL_DATA_BYTES", "QUANTIZED_OP_TYPES", "UNET_INPUT_NAMES",
-    "CalibrateMethod", "QuantizationReport", "build_int8_unet", "check_tensorrt_qdq", "collect_calibration_inputs",
-    "measure_error", "plan_exclusions", "quantize_unet", "read_prompts",
+    "CALIBRATION_BACKENDS", "CalibrateMethod", "CalibrationBackend", "QuantizationReport", "build_int8_unet", "check_tensorrt_qdq", "collect_calibration_inputs",
+    "measure_error", "plan_exclusions", "quantize_unet", "quantized_node_names", "read_prompts",
 ]
 
 
 def build_int8_unet(
-    model: LoadedModel,
+    model: LoadedModel | Callable[[], LoadedModel],
     fp32_unet_onnx: Path,
     out_onnx: Path,
     *,
@@ -59,6 +77,7 @@ def build_int8_unet(
     max_samples: int | None = None,
     guidance_scale: float = 5.0,
     seed: int = 0,
+    backend: CalibrationBackend = "torch",
     calibrate_method: CalibrateMethod = "minmax",
     quant_level: float = 3.0,
     providers: Sequence[str] | None = None,
@@ -67,7 +86,20 @@ def build_int8_unet(
 
     The prompts are the file's first ``num_prompts`` lines; the held-out ones are the next ``num_eval_prompts``, run
     with another seed, so the error is measured on inputs the ranges were not fitted to. ``max_samples`` caps the
-    recorded UNet calls (default: 2 per prompt, spread over the schedule across prompts)."""
+    UNet calls calibration looks at (default: 2 per prompt, spread over the schedule across prompts).
+
+    ``backend``: ``"torch"`` (default) measures the ranges with forward hooks in PyTorch, on the model's device,
+    while the prompts are denoised (memory: the model plus one step's activations, whatever the sample count), then
+    writes the Q/DQ file one weight at a time (:mod:`.int8_ranges`, :mod:`.int8_writer`); ``"onnxruntime"`` records
+    the UNet's inputs and calibrates the FP32 ONNX file with ONNX Runtime (:mod:`.int8_ort`; every calibration
+    method, but host memory grows with a forward pass's activations: 14.8 GB for tiny at 1024x1024). Both quantize
+    the same nodes. ``model`` may be a loader: it is then called once and the model dropped before the Q/DQ file is
+    written, so the two peaks do not add up."""
+    if backend not in CALIBRATION_BACKENDS:
+        raise BuildError(f"calibration backend must be one of {list(CALIBRATION_BACKENDS)}, got {backend!r}")
+    if backend == "torch" and calibrate_method != "minmax":
+        raise BuildError(f"calibrate_method {calibrate_method!r} needs histograms, which only the ONNX Runtime "
+                         "calibrator keeps; use calibrate_method 'minmax' or backend 'onnxruntime'")
     prompts = read_prompts(prompts_file)
     if num_prompts < 1:
         raise BuildError(f"num_prompts must be at least 1, got {num_prompts}")
@@ -80,21 +112,43 @@ def build_int8_unet(
             f"{num_eval_prompts} held-out need {need}: lower num_prompts or add prompts"
         )
     cap = max_samples if max_samples is not None else 2 * num_prompts
+    fp32_unet_onnx, out_onnx = Path(fp32_unet_onnx), Path(out_onnx)
+    if not fp32_unet_onnx.is_file():
+        raise BuildError(f"FP32 UNet ONNX {fp32_unet_onnx} does not exist; export the UNet in fp32 first")
+    sampling = {"steps": steps, "width": width, "height": height, "guidance_scale": guidance_scale}
     t0 = time.perf_counter()
-    calib = collect_calibration_inputs(
-        model, prompts[:num_prompts], steps=steps, width=width, height=height,
-        guidance_scale=guidance_scale, seed=seed, max_samples=cap,
-    )
+    loaded = model() if callable(model) else model
+    if backend == "torch":
+        graph = onnx.load(str(fp32_unet_onnx), load_external_data=False)
+        excluded = plan_exclusions(graph, quant_level=quant_level)
+        quantize = {n.name for n in weighted_nodes(graph)} - set(excluded)
+        if not quantize:
+            raise BuildError(f"{fp32_unet_onnx} has no Conv/MatMul/Gemm with constant weights left to quantize; is it the UNet?")
+        ranges, samples = collect_activation_ranges(loaded, graph, quantize, prompts[:num_prompts], seed=seed,
+                                                    max_samples=cap, **sampling)
+        del graph
+    else:
+        calib = collect_calibration_inputs(loaded, prompts[:num_prompts], seed=seed, max_samples=cap, **sampling)
     held_out: list[dict[str, np.ndarray]] = []
     if num_eval_prompts:
         held_out = collect_calibration_inputs(
-            model, prompts[num_prompts:need], steps=steps, width=width, height=height,
-            guidance_scale=guidance_scale, seed=seed + 10_000, max_samples=max(1, math.ceil(steps / 4)) * num_eval_prompts,
+            loaded, prompts[num_prompts:need], seed=seed + 10_000,
+            max_samples=max(1, math.ceil(steps / 4)) * num_eval_prompts, what="held-out inputs", **sampling,
         )
     collected = time.perf_counter() - t0
-    report = quantize_unet(
-        Path(fp32_unet_onnx), Path(out_onnx), calibration=calib, calibrate_method=calibrate_method,
-        quant_level=quant_level, eval_inputs=held_out or None, providers=providers,
-    )
+    del loaded
+    if callable(model):
+        gc.collect()  # the model's weights go back before the Q/DQ file is written
+    if backend == "torch":
+        report = quantize_unet_from_ranges(
+            fp32_unet_onnx, out_onnx, ranges=ranges, samples=samples, excluded=excluded, quantize=quantize,
+            quant_level=quant_level, exclude_patterns=EXCLUDED_NAME_PATTERNS, eval_inputs=held_out or None,
+            providers=providers,
+        )
+    else:
+        report = quantize_unet(
+            fp32_unet_onnx, out_onnx, calibration=calib, calibrate_method=calibrate_method,
+            quant_level=quant_level, eval_inputs=held_out or None, providers=providers,
+        )
     report.collection_seconds = round(collected, 3)
     return report

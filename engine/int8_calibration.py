@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,28 +124,43 @@ def _unet_call_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[
     return {n: out[n] for n in UNET_INPUT_NAMES}
 
 
-def collect_calibration_inputs(
-    model: LoadedModel,
-    prompts: Sequence[str],
-    *,
-    steps: int,
-    width: int,
-    height: int,
-    guidance_scale: float = 5.0,
-    seed: int = 0,
-    max_samples: int,
-    negative_prompt: str | None = None,
-) -> list[dict[str, np.ndarray]]:
-    """Record the UNet's actual inputs while diffusers' SDXL pipeline denoises ``prompts``.
+class Progress:
+    """A progress line with an ETA through ``logging``: at most one line every ``every_s`` seconds, and the last.
 
-    One pipeline call per prompt (batch 1, so each recorded call is B = 2 with classifier-free guidance, the shape
-    served most). A forward pre-hook on the UNet copies (sample, timestep, encoder_hidden_states, text_embeds,
-    time_ids) at evenly spaced steps, each prompt at a different phase, so at most ``max_samples`` calls are kept
-    and together they span the schedule. The timestep is broadcast to shape [B] float32 as in the contract.
-    Latents are not decoded (``output_type="latent"``): the VAE plays no part in UNet calibration.
-    """
-    import torch
+    Counted in UNet calls (prompts x steps actually run), the unit whose cost is the same all along."""
 
+    def __init__(self, what: str, total: int, *, every_s: float = 10.0) -> None:
+        self.what, self.total, self.every_s = what, max(1, total), every_s
+        self.done, self.t0, self._last = 0, time.perf_counter(), float("-inf")
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        self.done = min(self.total, self.done + n)
+        now = time.perf_counter()
+        if self.done < self.total and now - self._last < self.every_s:
+            return
+        self._last = now
+        elapsed = now - self.t0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        width = 20
+        bar = "#" * round(width * self.done / self.total)
+        log.info("%s [%-*s] %d/%d UNet calls, %s elapsed, ETA %s%s", self.what, width, bar, self.done, self.total,
+                 _duration(elapsed), _duration(eta), f" ({note})" if note else "")
+
+    def finish_early(self, skipped: int) -> None:
+        """Calls that will not run (a prompt stopped after its last picked step) leave the total."""
+        self.total = max(self.done, self.total - skipped)
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def check_calibration_args(model: LoadedModel, prompts: Sequence[str], *, steps: int, width: int, height: int,
+                           max_samples: int) -> list[str]:
+    """The non-empty prompts, after checking steps, sample count and size against the UNet (errors name the fix)."""
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise BuildError("no calibration prompts given; pass at least one non-empty prompt")
@@ -161,25 +176,63 @@ def collect_calibration_inputs(
     if len(prompts) > max_samples:
         log.info("using the first %d of %d prompts (one sample each fills max_samples)", max_samples, len(prompts))
         prompts = prompts[:max_samples]
-    base, extra = divmod(max_samples, len(prompts))  # the first `extra` prompts give one sample more
+    return prompts
 
+
+UNetCallback = Callable[[bool, tuple[Any, ...], dict[str, Any]], None]
+"""Called before every UNet forward with (picked, args, kwargs): ``picked`` says whether this call is a sample."""
+
+
+def run_calibration_prompts(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    on_unet_call: UNetCallback,
+    *,
+    steps: int,
+    width: int,
+    height: int,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    max_samples: int,
+    negative_prompt: str | None = None,
+    what: str = "calibration",
+) -> int:
+    """Denoise ``prompts`` with diffusers' SDXL pipeline and tell ``on_unet_call`` about every UNet call.
+
+    One pipeline call per prompt (batch 1, so each UNet call is B = 2 with classifier-free guidance, the shape
+    served most). ``max_samples`` calls are picked, evenly spaced over the schedule, each prompt at a different
+    phase, so together they span it; a prompt stops after its last picked step (later steps cannot change the
+    picked calls' inputs). Latents are not decoded (``output_type="latent"``): the VAE plays no part in UNet
+    calibration. Progress with an ETA goes to the log. Returns the number of picked calls that ran."""
+    import torch
+
+    prompts = check_calibration_args(model, prompts, steps=steps, width=width, height=height, max_samples=max_samples)
+    base, extra = divmod(max_samples, len(prompts))  # the first `extra` prompts give one sample more
     pipe = _build_pipeline(model)
     device = next(model.unet.parameters()).device
-    records: list[dict[str, np.ndarray]] = []
-    step, keep = 0, set[int]()
+    step, keep, picked = 0, set[int](), 0
 
     def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        nonlocal step
-        if step in keep:
-            records.append(_unet_call_inputs(args, kwargs))
+        nonlocal step, picked
+        chosen = step in keep
+        picked += chosen
+        on_unet_call(chosen, args, kwargs)
         step += 1
 
+    def stop_after_last_pick(p: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        progress.advance(1, f"prompt {prompt_index + 1}/{len(prompts)}")
+        if i >= last and i + 1 < steps:
+            p._interrupt = True  # diffusers' documented way to end the denoising loop early
+            progress.finish_early(steps - i - 1)
+        return callback_kwargs
+
+    progress = Progress(what, len(prompts) * steps)
     handle = model.unet.register_forward_pre_hook(hook, with_kwargs=True)
-    t0 = time.perf_counter()
     try:
-        for i, prompt in enumerate(prompts):
-            step, keep = 0, picked_steps(i, steps, max(1, base + (i < extra)))
-            generator = torch.Generator(device=device).manual_seed(seed + i)
+        for prompt_index, prompt in enumerate(prompts):
+            step, keep = 0, picked_steps(prompt_index, steps, max(1, base + (prompt_index < extra)))
+            last = max(keep)
+            generator = torch.Generator(device=device).manual_seed(seed + prompt_index)
             with torch.inference_mode():
                 pipe(
                     prompt=prompt,
@@ -190,20 +243,49 @@ def collect_calibration_inputs(
                     guidance_scale=guidance_scale,
                     generator=generator,
                     output_type="latent",
+                    callback_on_step_end=stop_after_last_pick,
                 )
-            if step != steps:
-                log.warning("prompt %d: the UNet ran %d times for %d steps", i, step, steps)
-            log.info(
-                "calibration prompt %d/%d done: %d samples so far (%.1f s)",
-                i + 1, len(prompts), len(records), time.perf_counter() - t0,
-            )
+            if step != last + 1:
+                log.warning("prompt %d: the UNet ran %d times for %d steps (expected %d)", prompt_index, step, steps,
+                            last + 1)
     finally:
         handle.remove()
-    if not records:
+    if not picked:
         raise BuildError(
-            f"no UNet calls were recorded for {len(prompts)} prompts x {steps} steps; "
+            f"no UNet calls were picked for {len(prompts)} prompts x {steps} steps; "
             f"guidance_scale {guidance_scale} and the pipeline must call model.unet"
         )
+    return picked
+
+
+def collect_calibration_inputs(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    steps: int,
+    width: int,
+    height: int,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    max_samples: int,
+    negative_prompt: str | None = None,
+    what: str = "recording UNet inputs",
+) -> list[dict[str, np.ndarray]]:
+    """Record the UNet's actual inputs at the picked calls of :func:`run_calibration_prompts`.
+
+    Each record holds (sample, timestep, encoder_hidden_states, text_embeds, time_ids) under the contract's names,
+    on the host; the timestep is broadcast to shape [B] float32 as in the contract. Memory grows with
+    ``max_samples`` (one UNet input per sample, a few MB at 1024x1024): fine for held-out error inputs and the
+    ONNX Runtime calibrator, which is why the range-based calibration does not use this."""
+    records: list[dict[str, np.ndarray]] = []
+
+    def record(picked: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if picked:
+            records.append(_unet_call_inputs(args, kwargs))
+
+    run_calibration_prompts(model, prompts, record, steps=steps, width=width, height=height,
+                            guidance_scale=guidance_scale, seed=seed, max_samples=max_samples,
+                            negative_prompt=negative_prompt, what=what)
     return records[:max_samples]
 
 

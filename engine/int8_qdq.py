@@ -146,12 +146,13 @@ def weight_axis(node: onnx.NodeProto) -> int:
     return 1  # MatMul B is [K, N]: N output channels
 
 
-def check_tensorrt_qdq(model: onnx.ModelProto, *, high_precision: Collection[str] = ()) -> list[str]:
+def check_tensorrt_qdq(model: onnx.ModelProto, *, high_precision: Collection[str] = (), base_dir: str = "") -> list[str]:
     """Problems that would stop TensorRT from building this Q/DQ graph as intended (empty list: none).
 
     TensorRT's explicit quantization is symmetric: INT8 with zero-point 0, activations per tensor, weights per
     output channel in [-127, 127], float bias (no INT32 bias DQ), and DQ only on the inputs of the ops that should
-    run in INT8 (Conv/MatMul/Gemm not named in ``high_precision``)."""
+    run in INT8 (Conv/MatMul/Gemm not named in ``high_precision``). ``base_dir``: where a graph loaded without its
+    external data finds it (the weights are then read one at a time)."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -169,13 +170,13 @@ def check_tensorrt_qdq(model: onnx.ModelProto, *, high_precision: Collection[str
             zp = inits.get(zp_name)
             if zp is None or zp.data_type != onnx.TensorProto.INT8:
                 problems.append(f"{n.name}: zero point {zp_name!r} is not a constant INT8 tensor")
-            elif np.any(numpy_helper.to_array(zp) != 0):
+            elif np.any(numpy_helper.to_array(zp, base_dir) != 0):
                 problems.append(f"{n.name}: zero point is not 0 (asymmetric)")
         scale = inits.get(n.input[1])
         if scale is None:
             problems.append(f"{n.name}: scale {n.input[1]!r} is not a constant")
         else:
-            s = numpy_helper.to_array(scale)
+            s = numpy_helper.to_array(scale, base_dir)
             if not np.all(np.isfinite(s)) or np.any(s <= 0):
                 problems.append(f"{n.name}: scale has non-positive or non-finite values")
         if n.op_type != "DequantizeLinear":
@@ -187,7 +188,7 @@ def check_tensorrt_qdq(model: onnx.ModelProto, *, high_precision: Collection[str
             if c.op_type not in QUANTIZED_OP_TYPES or c.name in high_precision:
                 problems.append(f"{n.name}: feeds {c.op_type} {c.name!r}, which should stay high precision")
             elif src is not None:
-                w = numpy_helper.to_array(src)
+                w = numpy_helper.to_array(src, base_dir)
                 axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
                 if scale is not None and scale.dims and int(np.prod(scale.dims)) > 1 and axis != weight_axis(c):
                     problems.append(f"{n.name}: per-channel axis {axis} is not {c.op_type}'s output-channel axis {weight_axis(c)}")
@@ -203,3 +204,9 @@ def quantized_counts(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, 
     )
     qdq = Counter(n.op_type for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     return dict(quantized), dict(qdq)
+
+
+def quantized_node_names(model: onnx.ModelProto) -> set[str]:
+    """Names of the weighted nodes that run in INT8: those whose activation input is a DequantizeLinear output."""
+    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and n.input and n.input[0] in dq_out}

@@ -68,16 +68,21 @@ def measure_error(
         opts.log_severity_level = 3
         return ort.InferenceSession(str(path), opts, providers=list(providers) if providers else ["CPUExecutionProvider"])
 
-    ref, q = session(Path(fp32_onnx)), session(Path(int8_onnx))
+    ref = session(Path(fp32_onnx))  # one session at a time: at full size each holds the model's weights
     names = [i.name for i in ref.get_inputs()]
     check_samples(inputs, names, "inputs")
     out_name = ref.get_outputs()[0].name
+
+    def feed(s: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {n: np.ascontiguousarray(s[n], dtype=np.float32) for n in names}
+
+    expected = [np.asarray(ref.run([out_name], feed(s))[0], dtype=np.float64).ravel() for s in inputs]
+    del ref
+    q = session(Path(int8_onnx))
     rel, cos, max_abs = [], [], 0.0
     finite = True
-    for s in inputs:
-        feed = {n: np.ascontiguousarray(s[n], dtype=np.float32) for n in names}
-        a = np.asarray(ref.run([out_name], feed)[0], dtype=np.float64).ravel()
-        b = np.asarray(q.run([out_name], feed)[0], dtype=np.float64).ravel()
+    for s, a in zip(inputs, expected, strict=True):
+        b = np.asarray(q.run([out_name], feed(s))[0], dtype=np.float64).ravel()
         finite = finite and bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
         na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
         rel.append(float(np.linalg.norm(b - a)) / max(na, 1e-30))

@@ -1,0 +1,297 @@
+"""Write the Q/DQ UNet from measured ranges, one weight at a time: no calibrator, no whole model in memory.
+
+Given the activation ranges (:mod:`.int8_ranges`) and the nodes to quantize (:mod:`.int8_qdq`'s placement), this
+inserts exactly what ONNX Runtime's ``quantize_static`` produces in the TensorRT configuration of :mod:`.int8_ort`:
+
+* per activation tensor, one ``QuantizeLinear -> DequantizeLinear`` pair (INT8, zero-point 0, scale
+  ``amax / 127``), read only by the nodes to quantize (other consumers keep the float tensor);
+* per weight, an INT8 initializer ``round(w / s)`` with one scale per output channel (``s = max|w_c| / 127``,
+  Conv axis 0, MatMul axis 1, Gemm by ``transB``) and a ``DequantizeLinear`` in front of the node; bias stays float.
+
+The FP32 graph is read without its weights; each weight is read on its own (memory-mapped from the external data
+file when there is one), quantized and written out. Large models (the full-size UNet) are written straight into
+``<out>.onnx.data`` tensor by tensor, so peak memory is the graph plus one weight, not the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data, uses_external_data
+
+from sdxl_trt.errors import BuildError
+
+from .int8_qdq import QUANTIZED_OP_TYPES, check_tensorrt_qdq, initializer_names, quantized_counts, weight_axis
+from .int8_report import QuantizationReport, measure_error
+
+log = logging.getLogger(__name__)
+
+QMAX = 127
+"""Symmetric INT8: values in [-127, 127], what TensorRT's explicit quantization takes."""
+
+_EXTERNAL_MIN_BYTES = 1024
+"""Tensors under this size stay inside the graph file (as ``save_onnx`` does)."""
+
+
+def symmetric_scale(amax: np.ndarray | float) -> np.ndarray:
+    """``amax / 127`` as float32, 1.0 where the range is empty (ONNX Runtime's ``compute_scale_zp`` rule)."""
+    a = np.asarray(amax, dtype=np.float64)
+    scale = (2.0 * a / (2 * QMAX)).astype(np.float32)
+    return np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale).astype(np.float32)
+
+
+def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric INT8 of a float weight: (int8 values, float32 scales along ``axis``)."""
+    w = np.asarray(w, dtype=np.float32)
+    other = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.abs(w).max(axis=other) if other else np.abs(w)
+    scale = symmetric_scale(amax)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.round(w / scale.reshape(shape))
+    np.clip(q, -QMAX, QMAX, out=q)
+    return q.astype(np.int8), scale
+
+
+class _WeightReader:
+    """Initializer values of the FP32 file, each read on demand (external data memory-mapped, not loaded)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self._dir = model_dir
+
+    def array(self, t: TensorProto) -> np.ndarray:
+        if not uses_external_data(t):
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        count = int(np.prod(t.dims)) if t.dims else 1
+        path = self._dir / info["location"]
+        try:
+            data = np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=(count,))
+        except (OSError, ValueError) as e:
+            raise BuildError(f"cannot read weight {t.name!r} from {path}: {e}; is the FP32 ONNX export complete?") from e
+        return data.reshape(tuple(t.dims))
+
+    def raw_chunks(self, t: TensorProto, chunk: int = 64 << 20) -> list[memoryview] | None:
+        """The external bytes of ``t`` as memory-mapped slices (None for tensors stored inside the graph)."""
+        if not uses_external_data(t):
+            return None
+        arr = self.array(t).reshape(-1).view(np.uint8)
+        return [memoryview(arr[i:i + chunk]) for i in range(0, arr.size, chunk)]
+
+
+class _Sink:
+    """Where initializers go: kept in the graph (small models) or appended to ``<out>.data`` (large ones)."""
+
+    def __init__(self, out_onnx: Path, external: bool) -> None:
+        self.external = external
+        self.location = out_onnx.name + ".data"
+        self._file: BinaryIO | None = open(out_onnx.with_name(self.location), "wb") if external else None
+        self._offset = 0
+
+    def put_array(self, name: str, arr: np.ndarray) -> TensorProto:
+        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        if self._file is not None and len(t.raw_data) >= _EXTERNAL_MIN_BYTES:
+            data = t.raw_data
+            t.ClearField("raw_data")
+            self._write(t, [memoryview(data)])
+        return t
+
+    def put_copy(self, t: TensorProto, chunks: list[memoryview] | None) -> TensorProto:
+        """``t`` unchanged in value; its external bytes copied chunk by chunk into this sink."""
+        out = TensorProto()
+        out.CopyFrom(t)
+        if chunks is None:
+            return out
+        del out.external_data[:]
+        out.data_location = TensorProto.DEFAULT
+        if self._file is None:
+            out.raw_data = b"".join(bytes(c) for c in chunks)
+        else:
+            self._write(out, chunks)
+        return out
+
+    def _write(self, t: TensorProto, chunks: list[memoryview]) -> None:
+        assert self._file is not None
+        pad = (-self._offset) % 64  # aligned offsets let readers memory-map each tensor
+        self._file.write(b"\0" * pad)
+        self._offset += pad
+        length = 0
+        for c in chunks:
+            self._file.write(c)
+            length += len(c)
+        set_external_data(t, self.location, offset=self._offset, length=length)
+        self._offset += length
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def write_qdq_model(
+    fp32_onnx: Path,
+    out_onnx: Path,
+    *,
+    ranges: Mapping[str, float],
+    quantize: Collection[str],
+) -> onnx.ModelProto:
+    """Write ``out_onnx``: the FP32 UNet with Q/DQ in front of ``quantize`` (node names), scales from ``ranges``
+    (max-abs by activation tensor name). Returns the written graph (initializers of large models external)."""
+    fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
+    model = onnx.load(str(fp32_onnx), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node if n.name in set(quantize)}
+    if len(nodes) != len(set(quantize)):
+        missing = sorted(set(quantize) - set(nodes))
+        raise BuildError(f"{len(missing)} nodes to quantize are not in {fp32_onnx}, e.g. {missing[:3]}")
+    no_range = sorted({n.input[0] for n in nodes.values()} - set(ranges))
+    if no_range:
+        raise BuildError(f"no calibration range for {len(no_range)} activations, e.g. {no_range[:3]}; calibrate again")
+    bad = {t: a for t, a in ranges.items() if not np.isfinite(a)}
+    if bad:
+        raise BuildError(f"non-finite calibration ranges for {len(bad)} activations, e.g. {list(bad.items())[:3]}: "
+                         "the FP32 UNet overflowed on the calibration inputs")
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    quantized_weights = {n.input[1] for n in nodes.values()}
+    for w in quantized_weights:
+        if w not in inits:
+            raise BuildError(f"weight {w!r} of a node to quantize is not a constant initializer in {fp32_onnx}")
+        if any(c.name not in nodes for c in consumers[w]):
+            raise BuildError(f"weight {w!r} is shared with a node that stays high precision; not supported")
+
+    reader = _WeightReader(fp32_onnx.parent)
+    external = any(uses_external_data(t) for t in graph.initializer)
+    out_onnx.parent.mkdir(parents=True, exist_ok=True)
+    sink = _Sink(out_onnx, external)
+    new_inits: list[TensorProto] = []
+    new_nodes: list[onnx.NodeProto] = []
+    activation_dq: dict[str, str] = {}
+    zero = np.zeros((), np.int8)
+    try:
+        for t in graph.initializer:  # the float weights that stay, in the file's order
+            if t.name not in quantized_weights:
+                new_inits.append(sink.put_copy(t, reader.raw_chunks(t)))
+        for original in graph.node:
+            n = onnx.NodeProto()
+            n.CopyFrom(original)
+            if n.name in nodes:
+                act = n.input[0]
+                if act not in activation_dq:
+                    scale = symmetric_scale(ranges[act])
+                    new_inits += [sink.put_array(f"{act}_scale", scale), sink.put_array(f"{act}_zero_point", zero)]
+                    new_nodes += [
+                        helper.make_node("QuantizeLinear", [act, f"{act}_scale", f"{act}_zero_point"],
+                                         [f"{act}_QuantizeLinear_Output"], name=f"{act}_QuantizeLinear"),
+                        helper.make_node("DequantizeLinear", [f"{act}_QuantizeLinear_Output", f"{act}_scale",
+                                                              f"{act}_zero_point"],
+                                         [f"{act}_DequantizeLinear_Output"], name=f"{act}_DequantizeLinear"),
+                    ]
+                    activation_dq[act] = f"{act}_DequantizeLinear_Output"
+                w = n.input[1]
+                axis = weight_axis(n)
+                q, scale = quantize_weight(reader.array(inits[w]), axis)
+                new_inits += [
+                    sink.put_array(f"{w}_quantized", q),
+                    sink.put_array(f"{w}_scale", scale),
+                    sink.put_array(f"{w}_zero_point", np.zeros(scale.shape, np.int8)),
+                ]
+                del q
+                new_nodes.append(helper.make_node(
+                    "DequantizeLinear", [f"{w}_quantized", f"{w}_scale", f"{w}_zero_point"],
+                    [f"{w}_DequantizeLinear_Output"], name=f"{w}_DequantizeLinear", axis=axis,
+                ))
+                n.input[0] = activation_dq[act]
+                n.input[1] = f"{w}_DequantizeLinear_Output"
+            new_nodes.append(n)
+    finally:
+        sink.close()
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    # Shape-inferred value_info of the float graph stays valid: Q/DQ outputs are new names.
+    tmp = out_onnx.with_name(out_onnx.name + ".tmp")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, out_onnx)
+    if not external:
+        stale = out_onnx.with_name(out_onnx.name + ".data")
+        if stale.exists():
+            stale.unlink()
+    log.info("wrote %s: %d activations and %d weights quantized%s", out_onnx, len(activation_dq),
+             len(quantized_weights), f" (weights in {sink.location})" if external else "")
+    return model
+
+
+def quantize_unet_from_ranges(
+    fp32_onnx: Path,
+    out_onnx: Path,
+    *,
+    ranges: Mapping[str, float],
+    samples: int,
+    excluded: Mapping[str, str],
+    quantize: Collection[str],
+    quant_level: float,
+    exclude_patterns: Mapping[str, str],
+    eval_inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
+    providers: Sequence[str] | None = None,
+) -> QuantizationReport:
+    """Write the Q/DQ UNet from measured ranges, check it as TensorRT will read it, and report (with the error on
+    ``eval_inputs`` when given): the range-based counterpart of :func:`.int8_ort.quantize_unet`."""
+    fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
+    if fp32_onnx.resolve() == out_onnx.resolve():
+        raise BuildError(f"out_onnx {out_onnx} would overwrite the FP32 input; choose another path")
+    t0 = time.perf_counter()
+    model = write_qdq_model(fp32_onnx, out_onnx, ranges=ranges, quantize=quantize)
+    problems = check_tensorrt_qdq(model, high_precision=set(excluded), base_dir=str(out_onnx.parent))
+    if problems:
+        raise BuildError(f"the quantized UNet is not TensorRT-compatible ({len(problems)} problems), first: {problems[:3]}")
+    quantized, qdq = quantized_counts(model)
+    inits = initializer_names(model)
+    attention = sum(1 for n in model.graph.node if n.op_type == "MatMul" and not any(i in inits for i in n.input)
+                    and not any(i.endswith("_DequantizeLinear_Output") for i in n.input))
+    del model
+    try:
+        onnx.checker.check_model(str(out_onnx))
+    except onnx.checker.ValidationError as e:
+        raise BuildError(f"the quantized UNet {out_onnx} fails onnx.checker: {e}") from e
+    report = QuantizationReport(
+        fp32_onnx=str(fp32_onnx),
+        int8_onnx=str(out_onnx),
+        tool=f"sdxl-trt range calibration (PyTorch forward hooks) + Q/DQ writer, onnx {onnx.__version__}",
+        calibrate_method="minmax",
+        quant_level=float(quant_level),
+        calibration_samples=samples,
+        seconds=0.0,
+        quantized_nodes=quantized,
+        excluded_nodes=dict(excluded),
+        qdq_nodes=qdq,
+        settings={
+            "calibration_backend": "torch",
+            "quant_format": "QDQ",
+            "activation_type": "QInt8 symmetric per tensor (amax / 127)",
+            "weight_type": "QInt8 symmetric per output channel",
+            "per_channel": True,
+            "op_types_to_quantize": list(QUANTIZED_OP_TYPES),
+            "exclude_patterns": dict(exclude_patterns),
+            "not_quantized": "every op but Conv/MatMul/Gemm (norms, softmax, activations, adds, concats, resizes)",
+            "attention_matmuls_not_quantized": attention,
+        },
+    )
+    report.seconds = round(time.perf_counter() - t0, 3)
+    if eval_inputs:
+        report.error = measure_error(fp32_onnx, out_onnx, eval_inputs, providers=providers)
+    log.info("%s", report.summary())
+    return report
