@@ -29,6 +29,17 @@ DIFFUSERS_SCHEDULERS = {
                         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "ddim": ("DDIMScheduler", {}),
 }
+ALL_SCHEDULERS = {
+    **DIFFUSERS_SCHEDULERS,
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "dpmpp_3m_sde_karras": ("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}),
+}
 
 
 def diffusers_scheduler(name: str, _config=None):
@@ -38,7 +49,7 @@ def diffusers_scheduler(name: str, _config=None):
 
     from sdxl_trt.presets import SCHEDULER_CONFIG
 
-    cls, extra = DIFFUSERS_SCHEDULERS[name]
+    cls, extra = ALL_SCHEDULERS[name]
     return getattr(diffusers, cls).from_config(SCHEDULER_CONFIG, **extra)
 
 
@@ -101,6 +112,45 @@ def test_txt2img_matches_diffusers_for_every_scheduler(tiny_pipeline, reference,
     theirs = run_diffusers_txt2img(reference["txt2img"], scheduler, prompt=req.prompt, negative="", width=256,
                                    height=256, steps=6, guidance=6.0, seed=11, n=1)
     assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("scheduler", [s for s in ALL_SCHEDULERS if s not in DIFFUSERS_SCHEDULERS])
+def test_every_other_scheduler_matches_diffusers(tiny_pipeline, reference, scheduler):
+    """With the five above, every scheduler runs from the fixed max_steps tables and equals diffusers."""
+    req = GenerationRequest(prompt="a red fox in the snow, photograph", width=256, height=256, steps=5,
+                            guidance_scale=6.0, scheduler=scheduler, seed=12)
+    ours = tiny_pipeline.generate(req).images
+    theirs = run_diffusers_txt2img(reference["txt2img"], scheduler, prompt=req.prompt, negative="", width=256,
+                                   height=256, steps=5, guidance=6.0, seed=12, n=1)
+    assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_sde", "unipc"])
+def test_step_counts_share_the_fixed_tables(tiny_pipeline, reference, scheduler):
+    """One pipeline runs 6, then 1, then 3 steps of a sampler through the same fixed tables (what one captured
+    step reads): each equals diffusers, so rows left over from a longer schedule are never read, and a
+    one-step schedule runs (it once crashed the CUDA context reading a second row)."""
+    for steps in (6, 1, 3):
+        req = GenerationRequest(prompt="a lighthouse", width=256, height=256, steps=steps, guidance_scale=5.0,
+                                scheduler=scheduler, seed=steps)
+        ours = tiny_pipeline.generate(req)
+        assert ours.steps_run == {"unet": steps}
+        theirs = run_diffusers_txt2img(reference["txt2img"], scheduler, prompt=req.prompt, negative="", width=256,
+                                       height=256, steps=steps, guidance=5.0, seed=steps, n=1)
+        assert_close(ours.images, theirs)
+
+
+def test_img2img_at_low_strength_runs_one_step(tiny_pipeline, reference):
+    image = init_image(256, 256, seed=3)
+    req = GenerationRequest(prompt="a watercolor", init_image=image, strength=0.3, steps=4, guidance_scale=5.0,
+                            seed=9)
+    result = tiny_pipeline.generate(req)
+    assert result.steps_run == {"unet": 1}  # int(4 * 0.3) = 1
+    pipe = reference["img2img"]
+    pipe.scheduler = diffusers_scheduler("euler", pipe.scheduler.config)
+    theirs = pipe(prompt=req.prompt, image=image, strength=0.3, num_inference_steps=4, guidance_scale=5.0,
+                  generator=generators(9, 1), output_type="np").images
+    assert_close(result.images, theirs)
 
 
 def test_non_square_bucket_batch_and_negative_prompt(tiny_pipeline, reference):
