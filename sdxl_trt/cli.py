@@ -54,6 +54,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model_config=args.model_config, max_prompt_chunks=args.max_prompt_chunks, workspace_gib=args.workspace_gib,
         refittable=args.refittable, weight_streaming=args.weight_streaming, compile_torch=args.compile,
         calibration_prompts=args.calibration_prompts, calibration_steps=args.calibration_steps,
+        calibration_backend=args.calibration_backend,
         build_command=" ".join(["sdxl-trt", *map(shlex.quote, sys.argv[1:])]),
     )
     manifest = build_engines(opts)
@@ -132,8 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refittable", action="store_true", help="TensorRT: keep weights refittable (LoRA)")
     p.add_argument("--weight-streaming", action="store_true", help="TensorRT: allow weight streaming")
     p.add_argument("--compile", action="store_true", help="torch: compile the requested shapes with Inductor now")
-    p.add_argument("--calibration-prompts", type=int, default=64, help="int8: calibration prompts (of the shipped set)")
-    p.add_argument("--calibration-steps", type=int, default=20, help="int8: denoising steps per calibration prompt")
+    p.add_argument("--calibration-prompts", type=int, default=64,
+                   help="int8: calibration prompts of the shipped set, 2 UNet calls sampled from each; more prompts "
+                   "cover more content (ranges only widen) and cost one denoising run each")
+    p.add_argument("--calibration-steps", type=int, default=20,
+                   help="int8: denoising steps per calibration prompt; the samples are spread over this schedule, so "
+                   "use the step count you serve with (fewer steps: faster calibration, coarser noise levels)")
+    p.add_argument("--calibration-backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="int8: where ranges are measured: torch (forward hooks on the model's device; memory is the "
+                   "model plus one step) or onnxruntime (ORT's calibrator on the ONNX file; host memory grows with "
+                   "a whole forward pass's activations, kept for comparison)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("info", help="print an engine directory's manifest")
