@@ -20,11 +20,12 @@ from typing import Any
 from sdxl_trt.buckets import SDXL_BUCKETS, Bucket, check_bucket_divisible, parse_buckets
 from sdxl_trt.contracts import ModelDims, component_specs
 from sdxl_trt.engine_dir.environment import library_versions, sha256_file
-from sdxl_trt.engine_dir.layout import BACKENDS, RUNTIME_ASSETS, TIMING_CACHE_NAME
+from sdxl_trt.engine_dir.layout import BACKENDS, RUNTIME_ASSETS, TIMING_CACHE_NAME, WEIGHT_MAP_NAME
 from sdxl_trt.engine_dir.manifest import ComponentEntry, Manifest
 from sdxl_trt.engine_dir.profiles import Profile, component_profiles
 from sdxl_trt.errors import BackendUnavailableError, BuildError
 from sdxl_trt.identity import model_identity_hash
+from sdxl_trt.lora import LoraSpec
 from sdxl_trt.tables import format_table, human_bytes
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class BuildOptions:
     calibration_steps: int = 20  # INT8: denoising steps per calibration prompt (the schedule samples are spread over)
     calibration_backend: str = "torch"  # INT8: "torch" (hooks, bounded memory) or "onnxruntime" (ORT calibrator)
     build_command: str = ""
+    loras: tuple[str, ...] = ()  # --lora PATH[:SCALE]: fused into the base model before export and calibration
 
 
 def cuda_available() -> bool:
@@ -120,6 +122,7 @@ def build_engines(opts: BuildOptions) -> Manifest:
     """Build (or bring up to date) every engine in ``opts.out``; returns the saved manifest."""
     backend = resolve_backend(opts.backend)  # raises before anything is written
     precision = resolve_precision(backend, opts.precision)
+    lora_specs = [LoraSpec.parse(s) for s in opts.loras]  # a bad --lora is refused before anything is written
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     components = _components(opts.refiner)
@@ -135,7 +138,7 @@ def build_engines(opts: BuildOptions) -> Manifest:
         export_precision = "fp16" if precision == "fp16" else "fp32"
         log.info("export: %s -> %s (%s)", opts.model, onnx_dir, export_precision)
         export_info = export_model(opts.model, out=onnx_dir, refiner=opts.refiner, precision=export_precision,
-                                   device=opts.device, model_config=opts.model_config)
+                                   device=opts.device, model_config=opts.model_config, loras=lora_specs)
     dims = ModelDims.from_json(export_info["model_dims"])
     specs = component_specs(dims)
     native = [Bucket.parse(b) for b in export_info.get("native_buckets") or []] or list(SDXL_BUCKETS)
@@ -155,7 +158,7 @@ def build_engines(opts: BuildOptions) -> Manifest:
         profiles = component_profiles(specs[name], buckets=buckets, max_batch=opts.max_batch,
                                       mode=opts.profile_mode,  # type: ignore[arg-type]
                                       max_prompt_chunks=opts.max_prompt_chunks)
-        comp_precision = _component_precision(name, precision, backend)
+        comp_precision = _component_precision(name, precision, backend, opts.device)
         source_hash = _source_hash(backend, name, export_info, onnx_dir, comp_precision)
         key = {"source_hash": source_hash, "precision": comp_precision, "profiles": [p.to_json() for p in profiles]}
         if _fresh(prev, out, name, key, backend):
@@ -184,23 +187,33 @@ def build_engines(opts: BuildOptions) -> Manifest:
         log.info("[%d/%d] %s: built in %.1f s (%s)", i, len(components), name,
                  manifest.components[name].build_seconds, human_bytes(manifest.components[name].size_bytes))
     _copy_assets(onnx_dir if backend != "torch" else Path(export_info["assets_dir"]), out)
+    _save_weight_map(onnx_dir, out, loaded)
     manifest.save(out)
     log.info("build finished in %.1f s", time.perf_counter() - t_start)
     return manifest
 
 
-def _component_precision(name: str, precision: str, backend: str) -> str:
-    """The SDXL VAE overflows in fp16, so it stays fp32; INT8 applies to the UNets only."""
+def _component_precision(name: str, precision: str, backend: str, device: str = "cpu") -> str:
+    """The SDXL VAE overflows in fp16, so it runs in bf16 (fp32's range at 16-bit speed) where the torch
+    backend builds on a GPU that has bf16, else in fp32; INT8 applies to the UNets only."""
     if name in ("vae_decoder", "vae_encoder"):
-        return "fp32"
+        return "bf16" if precision in ("fp16", "int8") and backend == "torch" and _bf16_device(device) else "fp32"
     if precision == "int8" and name not in ("unet",):
         return "fp16" if backend == "tensorrt" else "fp32"
     return precision
 
 
+def _bf16_device(device: str) -> bool:
+    import torch
+
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def _source_hash(backend: str, name: str, export_info: dict[str, Any], onnx_dir: Path, precision: str) -> str:
     if backend == "torch":
-        ident = export_info["refiner" if name == "refiner" else "model"]["identity_hash"]
+        entry = export_info["refiner" if name == "refiner" else "model"]
+        ident = entry.get("fused_identity") or entry["identity_hash"]  # fused LoRAs make another model
         return f"{ident}:{precision}"
     return export_info["components"][name]["sha256"]
 
@@ -223,8 +236,6 @@ def _quantize_unet(onnx_dir: Path, opts: BuildOptions) -> tuple[Path, dict[str, 
 
     The model is loaded inside the INT8 step and dropped before the Q/DQ file is written, so the build's peak
     host memory is the larger of the two, not their sum."""
-    from sdxl_trt.export.loading import load_model
-
     from .int8 import build_int8_unet
 
     out = onnx_dir / "unet.int8.onnx"
@@ -232,7 +243,7 @@ def _quantize_unet(onnx_dir: Path, opts: BuildOptions) -> tuple[Path, dict[str, 
     b = parse_buckets(opts.buckets, default=[Bucket.parse(x) for x in native])[0]
     log.info("int8: calibrating the UNet on %d prompts x %d steps at %s (%s ranges)", opts.calibration_prompts,
              opts.calibration_steps, b, opts.calibration_backend)
-    report = build_int8_unet(lambda: load_model(opts.model, config=opts.model_config, device=opts.device),
+    report = build_int8_unet(lambda: _load_base(opts),
                              onnx_dir / "unet.onnx", out, num_prompts=opts.calibration_prompts,
                              steps=opts.calibration_steps, width=b.width, height=b.height,
                              backend=opts.calibration_backend)  # type: ignore[arg-type]
@@ -263,7 +274,19 @@ def _torch_model_info(opts: BuildOptions) -> dict[str, Any]:
     """What the torch backend records without exporting ONNX: identity, widths, assets."""
     from sdxl_trt.export.exporter import model_summary
 
-    return model_summary(opts.model, refiner=opts.refiner, model_config=opts.model_config)
+    return model_summary(opts.model, refiner=opts.refiner, model_config=opts.model_config,
+                         loras=[LoraSpec.parse(s) for s in opts.loras])
+
+
+def _load_base(opts: BuildOptions, **kwargs: Any) -> Any:
+    """The base model as the engines will hold it: loaded, with ``--lora`` fused (torch programs and INT8
+    calibration see the same weights as the ONNX export)."""
+    from sdxl_trt.export.loading import load_model
+    from sdxl_trt.export.lora_fusion import fuse_loras
+
+    model = load_model(opts.model, config=opts.model_config, device=opts.device, **kwargs)
+    fuse_loras(model, [LoraSpec.parse(s) for s in opts.loras])
+    return model
 
 
 def _load_for_torch(opts: BuildOptions) -> Any:
@@ -271,7 +294,7 @@ def _load_for_torch(opts: BuildOptions) -> Any:
 
     from sdxl_trt.export.loading import load_model
 
-    base = load_model(opts.model, dtype=torch.float32, device=opts.device, config=opts.model_config)
+    base = _load_base(opts, dtype=torch.float32)
     ref = load_model(opts.refiner, dtype=torch.float32, device=opts.device) if opts.refiner else None
     return base, ref
 
@@ -284,7 +307,7 @@ def _build_torch(name: str, precision: str, specs: dict, profiles: list[Profile]
 
     from .torch_backend import build_torch_engine, dim_multiples_for
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     from sdxl_trt.export.loading import model_dims
 
     base, refiner = loaded
@@ -332,6 +355,19 @@ def _compile_shapes(name: str, profiles: list[Profile], opts: BuildOptions) -> l
     return [dict(t) for t in {tuple(sorted(s.items())) for s in shapes}]
 
 
+def _save_weight_map(onnx_dir: Path, out: Path, loaded: Any) -> None:
+    """``weight_map.json`` beside the engines: the export's (ONNX and torch names), or for torch engines the
+    torch names of the modules just built (a directory with nothing rebuilt keeps the map it has)."""
+    if (onnx_dir / WEIGHT_MAP_NAME).exists():
+        shutil.copyfile(onnx_dir / WEIGHT_MAP_NAME, out / WEIGHT_MAP_NAME)
+    elif loaded is not None:
+        from sdxl_trt.export.weight_map import component_weight_maps
+        from sdxl_trt.export.wrappers import wrap_components
+        from sdxl_trt.lora.weight_map import WeightMap
+
+        WeightMap(component_weight_maps(loaded[0], wrap_components(*loaded))).save(out / WEIGHT_MAP_NAME)
+
+
 def _copy_assets(src_dir: Path, out: Path) -> None:
     for sub in RUNTIME_ASSETS:
         src = src_dir / sub
@@ -360,6 +396,9 @@ def format_manifest(manifest: Manifest) -> str:
     lines = [
         f"model:      {m.model.get('name')} ({m.model.get('kind')}, hash {str(m.model.get('identity_hash'))[:12]})",
         *([f"refiner:    {m.refiner.get('name')} (hash {str(m.refiner.get('identity_hash'))[:12]})"] if m.refiner else []),
+        *[f"LoRA:       {lo['path']} (scale {lo['scale']:g}, sha256 {lo['sha256'][:12]}"
+          + (f", {lo['format']}, " + ", ".join(f"{c} {n} layers" for c, n in lo['layers'].items()) if 'layers' in lo else "")
+          + ")" for lo in m.model.get("loras", [])],
         f"backend:    {m.backend}   precision: {m.precision}   profiles: {m.profile_mode}",
         f"buckets:    {', '.join(m.buckets)}",
         f"max batch:  {m.max_batch} images   prompt chunks: {m.max_prompt_chunks} (x 75 tokens)",
