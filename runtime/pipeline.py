@@ -98,14 +98,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ public API
     def warmup(self, *, buckets: Sequence[str | Bucket] | None = None, batch_sizes: Sequence[int] | None = None,
-               steps: int = 2, scheduler: str = "euler", guidance_scale: float = 5.0, refiner: bool = False) -> float:
+               steps: int = 2, scheduler: str = "euler", guidance_scale: float = 5.0,
+               refiner: bool | None = None) -> float:
         """Run each bucket (default: every built one) at each batch size (default: 1 and max_batch) once,
         capturing CUDA graphs; then forbid capture. Returns the seconds spent.
 
         Call it once after ``load`` in a service, before taking traffic: afterwards no request waits behind a
         capture, and shapes first seen after warm-up run eagerly instead. One captured step serves every
         step count and strength of a scheduler, so a short warm-up (``steps``) captures everything.
+        ``refiner`` (default: when there is one) runs the ensemble too, capturing the refiner's step.
         """
+        use_refiner = self.has_refiner if refiner is None else refiner and self.has_refiner
+        if use_refiner:
+            steps = max(steps, 5)  # the base's 80% and the refiner's 20% must each keep a step
         t0 = time.perf_counter()
         chosen = self.buckets if buckets is None else [b if isinstance(b, Bucket) else Bucket.parse(b) for b in buckets]
         unknown = [str(b) for b in chosen if b not in self.buckets]
@@ -116,7 +121,7 @@ class Pipeline:
             for n in batch_sizes or sorted({1, self.max_batch}, reverse=True):
                 req = GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height, steps=steps,
                                         scheduler=scheduler, guidance_scale=guidance_scale, seed=0, num_images=n,
-                                        refiner_mode="ensemble" if refiner and self.has_refiner else None)
+                                        refiner_mode="ensemble" if use_refiner else None)
                 self.generate(req)
         self.ctx.graphs.forbid_capture()
         stats = self.cuda_graph_stats()
