@@ -55,6 +55,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         refittable=args.refittable, weight_streaming=args.weight_streaming, compile_torch=args.compile,
         calibration_prompts=args.calibration_prompts, calibration_steps=args.calibration_steps,
         calibration_backend=args.calibration_backend,
+        loras=tuple(args.lora),
         build_command=" ".join(["sdxl-trt", *map(shlex.quote, sys.argv[1:])]),
     )
     manifest = build_engines(opts)
@@ -76,6 +77,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runtime.cli_run import run_from_args
 
     return run_from_args(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.cli import bench_from_args
+
+    return bench_from_args(args)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", required=True, help="engine directory made by `sdxl-trt build`")
+    p.add_argument("--out", required=True, help="folder for the report (JSON + Markdown, and a PNG with matplotlib)")
+    p.add_argument("--baseline", default=None, help="also time diffusers' SDXL pipeline on this model's weights "
+                   "(the preset or path the engines were built from); enables the fp32 reference")
+    p.add_argument("--baseline-refiner", default=None, help="the refiner for the baseline (default: the engines')")
+    p.add_argument("--sizes", default=None, help="WxH,... built buckets to time (default: the first built bucket)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--runs", type=int, default=5, help="timed runs per row")
+    p.add_argument("--warmup-runs", type=int, default=1, help="untimed runs per row after Pipeline.warmup")
+    p.add_argument("--batches", default="1", help="images per request for the throughput table, e.g. 1,2,4")
+    p.add_argument("--refiner-mode", choices=["none", "ensemble", "img2img"], default="none",
+                   help="add a row with the refiner per size")
+    p.add_argument("--refiner-start", type=float, default=0.8)
+    p.add_argument("--refiner-strength", type=float, default=0.3)
+    p.add_argument("--scheduler", default="euler")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch engines: load with Inductor compile")
+    p.add_argument("--no-reference", action="store_true", help="skip the fp32 reference run (no image error)")
+    p.add_argument("--no-step-split", action="store_true",
+                   help="skip the event-timed per-step figure (a second run set at half the steps)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG plot (JSON and Markdown only)")
+    p.add_argument("--name", default=None, help="report file name without suffix (default: from the engines)")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: where ranges are measured: torch (forward hooks on the model's device; memory is the "
                    "model plus one step) or onnxruntime (ORT's calibrator on the ONNX file; host memory grows with "
                    "a whole forward pass's activations, kept for comparison)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse a LoRA (.safetensors, diffusers or kohya format) into the base model before export "
+                        "and INT8 calibration; repeatable, applied in order (scale default 1)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("info", help="print an engine directory's manifest")
@@ -153,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="generate images with built engines")
     add_run_arguments(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="end-to-end benchmark of an engine directory (optionally against diffusers)")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     _add_optional_commands(sub)
     return parser
