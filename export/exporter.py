@@ -21,18 +21,24 @@ import torch
 
 from sdxl_trt.contracts import CONTRACT_VERSION, VAE_SCALE, component_specs
 from sdxl_trt.engine_dir.environment import current_device, library_versions, sha256_file
+from sdxl_trt.engine_dir.layout import WEIGHT_MAP_NAME
 from sdxl_trt.errors import ExportError
-from sdxl_trt.identity import model_identity_hash
+from sdxl_trt.identity import file_sha256, model_identity_hash
+from sdxl_trt.lora import LORA_COMPONENTS, LoraSpec
+from sdxl_trt.lora.weight_map import WeightMap
 from sdxl_trt.presets import PRESETS
 from sdxl_trt.tables import format_table, human_bytes
 
 from .loading import LoadedModel, load_model, model_dims
-from .onnx_export import check_onnx, export_onnx, verify_onnx
+from .lora_fusion import fuse_loras, fused_identity
+from .onnx_export import check_onnx, export_onnx, sample_inputs, verify_onnx
+from .weight_map import lora_modules, onnx_weight_map
 from .wrappers import wrap_components
 
 log = logging.getLogger(__name__)
 
 EXPORT_MANIFEST = "manifest.json"
+WEIGHT_MAP = WEIGHT_MAP_NAME  # the same name in the ONNX and the engine directory
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 
@@ -92,13 +98,19 @@ def export_model(
     model_config: str | None = None,
     force: bool = False,
     loaded: tuple[LoadedModel, LoadedModel | None] | None = None,
+    loras: Sequence[LoraSpec] = (),
 ) -> dict[str, Any]:
-    """Export ``model`` (a preset or a local path) to ``out``; returns the export manifest (also saved)."""
+    """Export ``model`` (a preset or a local path) to ``out``; returns the export manifest (also saved).
+
+    ``loras`` are fused into the base model's PyTorch modules before export (``loaded`` modules too: pass
+    them without LoRAs). The weight map of the exported text encoders and UNet goes to ``weight_map.json``.
+    """
     if precision not in PRECISIONS or vae_precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {list(PRECISIONS)}, got {precision!r}/{vae_precision!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    identities = {"base": model_identity_hash(model)}
+    model_identity = model_identity_hash(model)
+    identities = {"base": fused_identity(model_identity, loras)}
     if refiner is not None:
         identities["refiner"] = model_identity_hash(refiner)
     wanted = list(components) if components else [
@@ -109,7 +121,9 @@ def export_model(
     )
     previous = read_export_manifest(out) or {}
     same_refiner = (previous.get("refiner") or {}).get("identity_hash") == identities.get("refiner")
-    if not todo and previous and same_refiner:
+    weight_map = _read_weight_map(out)
+    unmapped = _unmapped_components(weight_map, wanted, previous.get("components", {}), todo)
+    if not todo and not unmapped and previous and same_refiner:
         log.info("export: all %d components up to date in %s", len(wanted), out)
         return {**previous, "components": {k: previous["components"][k] for k in wanted}}
 
@@ -118,6 +132,7 @@ def export_model(
         ref_m = load_model(refiner, dtype=torch.float32, device=device) if refiner else None
     else:
         base_m, ref_m = loaded
+    fused = fuse_loras(base_m, loras)
     dims = model_dims(base_m, ref_m)
     specs = component_specs(dims)
     modules = wrap_components(base_m, ref_m)
@@ -142,6 +157,10 @@ def export_model(
         t1 = time.perf_counter()
         ver = verify_onnx(module, specs[name], path, dims=verify_dims, precision=dtype, device=device)
         t_verify = time.perf_counter() - t1
+        if name in LORA_COMPONENTS:  # while the module holds the weights exactly as exported
+            weight_map.components[name] = onnx_weight_map(
+                lora_modules(base_m)[name], module, path, onnx_sha256=sha256_file(path),
+                sample=_sample(specs[name], dtype, device))
         data_file = path.with_name(path.name + ".data")
         entries[name] = {
             "file": path.name,
@@ -159,11 +178,19 @@ def export_model(
         log.info("[%d/%d] %s: done in %.1f s, relative error %.2e", i, len(todo), name,
                  t_export + t_verify, ver.worst_relative_error)
         module.to(dtype=torch.float32)
+    for name in unmapped:  # exported before weight maps existed: map the file already there
+        module = modules[name].to(device=device, dtype=PRECISIONS[component_precision(name, precision)])
+        weight_map.components[name] = onnx_weight_map(
+            lora_modules(base_m)[name], module, out / f"{name}.onnx", onnx_sha256=entries[name]["sha256"],
+            sample=_sample(specs[name], module_dtype(module), device))
+        module.to(dtype=torch.float32)
+    weight_map.components = {k: v for k, v in weight_map.components.items() if k in wanted}
+    weight_map.save(out / WEIGHT_MAP)
 
     _copy_runtime_assets(base_m, ref_m, out)
     manifest = {
         "stage": "export",
-        "model": _model_entry(base_m, identities["base"]),
+        "model": _model_entry(base_m, model_identity, fused, identities["base"]),
         "refiner": _model_entry(ref_m, identities["refiner"]) if ref_m else None,
         "precision": precision,
         "vae_precision": vae_precision,
@@ -173,6 +200,7 @@ def export_model(
         "versions": library_versions(),
         "device": current_device(),
         "components": {k: entries[k] for k in wanted if k in entries},
+        "weight_map": WEIGHT_MAP,
     }
     tmp = out / (EXPORT_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -180,8 +208,39 @@ def export_model(
     return manifest
 
 
-def _model_entry(m: LoadedModel, identity: str) -> dict[str, Any]:
-    return {"name": m.name, "kind": m.kind, "source": m.source, "identity_hash": identity}
+def _model_entry(m: LoadedModel, identity: str, loras: list[dict[str, Any]] | None = None,
+                 fused: str | None = None) -> dict[str, Any]:
+    """``identity_hash`` is the model's own (the load check compares it with the files); with LoRAs fused,
+    ``loras`` lists them and ``fused_identity`` is what staleness is decided on."""
+    entry = {"name": m.name, "kind": m.kind, "source": m.source, "identity_hash": identity}
+    if loras:
+        entry.update(loras=loras, fused_identity=fused)
+    return entry
+
+
+def _sample(spec: Any, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    """Small inputs for the weight map's autograd check of unused weights."""
+    inputs = sample_inputs(spec, {"B": 1, "S": 77, "h": 16, "w": 16}, dtype, device=device, seed=3)
+    return [inputs[n] for n in spec.input_names]
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _read_weight_map(out: Path) -> WeightMap:
+    """The weight map beside earlier exports, or an empty one (missing or unreadable: mapped again)."""
+    try:
+        return WeightMap.load(out / WEIGHT_MAP)
+    except Exception:  # noqa: BLE001 - any problem means: map again
+        return WeightMap()
+
+
+def _unmapped_components(weight_map: WeightMap, wanted: Sequence[str], entries: dict[str, Any],
+                         todo: Sequence[str]) -> list[str]:
+    """Up-to-date LoRA components whose ONNX the weight map does not describe (exported by an older sdxl-trt)."""
+    return [c for c in wanted if c in LORA_COMPONENTS and c not in todo and c in entries
+            and (c not in weight_map.components or weight_map.components[c].onnx_sha256 != entries[c].get("sha256"))]
 
 
 def _copy_runtime_assets(base: LoadedModel, refiner: LoadedModel | None, out: Path) -> None:
@@ -248,10 +307,13 @@ def _config_dir_of(source: str, model_config: str | None) -> tuple[Path, dict[st
     return Path(model_config), {"type": "single_file", "path": str(path.resolve()), "config": model_config}
 
 
-def model_summary(model: str, *, refiner: str | None = None, model_config: str | None = None) -> dict[str, Any]:
-    """Identity, widths, pipeline options and runtime assets of a model, read from configs only."""
+def model_summary(model: str, *, refiner: str | None = None, model_config: str | None = None,
+                  loras: Sequence[LoraSpec] = ()) -> dict[str, Any]:
+    """Identity, widths, pipeline options and runtime assets of a model, read from configs only (``loras``:
+    recorded by file hash and scale; the torch build fuses them when it loads the weights)."""
     base_dir, base_src = _config_dir_of(model, model_config)
     base = _config_only(base_dir, model, base_src, model_identity_hash(model))
+    fused = [{"path": str(s.path.resolve()), "sha256": file_sha256(s.path), "scale": s.scale} for s in loras]
     ref = None
     if refiner:
         ref_dir, ref_src = _config_dir_of(refiner, None)
@@ -261,7 +323,7 @@ def model_summary(model: str, *, refiner: str | None = None, model_config: str |
     assets = Path(tempfile.mkdtemp(prefix="sdxl-trt-assets-"))
     _copy_runtime_assets(base, ref, assets)
     return {
-        "model": _model_entry(base, base.identity_hash),
+        "model": _model_entry(base, base.identity_hash, fused, fused_identity(base.identity_hash, loras)),
         "refiner": _model_entry(ref, ref.identity_hash) if ref else None,
         "model_dims": dims.to_json(),
         "native_buckets": [str(b) for b in buckets] if buckets else None,

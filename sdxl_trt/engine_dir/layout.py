@@ -6,6 +6,7 @@ Layout::
     DIR/<component>.<ext>              .plan (tensorrt), .onnx (onnxruntime; int8: unet.int8.onnx), .pt2 (torch)
     DIR/<component>.inductor-cache.bin   torch: Inductor artifacts compiled at build time (optional)
     DIR/timing.cache                   tensorrt: the builder's timing cache, reused by the next build
+    DIR/weight_map.json                each LoRA-able PyTorch weight's name in every engine (sdxl_trt.lora.weight_map)
     DIR/tokenizer/ tokenizer_2/ scheduler/ refiner_scheduler/   what the runtime needs besides engines
     DIR/onnx/                          the verified ONNX export and its own manifest.json
 
@@ -21,6 +22,7 @@ EXTENSIONS = {"tensorrt": ".plan", "onnxruntime": ".onnx", "torch": ".pt2"}
 RUNTIME_ASSETS = ("tokenizer", "tokenizer_2", "scheduler", "refiner_scheduler")
 REQUIRED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 TIMING_CACHE_NAME = "timing.cache"
+WEIGHT_MAP_NAME = "weight_map.json"
 
 ONNXRUNTIME_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 """ONNX Runtime engines use the first installed of these (only CPU when the pipeline runs on the CPU)."""

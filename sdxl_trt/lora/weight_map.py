@@ -10,12 +10,15 @@ saved in the engine directory, so every backend updates the same weights the sam
              "shape": [64, 64],                      # the PyTorch weight's shape
              "onnx": "onnx::MatMul_5438",            # ONNX initializer (= TensorRT refit weight name), or null
              "onnx_transposed": true,                # the initializer holds the weight transposed ([in, out])
-             "torch": "unet.down_blocks.1...to_q.weight"}}}}}   # parameter of the torch.export program
+             "torch": "unet.down_blocks.1...to_q.weight",   # parameter of the torch.export program
+             "unused": false}}}}}                    # true: no output depends on it (see below)
 
 Consumers: ONNX Runtime initializer overrides and TensorRT refit take ``onnx`` (transposing when
-``onnx_transposed``); torch engines update the program's parameter ``torch`` in place. A weight whose
-``onnx`` is null could not be found in the graph (folded into another constant): a runtime LoRA that
-touches it must be refused for ONNX-based engines.
+``onnx_transposed``); torch engines update the program's parameter ``torch`` in place. A weight that is
+``unused`` changes no output of the engine (the text encoder's last layer: SDXL reads the penultimate
+hidden states), so the exporter pruned it and a LoRA's update to it has nothing to change. A weight whose
+``onnx`` is null and is not ``unused`` could not be found in the graph (folded into another constant): a
+runtime LoRA that touches it must be refused for ONNX-based engines.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class WeightLocation:
     torch: str
     onnx: str | None = None
     onnx_transposed: bool = False
+    unused: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -49,7 +53,7 @@ class WeightLocation:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> WeightLocation:
         return cls(shape=tuple(data["shape"]), torch=data["torch"], onnx=data.get("onnx"),
-                   onnx_transposed=bool(data.get("onnx_transposed", False)))
+                   onnx_transposed=bool(data.get("onnx_transposed", False)), unused=bool(data.get("unused", False)))
 
 
 @dataclass
@@ -60,7 +64,8 @@ class ComponentWeights:
     onnx_sha256: str | None = None  # None for a torch-only build (no ONNX)
 
     def unmapped_onnx(self) -> list[str]:
-        return sorted(n for n, w in self.weights.items() if w.onnx is None)
+        """Weights that matter but have no ONNX initializer of their own (a runtime LoRA must not touch them)."""
+        return sorted(n for n, w in self.weights.items() if w.onnx is None and not w.unused)
 
 
 @dataclass
