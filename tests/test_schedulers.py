@@ -25,13 +25,15 @@ from diffusers.schedulers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdxl_trt.errors import InvalidRequestError, ModelLoadError
 from sdxl_trt.presets import SCHEDULER_CONFIG
-from sdxl_trt.runtime.schedulers import SCHEDULERS, make_schedule
+from sdxl_trt.runtime.schedulers import CUSTOM_TIMESTEPS, OWN_TIMESTEPS, SCHEDULERS, make_schedule
 
 # name -> (diffusers class, from_config kwargs that select the same sampler)
 DIFFUSERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -49,7 +51,12 @@ DIFFUSERS: dict[str, tuple[type, dict[str, Any]]] = {
                             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
     "ddim": (DDIMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
+# The eta each sampler runs at by default (diffusers' SDXL pipelines pass eta=0.0 to step(); TCD's
+# recommended and our default gamma is 0.3, which a diffusers user passes as the pipeline's eta).
+DEFAULT_ETA: dict[str, float] = {"tcd": 0.3}
 
 SHAPE = (2, 4, 8, 8)  # two images, each with its own generator
 SEEDS = (1234, 99)
@@ -86,6 +93,14 @@ CASES: dict[str, dict[str, Any]] = {
                                   "rescale_betas_zero_snr": True}},
     "linspace": {"steps": 15, "config": {"timestep_spacing": "linspace", "steps_offset": 0}},
     "one-generator": {"steps": 12, "seeds": (7,)},
+    # few-step recipes
+    "trailing-2": {"steps": 2, "spacing": "trailing"},
+    "trailing-4-img2img": {"steps": 4, "mode": "img2img", "strength": 0.5, "spacing": "trailing"},
+    "linspace-8": {"steps": 8, "spacing": "linspace"},
+    "timesteps-dmd2": {"steps": 4, "timesteps": (999, 749, 499, 249)},
+    "timesteps-one": {"steps": 1, "timesteps": (399,)},
+    "timesteps-img2img": {"steps": 4, "mode": "img2img", "strength": 0.5, "timesteps": (999, 749, 499, 249)},
+    "timesteps-base-end": {"steps": 5, "timesteps": (999, 800, 500, 200, 50), "denoising_end": 0.6},
 }
 
 
@@ -123,13 +138,21 @@ def _generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
 def run_diffusers(name: str, steps: int, *, mode: str = "txt2img", strength: float = 1.0,
                   denoising_start: float | None = None, denoising_end: float | None = None,
                   config: dict[str, Any] | None = None, seeds: tuple[int, ...] = SEEDS,
+                  spacing: str | None = None, timesteps: tuple[int, ...] | None = None, eta: float | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers' SDXL denoising loop (txt2img, img2img or inpaint) with `fake_unet`."""
+    """diffusers' SDXL denoising loop (txt2img, img2img or inpaint) with `fake_unet`; `spacing` is passed
+    the way a diffusers user does (from_config(..., timestep_spacing=)), `timesteps` to set_timesteps, `eta`
+    as the pipeline's eta."""
     cls, kwargs = DIFFUSERS[name]
+    if spacing is not None:
+        kwargs = {**kwargs, "timestep_spacing": spacing}
     sched = cls.from_config({**SCHEDULER_CONFIG, **(config or {})}, **kwargs)
     gens = _generators(seeds)
     pipe = types.SimpleNamespace(scheduler=sched)
-    sched.set_timesteps(steps, device="cpu")
+    if timesteps is not None:
+        sched.set_timesteps(timesteps=list(timesteps), device="cpu")
+    else:
+        sched.set_timesteps(steps, device="cpu")
     n_train = sched.config.num_train_timesteps
     if mode == "txt2img":
         timesteps = sched.timesteps
@@ -150,7 +173,8 @@ def run_diffusers(name: str, steps: int, *, mode: str = "txt2img", strength: flo
         timesteps = timesteps[:len(list(filter(lambda ts: ts >= cutoff, timesteps)))]
     if mode == "txt2img" and hasattr(sched, "set_begin_index"):
         sched.set_begin_index(0)
-    extra = StableDiffusionXLPipeline.prepare_extra_step_kwargs(pipe, gens, 0.0)
+    extra = StableDiffusionXLPipeline.prepare_extra_step_kwargs(pipe, gens, DEFAULT_ETA.get(name, 0.0) if eta is None
+                                                                else eta)
     for i, t in enumerate(timesteps):
         model_input = sched.scale_model_input(latents, t)
         latents = sched.step(fake_unet(model_input, t), t, latents, **extra, return_dict=False)[0]
@@ -177,10 +201,12 @@ def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def run_ours(name: str, steps: int, monkeypatch: pytest.MonkeyPatch, *, mode: str = "txt2img",
              strength: float = 1.0, denoising_start: float | None = None, denoising_end: float | None = None,
              config: dict[str, Any] | None = None, seeds: tuple[int, ...] = SEEDS,
+             spacing: str | None = None, timesteps: tuple[int, ...] | None = None, eta: float | None = None,
              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """The capturable loop: device step index incremented in place, no host reads, state updated in place."""
     s = make_schedule(name, steps, config={**SCHEDULER_CONFIG, **(config or {})}, strength=strength,
-                      denoising_start=denoising_start, denoising_end=denoising_end, dtype=dtype)
+                      denoising_start=denoising_start, denoising_end=denoising_end, timestep_spacing=spacing,
+                      timesteps=timesteps, eta=eta, dtype=dtype)
     gens = _generators(seeds)
     noise = None
     if mode == "txt2img" or (mode == "inpaint" and strength == 1.0):
@@ -215,10 +241,19 @@ def test_every_name_has_a_reference() -> None:
     assert {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"} <= set(SCHEDULERS)
 
 
+def _applies(name: str, case: dict[str, Any]) -> bool:
+    """Whether diffusers' class takes the case's options (the others are refusal tests below)."""
+    if "timesteps" in case:
+        return name in CUSTOM_TIMESTEPS
+    return not ("spacing" in case and name in OWN_TIMESTEPS)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_matches_diffusers(name: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = dict(CASES[case])
+    if not _applies(name, kwargs):
+        pytest.skip(f"{name} does not take {case}'s options (refused: test_options_diffusers_refuses_are_refused)")
     steps = kwargs.pop("steps")
     ref_timesteps, ref = run_diffusers(name, steps, **kwargs)
     timesteps, ours = run_ours(name, steps, monkeypatch, **kwargs)
@@ -268,7 +303,8 @@ NOISY = [name for name in SCHEDULERS if make_schedule(name, 2, config=SCHEDULER_
 @pytest.mark.parametrize("name", NOISY)
 def test_step_noise_is_what_diffusers_draws_for_a_float16_unet(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Row i is exactly the tensor diffusers' step() draws at step i (values and dtype: the model output's
-    for Euler ancestral, float32 for DPM-Solver SDE), for a float16 UNet output."""
+    for Euler ancestral, LCM and TCD, float32 for DPM-Solver SDE), for a float16 UNet output. LCM and TCD
+    draw nothing on the schedule's last step: that row is zeros."""
     cls, kwargs = DIFFUSERS[name]
     sched = cls.from_config(SCHEDULER_CONFIG, **kwargs)
     sched.set_timesteps(6)
@@ -288,9 +324,10 @@ def test_step_noise_is_what_diffusers_draws_for_a_float16_unet(name: str, monkey
         latents = sched.step(torch.zeros(SHAPE, dtype=torch.float16), t, sched.scale_model_input(latents, t),
                              generator=gens, return_dict=False)[0]
     ours = make_schedule(name, 6, config=SCHEDULER_CONFIG).draw_step_noise(SHAPE, _generators(SEEDS), torch.float16)
-    assert len(drawn) == 6
-    assert ours.dtype == drawn[0].dtype
-    assert torch.equal(ours, torch.stack(drawn))
+    assert len(drawn) == (5 if name in OWN_TIMESTEPS else 6)
+    assert ours.shape[0] == 6 and ours.dtype == drawn[0].dtype
+    assert torch.equal(ours[:len(drawn)], torch.stack(drawn))
+    assert not ours[len(drawn):].any()
 
 
 @pytest.mark.parametrize("name", NOISY)
@@ -353,3 +390,66 @@ def test_ddim_refuses_sample_clipping() -> None:
     config = {k: v for k, v in SCHEDULER_CONFIG.items() if k != "clip_sample"}  # diffusers' default: True
     with pytest.raises(ModelLoadError, match="clip_sample"):
         make_schedule("ddim", 30, config=config)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("case", ["txt2img-4", "img2img-0.75", "base-end0.8-4", "timesteps-dmd2"])
+def test_tcd_eta_matches_diffusers(eta: float, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eta changes only the tables and which steps draw noise (none at 0), never the step's code."""
+    kwargs = dict(CASES[case])
+    steps = kwargs.pop("steps")
+    ref = run_diffusers("tcd", steps, eta=eta, **kwargs)[1]
+    ours = run_ours("tcd", steps, monkeypatch, eta=eta, **kwargs)[1]
+    torch.testing.assert_close(ours, ref, rtol=0.0, atol=REL_TOL * float(ref.abs().max()))
+
+
+def test_tcd_eta_zero_draws_nothing() -> None:
+    gen = torch.Generator().manual_seed(3)
+    before = gen.get_state()
+    table = make_schedule("tcd", 4, config=SCHEDULER_CONFIG, eta=0.0).draw_step_noise(SHAPE, [gen], torch.float32)
+    assert table.shape == (4, *SHAPE) and not table.any()
+    assert torch.equal(gen.get_state(), before)
+
+
+def test_lcm_timesteps_are_its_own_selection() -> None:
+    """LCM's selection from its 50-step distillation schedule, whatever the config's spacing (diffusers' values)."""
+    for steps, expected in [(1, [999]), (2, [999, 499]), (4, [999, 759, 499, 259]),
+                            (8, [999, 879, 759, 639, 499, 379, 259, 139])]:
+        for spacing in ("leading", "trailing"):
+            s = make_schedule("lcm", steps, config={**SCHEDULER_CONFIG, "timestep_spacing": spacing})
+            assert s.timesteps.tolist() == expected
+
+
+@pytest.mark.parametrize(("name", "kwargs", "param", "text"), [
+    ("euler", {"timestep_spacing": "uniform"}, "timestep_spacing", "leading, linspace, trailing"),
+    ("lcm", {"timestep_spacing": "trailing"}, "timestep_spacing", "own timesteps"),
+    ("tcd", {"timestep_spacing": "leading"}, "timestep_spacing", "own timesteps"),
+    ("euler", {"timesteps": (999, 999, 499, 249)}, "timesteps", "descending"),
+    ("lcm", {"timesteps": (249, 499, 749, 999)}, "timesteps", "descending"),
+    ("lcm", {"timesteps": (1000, 749, 499, 249)}, "timesteps", "0..999"),
+    ("lcm", {"timesteps": (999, 749, 499, -1)}, "timesteps", "0..999"),
+    ("lcm", {"timesteps": (999.5, 749, 499, 249)}, "timesteps", "integers"),
+    ("lcm", {"timesteps": (999, 749, 499)}, "timesteps", "steps must equal"),
+    ("euler_a", {"timesteps": (999, 749, 499, 249)}, "timesteps", "euler, dpmpp_2m"),
+    ("euler_karras", {"timesteps": (999, 749, 499, 249)}, "timesteps", "does not take explicit timesteps"),
+    ("ddim", {"timesteps": (999, 749, 499, 249)}, "timesteps", "lcm, tcd"),
+    ("unipc", {"timesteps": (999, 749, 499, 249)}, "timesteps", "lcm, tcd"),
+    ("euler", {"timesteps": (999, 749, 499, 249), "timestep_spacing": "trailing"}, "timestep_spacing", "not both"),
+    ("tcd", {"eta": 1.5}, "eta", "[0, 1]"),
+    ("tcd", {"eta": -0.1}, "eta", "[0, 1]"),
+    ("euler", {"eta": 0.3}, "eta", "tcd"),
+    ("ddim", {"eta": 0.5}, "eta", "eta 0 only"),
+])
+def test_options_diffusers_refuses_are_refused(name: str, kwargs: dict[str, Any], param: str, text: str) -> None:
+    """Each refusal names the field and says what would work."""
+    with pytest.raises(InvalidRequestError) as info:
+        make_schedule(name, 4, config=SCHEDULER_CONFIG, **kwargs)
+    assert info.value.param == param
+    assert text in str(info.value), str(info.value)
+
+
+def test_lcm_refuses_more_steps_than_its_distillation_schedule() -> None:
+    with pytest.raises(InvalidRequestError, match="original_inference_steps=50") as info:
+        make_schedule("lcm", 51, config=SCHEDULER_CONFIG)
+    assert info.value.param == "steps"
+    assert make_schedule("lcm", 51, config={**SCHEDULER_CONFIG, "original_inference_steps": 100}).num_steps == 51

@@ -48,6 +48,16 @@ the sample's scale of diffusers over whole loops, typically 5e-7).
 | dpmpp_3m_sde_karras | the same with use_karras_sigmas=True |
 | ddim | DDIMScheduler (eta 0) |
 | unipc | UniPCMultistepScheduler (solver_order 2, bh2) |
+| lcm | LCMScheduler (original_inference_steps from the config, default 50) |
+| tcd | TCDScheduler, with ``eta`` (gamma, default 0.3) |
+
+Per-request options (what few-step recipes set), each where diffusers' class takes it, refused elsewhere:
+
+- ``timestep_spacing`` (leading, linspace, trailing) overrides the config's, for every sampler but lcm and
+  tcd (which choose their own timesteps);
+- ``timesteps``, an explicit descending list, for the classes whose ``set_timesteps`` takes ``timesteps``:
+  euler, the non-Karras dpmpp_* samplers, lcm, tcd (`CUSTOM_TIMESTEPS`);
+- ``eta`` for tcd (``ddim`` takes it too, at 0 only: DDIM with eta > 0 is not provided).
 
 Not provided: Heun, DPM2, DPM2 ancestral, DPM++ 2S ancestral and DPM++ SDE (DPMSolverSDEScheduler): two
 UNet calls per step, so not one captured step. DDIM with eta > 0 is not provided either.
@@ -56,17 +66,17 @@ UNet calls per step, so not one captured step. DDIM with eta > 0 is not provided
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from sdxl_trt.errors import InvalidRequestError
 
-from . import ddim, dpm_solver, euler, euler_ancestral, unipc
+from . import ddim, dpm_solver, euler, euler_ancestral, lcm, tcd, unipc
 from ._base import Schedule, Window
 
-__all__ = ["SCHEDULERS", "Schedule", "make_schedule"]
+__all__ = ["CUSTOM_TIMESTEPS", "OWN_TIMESTEPS", "SCHEDULERS", "SPACINGS", "Schedule", "make_schedule"]
 
 _FACTORIES: dict[str, Callable[..., Schedule]] = {
     "euler": functools.partial(euler.make, karras=False),
@@ -80,10 +90,24 @@ _FACTORIES: dict[str, Callable[..., Schedule]] = {
     "dpmpp_3m_sde_karras": functools.partial(dpm_solver.make, karras=True, sde=True, order=3),
     "ddim": ddim.make,
     "unipc": unipc.make,
+    "lcm": lcm.make,
+    "tcd": tcd.make,
 }
 
 SCHEDULERS: tuple[str, ...] = tuple(_FACTORIES)
 """The scheduler names `make_schedule` accepts."""
+
+SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
+"""The timestep spacings a request may choose (diffusers' ``timestep_spacing``)."""
+
+CUSTOM_TIMESTEPS: tuple[str, ...] = ("euler", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "tcd")
+"""Samplers that take an explicit ``timesteps`` list (diffusers' class takes ``timesteps``, without Karras sigmas)."""
+
+OWN_TIMESTEPS: tuple[str, ...] = ("lcm", "tcd")
+"""Samplers that choose their own timesteps: ``timestep_spacing`` does not apply to them."""
+
+ETA: tuple[str, ...] = ("tcd", "ddim")
+"""Samplers whose diffusers step takes ``eta`` (ddim at 0 only here)."""
 
 
 def _check_fraction(value: float | None, param: str) -> None:
@@ -100,6 +124,9 @@ def make_schedule(
     strength: float = 1.0,
     denoising_start: float | None = None,
     denoising_end: float | None = None,
+    timestep_spacing: str | None = None,
+    timesteps: Sequence[int] | None = None,
+    eta: float | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Schedule:
@@ -111,6 +138,9 @@ def make_schedule(
     denoising_start: the refiner half of an ensemble of experts: start where the base stopped (strength is
         then ignored, as in diffusers; the caller passes the base's latents without adding noise).
     denoising_end: the base half: stop before the timesteps below (1 - denoising_end) * num_train_timesteps.
+    timestep_spacing: overrides the config's (None: the config's), where the sampler's class reads it.
+    timesteps: an explicit descending schedule (then `num_inference_steps` must equal its length).
+    eta: TCD's gamma (None: 0.3); DDIM's eta (0 only).
     dtype: of the coefficient tables (keep float32: diffusers steps in float32 even for fp16 UNets);
         timesteps are always float32.
     """
@@ -130,4 +160,43 @@ def make_schedule(
         raise InvalidRequestError(f"denoising_start ({denoising_start}) must be below denoising_end "
                                   f"({denoising_end})", param="denoising_start")
     window = Window(strength=strength, denoising_start=denoising_start, denoising_end=denoising_end)
-    return factory(config, num_inference_steps, window, device=device, dtype=dtype)
+    options = _options(name, num_inference_steps, timestep_spacing=timestep_spacing, timesteps=timesteps, eta=eta)
+    if timestep_spacing is not None:
+        config = {**config, "timestep_spacing": timestep_spacing}
+    return factory(config, num_inference_steps, window, device=device, dtype=dtype, **options)
+
+
+def _options(name: str, steps: int, *, timestep_spacing: str | None, timesteps: Sequence[int] | None,
+             eta: float | None) -> dict[str, Any]:
+    """The per-request options `name`'s factory takes; refuses those its diffusers class does not take."""
+    options: dict[str, Any] = {}
+    if timestep_spacing is not None:
+        if timestep_spacing not in SPACINGS:
+            raise InvalidRequestError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of: "
+                                      f"{', '.join(SPACINGS)}", param="timestep_spacing")
+        if name in OWN_TIMESTEPS:
+            raise InvalidRequestError(f"scheduler {name!r} chooses its own timesteps, so timestep_spacing does not "
+                                      "apply; leave it unset (or give explicit timesteps)", param="timestep_spacing")
+    if timesteps is not None:
+        if name not in CUSTOM_TIMESTEPS:
+            raise InvalidRequestError(f"scheduler {name!r} does not take explicit timesteps (diffusers' class does "
+                                      f"not); use one of: {', '.join(CUSTOM_TIMESTEPS)}", param="timesteps")
+        if timestep_spacing is not None:
+            raise InvalidRequestError("give timesteps or timestep_spacing, not both (explicit timesteps replace the "
+                                      "spacing)", param="timestep_spacing")
+        if len(timesteps) != steps:
+            raise InvalidRequestError(f"{len(timesteps)} timesteps for {steps} steps; steps must equal the number "
+                                      "of timesteps", param="timesteps")
+        options["timesteps"] = tuple(timesteps)
+    if eta is not None:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise InvalidRequestError(f"eta must be a number in [0, 1], got {eta!r}", param="eta")
+        if name not in ETA:
+            raise InvalidRequestError(f"scheduler {name!r} does not take eta (diffusers' step ignores it); "
+                                      f"eta applies to: {', '.join(ETA)}", param="eta")
+        if name == "ddim" and eta != 0.0:
+            raise InvalidRequestError(f"ddim runs with eta 0 only (DDIM with eta > 0 is not provided), got {eta}; "
+                                      "use tcd for a stochastic consistency sampler", param="eta")
+        if name == "tcd":
+            options["eta"] = float(eta)
+    return options

@@ -134,6 +134,20 @@ def spaced_timesteps(cfg: NoiseConfig, n: int, *, style: str) -> np.ndarray:
     return (np.arange(0, n) * ratio).round()[::-1].astype(out_dtype) + out_dtype(offset)
 
 
+def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> np.ndarray:
+    """An explicit schedule as int64, refused unless strictly descending integers in [0, num_train_timesteps)."""
+    values = list(timesteps)
+    if not values or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in values):
+        raise InvalidRequestError(f"timesteps must be a non-empty list of integers, got {values!r}", param="timesteps")
+    if any(b >= a for a, b in zip(values, values[1:], strict=False)):
+        raise InvalidRequestError(f"timesteps must be strictly descending (e.g. 999,749,499,249), got {values}",
+                                  param="timesteps")
+    if values[0] >= num_train_timesteps or values[-1] < 0:
+        raise InvalidRequestError(f"timesteps must lie in 0..{num_train_timesteps - 1}, got {values}",
+                                  param="timesteps")
+    return np.array(values, dtype=np.int64)
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     """Karras et al. (2022) rho-7 sigmas, float64, as diffusers' _convert_to_karras."""
     rho = 7.0
@@ -267,6 +281,9 @@ class Schedule:
         end = torch.tensor([[1.0, 0.0]], dtype=noise_levels.dtype)
         self._noise_levels = torch.cat([noise_levels, end]).to(device=device, dtype=dtype)
         self._input_scale = None if input_scale is None else input_scale.to(device=device, dtype=dtype)
+        # Which steps diffusers' step() draws noise on (LCM and TCD skip the schedule's last step, TCD all
+        # steps at eta 0): rows of the others are zeros, read with a zero coefficient.
+        self._draws: tuple[bool, ...] = (True,) * self.num_steps
         assert self._coefs.shape[0] == self.num_steps and len(noise_levels) == self.num_steps
 
     @staticmethod
@@ -372,8 +389,10 @@ class Schedule:
             )
         dtype = self.noise_dtype or dtype
         rows = []
-        for _ in range(self.num_steps):
-            if len(generators) == 1:
+        for draws in self._draws:
+            if not draws:
+                rows.append(torch.zeros(shape, dtype=dtype, device=generators[0].device))
+            elif len(generators) == 1:
                 g = generators[0]
                 rows.append(torch.randn(shape, generator=g, device=g.device, dtype=dtype))
             else:

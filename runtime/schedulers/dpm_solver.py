@@ -10,7 +10,7 @@ lower-order final steps are zero coefficients in the table, not control flow. St
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from ._base import (
     NoiseConfig,
     Schedule,
     Window,
+    check_custom_timesteps,
     karras_sigmas,
     sigma_to_t,
     spaced_timesteps,
@@ -29,9 +30,14 @@ from ._base import (
 )
 
 
-def multistep_sigmas(cfg: NoiseConfig, n: int, *, karras: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps int64 [n], sigmas float32 [n + 1] ending in 0), as the multistep solvers' set_timesteps."""
-    timesteps = spaced_timesteps(cfg, n, style="multistep")
+def multistep_sigmas(cfg: NoiseConfig, n: int, *, karras: bool, custom: Sequence[int] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps int64 [n], sigmas float32 [n + 1] ending in 0), as the multistep solvers' set_timesteps
+    (`custom`: DPMSolverMultistepScheduler's explicit `timesteps`; refused with Karras sigmas by the caller)."""
+    if custom is not None:
+        timesteps = check_custom_timesteps(custom, cfg.num_train_timesteps)
+    else:
+        timesteps = spaced_timesteps(cfg, n, style="multistep")
     train = train_sigmas(cfg.alphas_cumprod())
     if karras:
         sigmas = karras_sigmas(train[0].item(), train[-1].item(), n)
@@ -99,9 +105,10 @@ def _update_weights(order: int, sde: bool, h: float, r0: float, r1: float, alpha
 
 
 def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *, karras: bool, sde: bool,
-         order: int = 2, device: torch.device | str, dtype: torch.dtype) -> DPMSolverSchedule:
+         order: int = 2, timesteps: Sequence[int] | None = None, device: torch.device | str,
+         dtype: torch.dtype) -> DPMSolverSchedule:
     cfg = NoiseConfig.parse(config)
-    timesteps, sigmas = multistep_sigmas(cfg, num_inference_steps, karras=karras)
+    timesteps, sigmas = multistep_sigmas(cfg, num_inference_steps, karras=karras, custom=timesteps)
     begin, count = window.select(timesteps, cfg.num_train_timesteps)
     n = len(timesteps)
     lam = [log_snr(float(s)) for s in sigmas]

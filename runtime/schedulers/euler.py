@@ -6,7 +6,7 @@ which is linear in (x_i, model_output): one multiply-add per step with two table
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from ._base import (
     NoiseConfig,
     Schedule,
     Window,
+    check_custom_timesteps,
     karras_sigmas,
     sigma_to_t,
     spaced_timesteps,
@@ -25,9 +26,14 @@ from ._base import (
 )
 
 
-def sigma_schedule(cfg: NoiseConfig, n: int, *, karras: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps float32 [n], sigmas float32 [n + 1] ending in 0), as EulerDiscreteScheduler.set_timesteps."""
-    timesteps = spaced_timesteps(cfg, n, style="euler")
+def sigma_schedule(cfg: NoiseConfig, n: int, *, karras: bool, custom: Sequence[int] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps float32 [n], sigmas float32 [n + 1] ending in 0), as EulerDiscreteScheduler.set_timesteps
+    (`custom`: its explicit `timesteps`, which diffusers refuses with Karras sigmas, as the caller does)."""
+    if custom is not None:
+        timesteps = check_custom_timesteps(custom, cfg.num_train_timesteps).astype(np.float32)
+    else:
+        timesteps = spaced_timesteps(cfg, n, style="euler")
     train = train_sigmas(cfg.alphas_cumprod())
     sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
     if karras:
@@ -68,9 +74,9 @@ class EulerSchedule(Schedule):
 
 
 def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *, karras: bool,
-         device: torch.device | str, dtype: torch.dtype) -> EulerSchedule:
+         timesteps: Sequence[int] | None = None, device: torch.device | str, dtype: torch.dtype) -> EulerSchedule:
     cfg = NoiseConfig.parse(config)
-    timesteps, sigmas = sigma_schedule(cfg, num_inference_steps, karras=karras)
+    timesteps, sigmas = sigma_schedule(cfg, num_inference_steps, karras=karras, custom=timesteps)
     begin, count = window.select(timesteps, cfg.num_train_timesteps)
     coefs = []
     for g in range(begin, begin + count):
