@@ -141,28 +141,27 @@ def write_kohya_sgm_lora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int
     return truth
 
 
+def _write_plain_kohya(path: Path, layers: Mapping[str, tuple[int, int]], rank: int = 4) -> None:
+    t = {}
+    for name, (o, i) in layers.items():
+        t[f"{name}.lora_down.weight"] = torch.randn(rank, i)
+        t[f"{name}.lora_up.weight"] = torch.randn(o, rank)
+        t[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(t, str(path))
+
+
 def write_sd15_kohya_lora(path: Path) -> None:
     """An SD 1.5 kohya LoRA's key layout and widths (one text encoder of width 768, 320-wide UNet)."""
-    t = {}
-    for name, (o, i) in {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
-                         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (320, 768),
-                         "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768)}.items():
-        t[f"{name}.lora_down.weight"] = torch.randn(4, i)
-        t[f"{name}.lora_up.weight"] = torch.randn(o, 4)
-        t[f"{name}.alpha"] = torch.tensor(4.0)
-    save_file(t, str(path))
+    _write_plain_kohya(path, {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+                              "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (320, 768),
+                              "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768)})
 
 
 def write_sd15_unet_only_lora(path: Path) -> None:
     """An SD 1.5 UNet LoRA (no text encoder): its layers name attention blocks SDXL's tiny UNet lacks
     (``down_blocks.0.attentions``) and widths it does not have."""
-    t = {}
-    for name, (o, i) in {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
-                         "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v": (320, 768)}.items():
-        t[f"{name}.lora_down.weight"] = torch.randn(4, i)
-        t[f"{name}.lora_up.weight"] = torch.randn(o, 4)
-        t[f"{name}.alpha"] = torch.tensor(4.0)
-    save_file(t, str(path))
+    _write_plain_kohya(path, {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+                              "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v": (320, 768)})
 
 
 def write_loha_lora(path: Path) -> None:
