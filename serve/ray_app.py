@@ -23,8 +23,13 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-sdxl-trt-replica"
 PID_HEADER = "x-sdxl-trt-pid"
 DEPLOYMENT_NAME = "sdxl_trt"
+CLUSTER_START_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,7 @@ class RayServer:
         self.address = options.address or os.environ.get("RAY_ADDRESS") or None
         self.url = f"http://{settings.host}:{settings.port}"
         self._started = False
+        self._cluster: subprocess.Popen[bytes] | None = None  # the local cluster we started, if any
 
     def start(self) -> None:
         """Join or start the cluster, then deploy; returns once every replica is loaded and warm."""
@@ -193,15 +200,54 @@ class RayServer:
         self.deploy()
 
     def connect(self) -> None:
-        """Join ``address`` or start a local cluster (Ray installs its own signal handlers here)."""
+        """Join ``address``, or start a local cluster in its own session and join it.
+
+        A local cluster from ``ray.init()`` would share this process's group: a SIGTERM sent to the group (a
+        supervisor, ``kill -- -PGID``, dumb-init) would kill Ray's GCS and raylet before we drain, and the
+        driver would then wait 60 s for the lost GCS and exit 1. ``ray start --head --block`` in a new
+        session gets no group signal; we drain first and stop it ourselves in :meth:`stop`.
+        """
         import ray
 
-        if self.address is None:
-            ray.init(num_cpus=self.options.local_cpus, include_dashboard=self.options.dashboard,
-                     configure_logging=False)
-        else:
-            ray.init(address=self.address, configure_logging=False)
+        address = self.address
+        if address is None:
+            address = self._start_local_cluster()
+        ray.init(address=address, configure_logging=False)
         self._started = True
+
+    def _start_local_cluster(self) -> str:
+        port = _free_port()
+        cmd = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())", "start",
+               "--head", "--block", f"--port={port}", "--disable-usage-stats",
+               f"--include-dashboard={'true' if self.options.dashboard else 'false'}"]
+        if self.options.local_cpus is not None:
+            cmd.append(f"--num-cpus={self.options.local_cpus}")
+        local_cluster_auth()
+        log.info("starting a local Ray cluster on port %d", port)
+        self._cluster = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
+        while not _listening(port):
+            if self._cluster.poll() is not None:
+                raise SdxlTrtError(f"the local Ray cluster exited with {self._cluster.returncode} while starting; "
+                                   "its log is under /tmp/ray/session_latest/logs/")
+            if time.monotonic() > deadline:
+                self._stop_cluster()
+                raise SdxlTrtError(f"the local Ray cluster did not start within {CLUSTER_START_TIMEOUT_S:g} s")
+            time.sleep(0.2)
+        return f"127.0.0.1:{port}"
+
+    def _stop_cluster(self) -> None:
+        """Stop the local cluster we started (``ray start --block`` stops its processes on SIGTERM)."""
+        cluster, self._cluster = self._cluster, None
+        if cluster is None or cluster.poll() is not None:
+            return
+        cluster.terminate()
+        try:
+            cluster.wait(30)
+        except subprocess.TimeoutExpired:
+            log.warning("the local Ray cluster did not stop within 30 s; killing it")
+            os.killpg(cluster.pid, signal.SIGKILL)
+            cluster.wait(10)
 
     def deploy(self) -> None:
         import ray
@@ -254,6 +300,7 @@ class RayServer:
         ``graceful_shutdown_timeout_s``) and then drains its Service, so accepted requests are answered.
         """
         if not self._started:
+            self._stop_cluster()
             return
         import ray
         from ray import serve
@@ -266,6 +313,7 @@ class RayServer:
                 serve.shutdown()  # our own cluster; on a shared one, other apps keep running
         finally:
             ray.shutdown()
+            self._stop_cluster()
         log.info("stopped")
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
@@ -279,8 +327,40 @@ class RayServer:
             stop.wait()
             log.info("stopping: draining replicas")
         finally:
-            _restore_signal_handlers(previous)
-            self.stop()
+            try:
+                self.stop()
+            finally:  # only now: Ray's own SIGTERM handler exits 1, and a signal may come during the drain
+                _restore_signal_handlers(previous)
+
+
+def local_cluster_auth() -> None:
+    """Token authentication for a local cluster, as ``ray.init()`` has it: unless the environment says otherwise,
+    one fresh token for the cluster, this driver and the replicas (all inherit this environment). Ray reads
+    it when imported, so call this before ``import ray``."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token" and not (os.environ.get("RAY_AUTH_TOKEN")
+                                                       or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def _die_with_parent() -> None:
+    """In the cluster's process: SIGKILL when this server dies, so a killed server leaves no cluster behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
@@ -308,6 +388,8 @@ def serve_on_ray(settings: ServeSettings, options: RayOptions,
     What a user can fix (Ray missing, replicas that cannot be placed, replicas that fail to load the engines)
     raises :class:`SdxlTrtError`, which the CLI prints as one line and exits 2.
     """
+    if options.address is None and not os.environ.get("RAY_ADDRESS"):
+        local_cluster_auth()  # before Ray is imported
     try:
         import ray  # noqa: F401
     except ImportError:
