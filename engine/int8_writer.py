@@ -25,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import set_external_data, uses_external_data
+from onnx.external_data_helper import uses_external_data
 
 from sdxl_trt.errors import BuildError
 
@@ -98,7 +98,7 @@ class _Sink:
         self._offset = 0
 
     def put_array(self, name: str, arr: np.ndarray) -> TensorProto:
-        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        t = numpy_helper.from_array(np.asarray(arr, order="C"), name)  # 0-d stays 0-d: per-tensor scales are scalars
         if self._file is not None and len(t.raw_data) >= _EXTERNAL_MIN_BYTES:
             data = t.raw_data
             t.ClearField("raw_data")
@@ -128,7 +128,12 @@ class _Sink:
         for c in chunks:
             self._file.write(c)
             length += len(c)
-        set_external_data(t, self.location, offset=self._offset, length=length)
+        t.ClearField("raw_data")
+        del t.external_data[:]
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self._offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
         self._offset += length
 
     def close(self) -> None:
