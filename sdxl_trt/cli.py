@@ -108,8 +108,17 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the fp32 reference run (no image error)")
     p.add_argument("--no-step-split", action="store_true",
                    help="skip the event-timed per-step figure (a second run set at half the steps)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; the report says)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG plot (JSON and Markdown only)")
     p.add_argument("--name", default=None, help="report file name without suffix (default: from the engines)")
+
+
+def _timestep_list(text: str) -> tuple[int, ...]:
+    """``999,749,499,249`` -> (999, 749, 499, 249); order and range are checked with the request."""
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 999,749,499,249, got {text!r}") from None
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,6 +139,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-mode", choices=["ensemble", "img2img"], default=None)
     p.add_argument("--refiner-start", type=float, default=0.8, help="ensemble: fraction of the schedule the base runs")
     p.add_argument("--refiner-strength", type=float, default=0.3, help="img2img refiner: how much to re-noise")
+    p.add_argument("--timestep-spacing", choices=["leading", "linspace", "trailing"], default=None,
+                   help="override the model's scheduler spacing (trailing: the SDXL-Lightning/Turbo recipe)")
+    p.add_argument("--timesteps", type=_timestep_list, default=None, metavar="T1,T2,...",
+                   help="explicit descending timesteps (DMD2: 999,749,499,249); --steps becomes their count")
+    p.add_argument("--eta", type=float, default=None, help="tcd: gamma in [0, 1] (default 0.3)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA at run time (repeatable, stacked); the engines' weights are updated in place")
     p.add_argument("--out", required=True, help="PNG path; with --batch > 1, _0, _1, ... are appended")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 

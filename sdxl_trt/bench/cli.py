@@ -30,7 +30,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         refiner_mode=None if args.refiner_mode == "none" else args.refiner_mode, refiner_start=args.refiner_start,
         refiner_strength=args.refiner_strength, device=args.device, compile=args.compile, scheduler=args.scheduler,
         guidance=args.guidance, seed=args.seed, reference=not args.no_reference, step_split=not args.no_step_split,
-        name=args.name,
+        threads=args.threads, name=args.name,
     )
 
 

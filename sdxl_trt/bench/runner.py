@@ -63,6 +63,7 @@ class BenchOptions:
     prompt: str = PROMPT
     reference: bool = True  # the fp32 reference run (needs --baseline: it is diffusers in fp32)
     step_split: bool = True  # the event-timed per-step figure from a second, half-length step count
+    threads: int | None = None  # torch's CPU threads (a shared or loaded CPU: oversubscribed threads spin)
     name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -254,6 +255,8 @@ def run_bench(opts: BenchOptions, *, checkpoint: Callable[[dict[str, Any]], None
     if opts.runs < 1 or opts.steps < 1 or opts.warmup_runs < 0:
         raise InvalidRequestError("runs and steps must be at least 1, warmup runs at least 0", param="runs")
     device = resolve_device(opts.device)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # events, memory probes and the runtime's current stream on that GPU
     report: dict[str, Any] = {"format": REPORT_FORMAT, "settings": _settings(opts), "environment": environment(device),
