@@ -22,6 +22,7 @@ Field policy (the models in ``a1111_api`` declare them all):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -44,7 +45,8 @@ from .a1111_api import (
     Txt2ImgRequest,
 )
 from .async_pipeline import PipelineLike
-from .images_io import decode_b64_image
+from .images_io import decode_b64_image, gray8
+from .inputs import check_texts
 from .settings import ServeSettings
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
@@ -93,12 +95,12 @@ def _check_common(body: Txt2ImgRequest | Img2ImgRequest, pipeline: PipelineLike)
         base = model_info(pipeline) or {}
         loaded = {base.get("name"), base.get("title"), base.get("hash")}
         others = sorted(k for k, v in body.override_settings.items()
-                        if not (k == "sd_model_checkpoint" and v in loaded))
+                        if not (k == "sd_model_checkpoint" and isinstance(v, str) and v in loaded))
         if others:
             raise _refuse("override_settings", f"settings cannot be overridden here: {', '.join(others)}")
     if body.script_name or body.script_args:
         raise _refuse("script_name", "scripts are not supported")
-    active = sorted(name for name, value in body.alwayson_scripts.items() if _script_active(value))
+    active = sorted(name for name, value in body.alwayson_scripts.items() if _script_active(name, value))
     if active:
         raise _refuse("alwayson_scripts", f"scripts are not supported: {', '.join(active)}")
     if body.save_images:
@@ -110,11 +112,13 @@ def _check_common(body: Txt2ImgRequest | Img2ImgRequest, pipeline: PipelineLike)
             raise _refuse(name, "unknown field; this server does not support it")
 
 
-def _script_active(value: object) -> bool:
+def _script_active(name: str, value: object) -> bool:
     """Clients send switched-off scripts as ``{"args": []}`` or ``{"args": [False, ...]}``."""
     if not isinstance(value, dict):
         return bool(value)
     args = value.get("args") or []
+    if not isinstance(args, list):
+        raise _refuse(f"alwayson_scripts.{name}.args", f"must be a list, got {type(args).__name__}")
     return bool(args) and args[0] is not False
 
 
@@ -122,6 +126,7 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
                           pipeline: PipelineLike, init_image: Image.Image | None = None,
                           mask: Image.Image | None = None) -> tuple[GenerationRequest, samplers.A1111Sampler]:
     """The one translation of an A1111 body into the engine's request (and the A1111 sampler it names)."""
+    check_texts(body, max_chars=settings.max_prompt_chars, skip=("init_images", "mask"))
     _check_common(body, pipeline)
     scheduler, sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler, ours=_ours())
     if body.eta is not None and sampler.eta is not None and body.eta != sampler.eta:
@@ -195,7 +200,7 @@ def binary_mask(mask: Image.Image) -> Image.Image:
     any other mask is its grayscale (white = repaint)."""
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
         return mask.getchannel("A").point(lambda a: 255 if a > 128 else 0)
-    return mask.convert("L")
+    return gray8(mask)
 
 
 def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler, result_params: dict[str, Any],
@@ -236,9 +241,10 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
 async def _generate(request: Request, body: Txt2ImgRequest | Img2ImgRequest) -> GenerationResponse:
     service = endpoint.service_of(request)
     pipeline = service.require_pipeline()
+    check_texts(body, max_chars=service.settings.max_prompt_chars, skip=("init_images", "mask"))  # before decoding
     init_image = mask = None
-    if isinstance(body, Img2ImgRequest):
-        init_image, mask = _img2img_inputs(body, endpoint.max_pixels(service))
+    if isinstance(body, Img2ImgRequest):  # decoding is CPU work: off the event loop
+        init_image, mask = await asyncio.to_thread(_img2img_inputs, body, endpoint.max_pixels(service))
     gen, sampler = to_generation_request(body, settings=service.settings, pipeline=pipeline, init_image=init_image,
                                          mask=mask)
     result = await endpoint.generate(request, gen)

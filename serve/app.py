@@ -1,8 +1,9 @@
 """The ASGI app: wiring only. ``create_app(settings, pipeline_factory)`` is the one way to build it, so the CLI
 and a Ray Serve deployment serve the same app.
 
-Layers, outermost first: metrics (counts every answer) -> API key (before any body is read) -> body limit
--> FastAPI routes (OpenAI, A1111, probes, metrics). Each API's errors keep that API's shape (``http_errors``).
+Layers, outermost first: error guard (any exception -> a JSON error, the connection kept) -> metrics (counts
+every answer) -> API key (before any body is read) -> body limits (size, deadline, per-chunk timeout) -> FastAPI
+routes (OpenAI, A1111, probes, metrics). Each API's errors keep that API's shape (``http_errors``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from sdxl_trt.errors import SdxlTrtError
 from . import a1111_routes, openai_routes
 from .auth import ApiKeyMiddleware
 from .endpoint import ClientGone
-from .http_errors import ApiError, from_exception, from_validation, render
-from .limits import BodyLimitMiddleware
+from .http_errors import ApiError, ErrorGuardMiddleware, from_exception, from_validation, render
+from .limits import BodyLimitMiddleware, BodyStats
 from .metrics import CLIENT_CLOSED, MetricsMiddleware, ServeMetrics
 from .service import PipelineFactory, Service, load_pipeline
 from .settings import ServeSettings
@@ -39,6 +40,8 @@ def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load
     service = Service(settings, pipeline_factory, on_batch=metrics.observe_batch)
     metrics.bind_queue_depth(lambda: service.queue_depth)
     metrics.bind_cuda_graph_stats(service.cuda_graph_stats)
+    body_stats = BodyStats()
+    metrics.bind_body_bytes(lambda: body_stats.buffered_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,10 +57,12 @@ def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load
     app.include_router(a1111_routes.router)
     _add_probes(app, service, metrics)
     _add_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
+                       chunk_timeout_s=settings.chunk_timeout_s, stats=body_stats)
     app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=OPEN_PATHS)
     routes = [*openai_routes.router.routes, *a1111_routes.router.routes, *app.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints={getattr(r, "path", "") for r in routes})
+    app.add_middleware(ErrorGuardMiddleware)
     return app
 
 
@@ -69,12 +74,14 @@ def _add_probes(app: FastAPI, service: Service, metrics: ServeMetrics) -> None:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """200 once the engines are loaded and warm; 503 while loading, after a failed load, or draining."""
+        """200 once the engines are loaded and warm; 503 while loading, after a failed load, while draining, or
+        when the watchdog finds the worker stopped or stuck past a batch's deadline."""
         body: dict[str, object] = {"ready": service.ready, "state": service.state}
         if service.error:
             body["error"] = service.error
         if service.async_pipeline is not None:
             body["queue_depth"] = service.queue_depth
+            body["worker"] = service.worker_health
         return JSONResponse(body, status_code=200 if service.ready else 503,
                             headers=None if service.ready else {"Retry-After": "5"})
 
@@ -104,5 +111,4 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SdxlTrtError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(ClientGone, client_gone)
-    app.add_exception_handler(Exception, api_error)
+    app.add_exception_handler(ClientGone, client_gone)  # anything else: ErrorGuardMiddleware

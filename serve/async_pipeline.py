@@ -15,6 +15,10 @@ Rules of this module (keep them):
   A deadline bounds the wait in the queue; a request whose batch has started is finished and delivered.
 * Requests are checked before they are queued, so a bad one is refused at once and never spoils a batch; if
   a batch still fails, its requests are retried one by one so only the culprit gets the error.
+* The worker cannot die: any exception in forming or running a batch (or a pipeline returning the wrong
+  number of results) fails only the requests it concerns. A running batch gets a deadline too
+  (``default_timeout_s`` from its start): past it, its requests get :class:`DeadlineExceededError` and
+  :attr:`AsyncPipeline.healthy` is False (``/ready`` answers 503) until the pipeline call returns.
 * No web library here: services embed this without HTTP.
 """
 
@@ -147,6 +151,7 @@ class AsyncPipeline:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-trt-worker")
         self._stats = AsyncPipelineStats()
         self._batch_seconds = 1.0  # moving average, for Retry-After
+        self._stuck_since: float | None = None  # a running batch outlived its deadline; the call has not returned
 
     # ------------------------------------------------------------------ public API
     @property
@@ -156,6 +161,23 @@ class AsyncPipeline:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def healthy(self) -> bool:
+        """False when the worker stopped without being asked to, or a pipeline call outlived its deadline."""
+        if self._stuck_since is not None:
+            return False
+        worker = self._worker
+        return worker is None or not worker.done() or self._closing
+
+    def health(self) -> str:
+        """Why :attr:`healthy` is False, in words for ``/ready`` ("ok" otherwise)."""
+        if self._stuck_since is not None:
+            return (f"a batch has been running for {time.monotonic() - self._stuck_since:.0f} s past its deadline; "
+                    "the engine may be hung")
+        if not self.healthy:
+            return "the batching worker stopped"
+        return "ok"
 
     def stats(self) -> AsyncPipelineStats:
         s = self._stats
@@ -269,10 +291,21 @@ class AsyncPipeline:
 
     async def _work(self) -> None:
         while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            await self._run(batch)
+            batch: list[_Item] = []
+            try:
+                formed = await self._next_batch()
+                if formed is None:
+                    return
+                batch = formed
+                await self._run(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug in forming or finishing a batch: fail only its requests, keep working
+                log.exception("the batching worker hit an error; failing the %d requests of this batch", len(batch))
+                for it in batch:
+                    it.state = "done"
+                    if not it.future.done():
+                        it.future.set_exception(e)
 
     async def _next_batch(self) -> list[_Item] | None:
         """Wait until a batch is full or its oldest request's window ran out; None when closing and empty."""
@@ -322,8 +355,9 @@ class AsyncPipeline:
         requests = [it.request for it in batch]
         images = sum(it.images for it in batch)
         t0 = time.monotonic()
+        call = asyncio.get_running_loop().run_in_executor(self._executor, self._run_sync, requests)
         try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_sync, requests)
+            outcomes = await self._within_deadline(call, batch, t0)
         except asyncio.CancelledError:
             for it in batch:
                 it.state = "done"
@@ -332,6 +366,7 @@ class AsyncPipeline:
             raise
         finally:
             self._running = []
+            self._stuck_since = None
         seconds = time.monotonic() - t0
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         s = self._stats
@@ -357,10 +392,28 @@ class AsyncPipeline:
             except Exception:
                 log.exception("the on_batch callback failed")
 
+    async def _within_deadline(self, call: asyncio.Future[list[GenerationResult | Exception]], batch: list[_Item],
+                               t0: float) -> list[GenerationResult | Exception]:
+        """The pipeline call's outcomes; past the running deadline its requests fail with 504 at once and the
+        worker waits for the call to return (one thread owns the pipeline) while ``healthy`` says so."""
+        if self.default_timeout_s is not None:
+            done, _ = await asyncio.wait({call}, timeout=self.default_timeout_s)
+            if not done:
+                self._stuck_since = t0 + self.default_timeout_s
+                log.error("a batch of %d requests is still running after %.0f s; failing them, and /ready is 503 "
+                          "until the engine returns", len(batch), self.default_timeout_s)
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(DeadlineExceededError(
+                            f"the request ran for {self.default_timeout_s:g} s without finishing; the engine may "
+                            "be hung; retry later"))
+        return await call
+
     def _run_sync(self, requests: list[GenerationRequest]) -> list[GenerationResult | Exception]:
-        """In the worker thread: the whole batch, or on failure each request alone so only the culprit fails."""
+        """In the worker thread: the whole batch, or on failure each request alone so only the culprit fails.
+        Never raises: a result count that does not match the requests is an error for each of them."""
         try:
-            return list(self.pipeline.generate_batch(requests))
+            return self._checked(requests, self.pipeline.generate_batch(requests))
         except Exception as e:
             if len(requests) == 1:
                 return [e]
@@ -368,7 +421,18 @@ class AsyncPipeline:
         outcomes: list[GenerationResult | Exception] = []
         for r in requests:
             try:
-                outcomes.append(self.pipeline.generate_batch([r])[0])
+                outcomes += self._checked([r], self.pipeline.generate_batch([r]))
             except Exception as e:
                 outcomes.append(e)
         return outcomes
+
+    @staticmethod
+    def _checked(requests: list[GenerationRequest], results: Sequence[GenerationResult]) -> list[GenerationResult | Exception]:
+        results = list(results)
+        if len(results) != len(requests):
+            raise RuntimeError(f"the pipeline returned {len(results)} results for {len(requests)} requests")
+        bad = [k for k, (q, r) in enumerate(zip(requests, results, strict=True))
+               if not isinstance(r, GenerationResult) or len(r.images) != q.num_images]
+        if bad:
+            raise RuntimeError(f"the pipeline returned a wrong result for request {bad[0]} of the batch")
+        return list(results)

@@ -13,11 +13,15 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.errors import InvalidRequestError, SdxlTrtError
 
 from .settings import API_KEY_ENV, ServeSettings
+
+if TYPE_CHECKING:
+    from .service import PipelineFactory
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=d.host, help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", default=None,
-                   help=f"require this key (Bearer, or Basic password); default: ${API_KEY_ENV}")
+                   help=f"require this key (Bearer, or Basic password); default: ${API_KEY_ENV}. An empty key is "
+                        "refused (exit 2), never taken as 'no key'")
+    p.add_argument("--api-key-file", type=Path, default=None,
+                   help="read the key from this file (first line), so it does not show in `ps`")
     p.add_argument("--max-batch", type=_positive(int), default=None,
                    help="images per batch (default: the engines' max batch)")
     p.add_argument("--batch-window-ms", type=_non_negative, default=d.batch_window_ms,
@@ -43,6 +50,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout-s", type=_non_negative, default=d.drain_timeout_s,
                    help="on SIGTERM, how long queued and running requests may take to finish")
     p.add_argument("--max-body-mb", type=_positive(float), default=d.max_body_mb, help="largest request body")
+    p.add_argument("--max-prompt-chars", type=_positive(int), default=d.max_prompt_chars,
+                   help="longest text field (prompt, negative prompt, ...), refused with 400 before queueing")
+    p.add_argument("--header-timeout-s", type=_positive(float), default=d.header_timeout_s,
+                   help="a connection's request headers must arrive within this (else 408, connection closed)")
+    p.add_argument("--body-timeout-s", type=_positive(float), default=d.body_timeout_s,
+                   help="a request's whole body must arrive within this (else 408, connection closed)")
+    p.add_argument("--chunk-timeout-s", type=_positive(float), default=d.chunk_timeout_s,
+                   help="longest gap between two parts of a request body (else 408, connection closed)")
+    p.add_argument("--limit-concurrency", type=_positive(int), default=d.limit_concurrency,
+                   help="connections and running requests at once; more are refused with 503 (keep it above "
+                        "--max-queue plus --max-batch)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--warmup", type=_warmup, default=d.warmup, metavar="all|none|WxH,...",
                    help="buckets whose CUDA graphs are captured at start, at every batch size up to --max-batch, "
@@ -111,13 +129,41 @@ def _autoscale(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    """--api-key, else --api-key-file, else $SDXL_TRT_API_KEY; None for no key. An empty key is an error: an
+    empty variable in a deployment script must not turn authentication off."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise SdxlTrtError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        try:
+            key, source = args.api_key_file.read_text().partition("\n")[0].strip(), f"--api-key-file {args.api_key_file}"
+        except OSError as e:
+            raise SdxlTrtError(f"--api-key-file: cannot read {args.api_key_file}: {e.strerror}") from None
+    elif args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    else:
+        env = ServeSettings.key_from_env()
+        if env is None:
+            return None
+        key, source = env, f"${API_KEY_ENV}"
+    if not key.strip():
+        raise SdxlTrtError(f"{source} is empty; give a non-empty key, or leave it unset to serve without a key "
+                           "(loopback only is the default)")
+    if key != key.strip():
+        raise SdxlTrtError(f"{source} starts or ends with whitespace; remove it (clients would not send it)")
+    return key
+
+
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(
         engines=Path(args.engines), host=args.host, port=args.port,
-        api_key=args.api_key or ServeSettings.key_from_env(), max_batch=args.max_batch,
+        api_key=api_key_from_args(args), max_batch=args.max_batch,
         batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, max_images=args.max_images,
         max_steps=args.max_steps, request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
         max_body_mb=args.max_body_mb, device=args.device, warmup=args.warmup,
+        max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s, chunk_timeout_s=args.chunk_timeout_s,
+        limit_concurrency=args.limit_concurrency,
     )
 
 
@@ -126,24 +172,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _cmd_serve_ray(args)
     if args.replicas is not None or args.autoscale is not None:
         raise SdxlTrtError("--replicas and --autoscale need --ray")
-    try:
-        import uvicorn
-
-        from .app import create_app
-        from .server import DrainingServer
-    except ImportError as e:
-        raise SdxlTrtError(f"sdxl-trt serve needs the serve extra ({e.name} is missing): "
-                           "pip install 'sdxl-trt[serve]'") from None
     from sdxl_trt.engine_dir.manifest import open_engine_dir
 
     settings = settings_from_args(args)
     manifest = open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line
     _check_warmup(settings, list(manifest.buckets))
+    return run_server(settings)
+
+
+def run_server(settings: ServeSettings, pipeline_factory: PipelineFactory | None = None) -> int:
+    """Serve on uvicorn with the edge limits until SIGTERM drains it: 0 when drained, 2 when the engines failed
+    to load, 1 when the drain timed out. ``pipeline_factory`` is for tests (a pipeline double)."""
+    try:
+        import uvicorn
+
+        from .app import create_app
+        from .edge import header_deadline_protocol
+        from .server import DrainingServer
+    except ImportError as e:
+        raise SdxlTrtError(f"sdxl-trt serve needs the serve extra ({e.name} is missing): "
+                           "pip install 'sdxl-trt[serve]'") from None
     if settings.api_key is None and not _is_loopback(settings.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", settings.host)
-    app = create_app(settings)
+    if settings.limit_concurrency <= settings.max_queue + (settings.max_batch or 1):
+        log.warning("--limit-concurrency %d is not above --max-queue %d plus a batch: overload will get uvicorn's "
+                    "503 before the queue's 429", settings.limit_concurrency, settings.max_queue)
+    app = create_app(settings) if pipeline_factory is None else create_app(settings, pipeline_factory)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
-                            timeout_graceful_shutdown=10, server_header=False)
+                            timeout_graceful_shutdown=10, server_header=False,
+                            http=header_deadline_protocol(settings.header_timeout_s),
+                            limit_concurrency=settings.limit_concurrency)
     service = app.state.service
     server = DrainingServer(config, service)
     server.run()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdxl_trt.errors import InvalidRequestError, NonFiniteOutputError
 
@@ -105,3 +106,36 @@ def _a1111_error_name(err: ApiError) -> str:
     return {400: "InvalidRequestError", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed",
             413: "RequestTooLarge", 429: "Overloaded", 503: "ServiceUnavailable",
             504: "DeadlineExceeded"}.get(err.status, "InternalError")
+
+
+class ErrorGuardMiddleware:
+    """Outermost of our middleware: an exception from anywhere inside (a route, a middleware, a bug) becomes a
+    JSON error in the called API's shape, and the connection stays usable.
+
+    Starlette's own last-resort handler answers 500 and then re-raises, and uvicorn closes a connection whose
+    app raised after answering, so a client's next pooled request would fail too. Only an exception after
+    the answer has started (nothing sane can be sent) is re-raised, and uvicorn closes that connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:
+                log.error("error after the answer to %s %s had started", scope["method"], scope["path"], exc_info=exc)
+                raise
+            await render(scope["path"], from_exception(exc))(scope, receive, send)

@@ -2,7 +2,10 @@
 
 Client bytes are untrusted: the declared size is checked from the header before anything is decoded in full
 (a few hundred bytes of PNG can declare 30000x30000 pixels), only a few formats are opened, and a truncated
-or corrupt file is a 400, never a 500. Nothing a client sends is used as a path.
+or corrupt file is a 400, never a 500. Nothing a client sends is used as a path. A photo's EXIF orientation
+is applied (as A1111 does), so a phone picture arrives upright; masks of any mode become 8-bit gray by
+scaling, never by clipping (a 16-bit mask's 20000 is 78, not 255). Decoding is CPU work: the routes call
+these functions off the event loop.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import io
 import warnings
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.runtime.images import png_bytes
@@ -59,7 +63,22 @@ def open_image(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
             image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise InvalidRequestError(f"{param} could not be decoded (truncated or corrupt: {e})", param=param) from None
-    return image
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError) as e:  # a malformed EXIF block
+        raise InvalidRequestError(f"{param} has unreadable EXIF data ({e})", param=param) from None
+    return upright if upright is not None else image
+
+
+def gray8(image: Image.Image) -> Image.Image:
+    """Mode ``L`` of any image; 16- and 32-bit integer and float grays are scaled to 0..255, not clipped."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = float(values.max(initial=0.0))
+        peak = 1.0 if image.mode == "F" and top <= 1.0 else 255.0 if top <= 255.0 and not image.mode.startswith("I;16") \
+            else 65535.0
+        return Image.fromarray(np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("L")
 
 
 def decode_b64_image(data: str, *, param: str, max_pixels: int) -> Image.Image:

@@ -1,12 +1,19 @@
-"""Request-body limit, as pure ASGI middleware: Content-Length is checked first, then the streamed body.
+"""Request-body limits, as pure ASGI middleware: size (Content-Length first, then the streamed body), a deadline
+for the whole body and a timeout per chunk.
 
 A body over the limit gets a 413 in the called API's error shape. What the client already sent is read and
-discarded (up to a bound) before answering, so it sees the 413 instead of a reset connection.
+discarded (up to a bound) before answering, so it sees the 413 instead of a reset connection. A body that
+arrives too slowly (the whole of it past ``body_timeout_s``, or nothing for ``chunk_timeout_s``) gets a 408
+with ``Connection: close``: the connection is closed and what was buffered is dropped at once, so stalled
+uploads cannot pile up in memory. :class:`BodyStats` counts the bytes held for ``/metrics``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,11 +22,28 @@ from .http_errors import ApiError, render
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class BodyStats:
+    """Bytes of request bodies being read right now, and bodies refused as too slow (for metrics and tests)."""
+
+    buffered_bytes: int = 0
+    timed_out: int = 0
+
+
+class _TooSlow(Exception):
+    pass
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, max_bytes: int, drain_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, drain_bytes: int | None = None,
+                 body_timeout_s: float | None = None, chunk_timeout_s: float | None = None,
+                 stats: BodyStats | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.drain_bytes = drain_bytes if drain_bytes is not None else 4 * max_bytes + 2**20
+        self.body_timeout_s = body_timeout_s
+        self.chunk_timeout_s = chunk_timeout_s
+        self.stats = stats or BodyStats()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -30,23 +54,33 @@ class BodyLimitMiddleware:
             if not length.isdigit():
                 await render(scope["path"], ApiError(400, "Content-Length is not a number"))(scope, receive, send)
                 return
-            if int(length) > self.max_bytes:
-                await self._refuse(scope, receive, send, declared=int(length))
+            if len(length) > 18 or int(length) > self.max_bytes:
+                await self._refuse(scope, receive, send, declared=int(length) if len(length) <= 18 else None,
+                                   more=len(length) <= 18)
                 return
         chunks: list[bytes] = []
         total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.max_bytes:
-                await self._refuse(scope, receive, send, declared=None, more=message.get("more_body", False))
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        deadline = None if self.body_timeout_s is None else time.monotonic() + self.body_timeout_s
+        try:
+            while True:
+                try:
+                    message = await self._receive(receive, deadline)
+                except _TooSlow as e:
+                    await self._too_slow(scope, receive, send, str(e), total)
+                    return
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                total += len(chunk)
+                self.stats.buffered_bytes += len(chunk)
+                if total > self.max_bytes:
+                    await self._refuse(scope, receive, send, declared=None, more=message.get("more_body", False))
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        finally:
+            self.stats.buffered_bytes -= total
         body = b"".join(chunks)
         replayed = False
 
@@ -59,14 +93,41 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
+    async def _receive(self, receive: Receive, deadline: float | None) -> Message:
+        """The next message, or :class:`_TooSlow` past the per-chunk timeout or the body's deadline."""
+        timeout = self.chunk_timeout_s
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            timeout = left if timeout is None else min(timeout, left)
+        if timeout is None:
+            return await receive()
+        try:
+            return await asyncio.wait_for(receive(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _TooSlow(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+            raise _TooSlow(f"no part of the request body arrived for {self.chunk_timeout_s:g} s") from None
+
+    async def _too_slow(self, scope: Scope, receive: Receive, send: Send, why: str, received: int) -> None:
+        self.stats.timed_out += 1
+        log.info("refused %s %s after %d bytes: %s; closing the connection", scope["method"], scope["path"],
+                 received, why)
+        err = ApiError(408, f"{why}; send the whole body promptly", code="request_timeout",
+                       headers={"Connection": "close"})
+        await render(scope["path"], err)(scope, receive, send)
+
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, *, declared: int | None,
                       more: bool = True) -> None:
         limit_mb = self.max_bytes / 2**20
         log.info("refused %s %s: body over %.1f MB", scope["method"], scope["path"], limit_mb)
         if (declared is None or declared <= self.drain_bytes) and more:
             drained = 0
+            deadline = time.monotonic() + (self.body_timeout_s or 60.0)
             while drained <= self.drain_bytes:
-                message = await receive()
+                try:
+                    message = await self._receive(receive, deadline)
+                except _TooSlow:
+                    break
                 if message["type"] == "http.disconnect":
                     return
                 drained += len(message.get("body", b""))

@@ -53,12 +53,17 @@ class ServeMetrics:
         self.stage_seconds = Histogram("sdxl_trt_stage_seconds", "Seconds per pipeline stage per batch", ["stage"],
                                        buckets=_SECONDS, registry=r)
         self.images = Counter("sdxl_trt_images", "Images generated", registry=r)
+        self.body_bytes = Gauge("sdxl_trt_request_body_bytes", "Bytes of request bodies being received now",
+                                registry=r)
         self.cuda_graphs = Gauge("sdxl_trt_cuda_graphs", "CUDA graphs captured (all at warm-up)", registry=r)
         self.graph_pool_bytes = Gauge("sdxl_trt_graph_pool_bytes", "Bytes of the CUDA graphs' shared memory pool",
                                       registry=r)
 
     def bind_queue_depth(self, read: Callable[[], float]) -> None:
         self.queue_depth.set_function(read)
+
+    def bind_body_bytes(self, read: Callable[[], float]) -> None:
+        self.body_bytes.set_function(read)
 
     def bind_cuda_graph_stats(self, read: Callable[[], dict[str, int]]) -> None:
         self.cuda_graphs.set_function(lambda: read()["graphs"])

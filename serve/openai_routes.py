@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -11,12 +12,12 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from sdxl_trt.buckets import Bucket
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest, GenerationResult
 
 from . import endpoint
-from .images_io import open_image
+from .images_io import gray8, open_image
+from .inputs import check_texts, parse_size
 from .openai_api import UNSUPPORTED, ImageData, ImageEditRequest, ImageGenerationRequest, ImagesResponse
 from .settings import ServeSettings
 
@@ -30,6 +31,7 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
                           schedulers: tuple[str, ...], init_image: Image.Image | None = None,
                           mask: Image.Image | None = None) -> GenerationRequest:
     """The one translation of an OpenAI body into the engine's request; refusals name OpenAI's field."""
+    check_texts(body, max_chars=settings.max_prompt_chars)
     for name, accepted in UNSUPPORTED.items():
         value = getattr(body, name, None)
         if value not in accepted:
@@ -47,7 +49,7 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
                                   param="scheduler")
     width = height = None
     if body.size is not None and body.size.strip().lower() != "auto":
-        bucket = Bucket.parse(body.size)
+        bucket = parse_size(body.size)
         width, height = bucket.width, bucket.height
     extra: dict[str, Any] = {"strength": body.strength} if isinstance(body, ImageEditRequest) else {}
     return GenerationRequest(
@@ -88,25 +90,33 @@ async def edits(request: Request) -> ImagesResponse:
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
         images = [v for k, v in form.multi_items() if k in ("image", "image[]")]
         masks = [v for k, v in form.multi_items() if k == "mask"]
+        try:
+            body = ImageEditRequest.model_validate(fields)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        check_texts(body, max_chars=service.settings.max_prompt_chars)  # before decoding anything
         if not images:
             raise InvalidRequestError("image is required (a PNG file in the multipart body)", param="image")
         if len(images) > 1:
             raise InvalidRequestError("one image per edit is supported", param="image")
-        image = await _read_image(images[0], "image", limit)
-        mask = await _read_image(masks[0], "mask", limit) if masks else None
-    try:
-        body = ImageEditRequest.model_validate(fields)
-    except ValidationError as e:
-        raise RequestValidationError(e.errors()) from None
-    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(),
-                                init_image=image.convert("RGB"), mask=edit_mask(image, mask))
+        image_bytes = await _read_upload(images[0], "image")
+        mask_bytes = await _read_upload(masks[0], "mask") if masks else None
+
+    def decode() -> tuple[Image.Image, Image.Image]:  # CPU work: in a thread, off the event loop
+        image = open_image(image_bytes, param="image", max_pixels=limit)
+        mask = open_image(mask_bytes, param="mask", max_pixels=limit) if mask_bytes is not None else None
+        return image.convert("RGB"), edit_mask(image, mask)
+
+    init_image, mask = await asyncio.to_thread(decode)
+    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(), init_image=init_image,
+                                mask=mask)
     return await _respond(request, gen)
 
 
-async def _read_image(value: object, param: str, max_pixels: int) -> Image.Image:
+async def _read_upload(value: object, param: str) -> bytes:
     if not isinstance(value, UploadFile):
         raise InvalidRequestError(f"{param} must be a file upload", param=param)
-    return open_image(await value.read(), param=param, max_pixels=max_pixels)
+    return await value.read()
 
 
 def edit_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image:
@@ -122,7 +132,17 @@ def edit_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image:
     if mask.size != image.size:
         raise InvalidRequestError(f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x"
                                   f"{image.size[1]}; they must be the same size", param="mask")
-    return _transparent(mask) if _has_alpha(mask) else mask.convert("L")
+    if _has_alpha(mask):
+        out = _transparent(mask)
+        if out.getextrema()[1] == 0:
+            raise InvalidRequestError("the mask is fully opaque, so nothing would be edited; make the area to edit "
+                                      "transparent (OpenAI's convention)", param="mask")
+        return out
+    out = gray8(mask)
+    if out.getextrema()[1] == 0:
+        raise InvalidRequestError("the mask is all black, so nothing would be edited; paint the area to edit white, "
+                                  "or make it transparent in an RGBA mask", param="mask")
+    return out
 
 
 def _has_alpha(image: Image.Image) -> bool:

@@ -111,7 +111,12 @@ class Service:
     # ------------------------------------------------------------------ work
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        """Ready to take traffic: loaded, not draining, and the worker alive and not stuck (the watchdog)."""
+        return self.state == "ready" and (self.async_pipeline is None or self.async_pipeline.healthy)
+
+    @property
+    def worker_health(self) -> str:
+        return self.async_pipeline.health() if self.async_pipeline is not None else "ok"
 
     def require_pipeline(self) -> PipelineLike:
         """The loaded pipeline (for bucket lists and model names), or :class:`NotReadyError`."""

@@ -25,6 +25,14 @@ class ServeSettings:
     request_timeout_s: float = 300.0  # longest wait in the queue before 504
     drain_timeout_s: float = 30.0  # on SIGTERM, how long queued and running work may take to finish
     max_body_mb: float = 32.0
+    max_prompt_chars: int = 8192  # per text field (prompt, negative prompt, ...), refused with 400 before queueing
+    # Edge limits: a connection's request headers must arrive within header_timeout_s, its whole body within
+    # body_timeout_s with no gap over chunk_timeout_s (else 408 and the connection closed); more than
+    # limit_concurrency connections or running requests at once are refused by uvicorn with 503.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    chunk_timeout_s: float = 15.0
+    limit_concurrency: int = 512
     device: str | None = None
     # Buckets captured at start, before /ready turns 200: "all" built buckets, "none", or a tuple of "WxH".
     warmup: str | tuple[str, ...] = "all"
@@ -45,4 +53,5 @@ class ServeSettings:
 
     @staticmethod
     def key_from_env() -> str | None:
-        return os.environ.get(API_KEY_ENV) or None
+        """``$SDXL_TRT_API_KEY``; None when unset. Set but empty is returned as "" (the CLI refuses it)."""
+        return os.environ.get(API_KEY_ENV)

@@ -125,6 +125,8 @@ def test_failed_load_is_reported_not_served() -> None:
 
 
 def test_deadline_gives_504_in_each_api_shape_and_429_when_full() -> None:
+    """Queued and running requests get the deadline; a batch stuck past it turns /ready 503 (the watchdog)
+    until the engine returns; a full queue answers 429."""
     fake = GatedPipeline()
 
     async def body(client: httpx.AsyncClient, app: Any) -> None:
@@ -135,22 +137,89 @@ def test_deadline_gives_504_in_each_api_shape_and_429_when_full() -> None:
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
         r = await client.post("/sdapi/v1/txt2img", json={**A1111, "steps": 3})
         assert r.status_code == 504 and r.json()["error"] == "DeadlineExceeded"
+        r = await running  # held by the gate past its deadline: answered, not left hanging
+        assert r.status_code == 504 and "hung" in r.json()["error"]["message"]
+        ready = await client.get("/ready")
+        assert ready.status_code == 503 and "past its deadline" in ready.json()["worker"]
         waiting = asyncio.ensure_future(client.post("/v1/images/generations", json={**GEN, "steps": 4}))
         await _until(lambda: app.state.service.queue_depth == 1)
         r = await client.post("/v1/images/generations", json={**GEN, "steps": 5})
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         fake.gate.set()
-        assert (await running).status_code == 200
         assert (await waiting).status_code in (200, 504)  # it waited for the gate, perhaps past its deadline
+        await _until(lambda: app.state.service.ready)  # the engine returned: the watchdog clears
+        assert (await client.get("/ready")).status_code == 200
         metrics = (await client.get("/metrics")).text
-        assert 'sdxl_trt_requests_total{endpoint="/v1/images/generations",outcome="timeout"} 1.0' in metrics
+        assert 'sdxl_trt_requests_total{endpoint="/sdapi/v1/txt2img",outcome="timeout"} 1.0' in metrics
         assert 'sdxl_trt_requests_total{endpoint="/v1/images/generations",outcome="overloaded"} 1.0' in metrics
 
     try:
         asyncio.run(_with_app(_settings(request_timeout_s=0.3, max_queue=1), lambda s: fake, body))
     finally:
         fake.gate.set()
-    assert ["x"] in fake.ran and len(sum(fake.ran, [])) <= 2  # the timed-out requests never ran
+    assert ["x"] in fake.ran and len(sum(fake.ran, [])) <= 2  # the timed-out queued requests never ran
+
+
+def test_images_are_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding client images is CPU work; it runs in a worker thread, never on the event loop's."""
+    import io
+
+    from PIL import Image
+
+    from sdxl_trt.serve import a1111_routes, images_io, openai_routes
+
+    fake = GatedPipeline(open_gate=True)
+    threads: list[int] = []
+
+    def recording(decode: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.get_ident())
+            return decode(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(a1111_routes, "decode_b64_image", recording(images_io.decode_b64_image))
+    monkeypatch.setattr(openai_routes, "open_image", recording(images_io.open_image))
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 100, 50)).save(buf, format="PNG")
+    png = buf.getvalue()
+    mask = io.BytesIO()
+    Image.new("L", (256, 256), 255).save(mask, format="PNG")
+
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        await app.state.service.wait_loaded()
+        loop_thread = threading.get_ident()
+        r = await client.post("/sdapi/v1/img2img", json={**A1111, "init_images": [base64.b64encode(png).decode()]})
+        assert r.status_code == 200, r.text
+        r = await client.post("/v1/images/edits", data={"prompt": "x", "steps": "2"},
+                              files=[("image", ("i.png", png, "image/png")), ("mask", ("m.png", mask.getvalue(),
+                                                                                        "image/png"))])
+        assert r.status_code == 200, r.text
+        assert len(threads) == 3 and loop_thread not in threads
+
+    asyncio.run(_with_app(_settings(), lambda s: fake, body))
+
+
+def test_an_unexpected_exception_anywhere_becomes_a_json_500() -> None:
+    """A bug in a route (or a middleware) is answered in the API's error shape and not re-raised to the server
+    (uvicorn closes a connection whose app raised, failing the client's next pooled request too)."""
+    fake = GatedPipeline(open_gate=True)
+
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        await app.state.service.wait_loaded()
+
+        async def broken() -> None:
+            raise TypeError("a bug")
+
+        app.router.add_api_route("/v1/images/broken", broken, methods=["POST"])
+        app.router.add_api_route("/sdapi/v1/broken", broken, methods=["POST"])
+        r = await client.post("/v1/images/broken")  # ASGITransport would raise it, had the app re-raised
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        r = await client.post("/sdapi/v1/broken")
+        assert r.status_code == 500 and r.json()["error"] == "InternalError"
+        metrics = (await client.get("/metrics")).text
+        assert 'outcome="error"' in metrics
+
+    asyncio.run(_with_app(_settings(), lambda s: fake, body))
 
 
 def test_api_key_forms() -> None:

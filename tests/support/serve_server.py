@@ -25,17 +25,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DOUBLE = Path(__file__).with_name("serve_double.py")
+
+
 class ServerProcess:
-    def __init__(self, engines: Path, log_path: Path, *args: str) -> None:
+    """``sdxl-trt serve`` on ``engines``; with ``double=True`` the same server over a misbehaving pipeline double
+    (``serve_double.py``, engines unused). ``env`` replaces the test key's environment entry when given."""
+
+    def __init__(self, engines: Path | None, log_path: Path, *args: str, double: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "SDXL_TRT_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sdxl_trt.cli", "serve", "--engines", str(engines), "--host", "127.0.0.1",
-             "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        base = {k: v for k, v in os.environ.items() if k != "SDXL_TRT_API_KEY"}
+        full_env = {**base, **(env if env is not None else {"SDXL_TRT_API_KEY": API_KEY}), "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, str(DOUBLE)] if double else [
+            sys.executable, "-m", "sdxl_trt.cli", "serve", "--engines", str(engines)]
+        self.proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(self.port), *args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s

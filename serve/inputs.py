@@ -1,0 +1,61 @@
+"""Checks every API body passes before it is translated: text that is valid and not too long, sizes that parse.
+
+They run on the event loop in microseconds per field, before anything is tokenized or queued, so a 15 MB
+prompt or a lone surrogate is a 400 naming the field at once and never reaches the worker (where it would
+cost every queued request its wait, and fail its batch-mates' first run). Image fields are skipped: their
+base64 is checked where it is decoded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from typing import Any
+
+from pydantic import BaseModel
+
+from sdxl_trt.buckets import Bucket
+from sdxl_trt.errors import InvalidRequestError
+
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+
+
+def check_texts(body: BaseModel, *, max_chars: int, skip: Collection[str] = ()) -> None:
+    """Every string in ``body`` (nested lists and dicts too, keys included) is valid Unicode and at most
+    ``max_chars`` long; the error names the field path, e.g. ``override_settings.sd_model_checkpoint``."""
+    values = {**{name: getattr(body, name) for name in type(body).model_fields}, **(body.model_extra or {})}
+    for name, value in values.items():
+        if name not in skip:
+            _walk(value, name, max_chars)
+
+
+def _walk(value: Any, path: str, max_chars: int) -> None:
+    if isinstance(value, str):
+        _check(value, path, max_chars)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check(str(key), f"{path} (a key)", max_chars)
+            _walk(item, f"{path}.{key}", max_chars)
+    elif isinstance(value, (list, tuple)):
+        for k, item in enumerate(value):
+            _walk(item, f"{path}[{k}]", max_chars)
+
+
+def _check(text: str, path: str, max_chars: int) -> None:
+    if len(text) > max_chars:
+        raise InvalidRequestError(f"{path} is {len(text)} characters; at most {max_chars} are accepted (shorten it, "
+                                  "or start the server with a larger --max-prompt-chars)", param=path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{path} is not valid Unicode text (a lone surrogate {text[e.start]!r} at "
+                                  f"character {e.start}); send UTF-8 text", param=path) from None
+
+
+def parse_size(text: str, *, param: str = "size") -> Bucket:
+    """``"WIDTHxHEIGHT"`` in ASCII digits (at most 5 each): anything else is a 400, never a ValueError."""
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise InvalidRequestError(f"{param} {shown!r} is not WIDTHxHEIGHT, e.g. '1024x1024'", param=param)
+    return Bucket(int(match.group(1)), int(match.group(2)))
