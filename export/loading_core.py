@@ -76,6 +76,7 @@ def model_dims(base: LoadedModel, refiner: LoadedModel | None = None) -> ModelDi
         latent_channels=int(base.vae.config.latent_channels),
         unet_downsamples=len(unet.block_out_channels) - 1,
         refiner_downsamples=0,
+        unet_time_cond_dim=int(getattr(unet, "time_cond_proj_dim", None) or 0),  # guidance-distilled: timestep_cond
     )
     if refiner is not None:
         if refiner.kind != "refiner":

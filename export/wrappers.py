@@ -37,7 +37,8 @@ class TextEncoder2Wrapper(nn.Module):
 
 
 class UNetWrapper(nn.Module):
-    """SDXL UNet with micro-conditioning as positional inputs."""
+    """SDXL UNet with micro-conditioning as positional inputs (and, for a guidance-distilled UNet, the
+    guidance-scale embedding ``timestep_cond`` last, as the contract has it only for such models)."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
@@ -50,11 +51,13 @@ class UNetWrapper(nn.Module):
         encoder_hidden_states: torch.Tensor,
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states,
+            timestep_cond=timestep_cond,
             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
             return_dict=False,
         )[0]

@@ -11,6 +11,10 @@ Named dimensions:
 * ``S`` context tokens seen by a UNet (77 per prompt chunk: long prompts are chunked, so S = 77 k),
 * ``h`` / ``w`` latent height / width (image side / 8).
 
+Optional inputs exist only for the models that have them: a guidance-distilled UNet (``time_cond_proj_dim``
+in its config, as LCM-distilled SDXL) takes ``timestep_cond``, the guidance-scale embedding of
+``guidance_scale - 1`` (diffusers' ``get_guidance_scale_embedding``), and never runs a CFG batch.
+
 Widths (hidden sizes, context width, number of micro-conditioning numbers) are properties of the model,
 not of the contract, so the specs are built from a :class:`ModelDims` read off the model's configs.
 """
@@ -21,8 +25,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-CONTRACT_VERSION = 1
-"""Bump when a component's inputs or outputs change: exported files and engines become stale."""
+CONTRACT_VERSION = 2
+"""Bump when a component's inputs or outputs change: exported files and engines become stale.
+(2: the UNet's optional ``timestep_cond`` input for guidance-distilled models.)"""
 
 TOKENS_PER_CHUNK = 77
 """CLIP's context length: every text-encoder call sees exactly this many tokens."""
@@ -131,6 +136,7 @@ class ModelDims:
     vae_scale_factor: int = VAE_SCALE
     unet_downsamples: int = 2  # latent sides must be divisible by 2**unet_downsamples
     refiner_downsamples: int = 3  # 0 when the model has no refiner
+    unet_time_cond_dim: int = 0  # time_cond_proj_dim of a guidance-distilled UNet; 0: none (no timestep_cond)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -156,7 +162,7 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
     latent = (B, c, H, W)
     image = (B, 3, Dim("h", f), Dim("w", f))
 
-    def unet_like(name: str, context: int, pooled: int, time_ids: int, doc: str) -> ComponentSpec:
+    def unet_like(name: str, context: int, pooled: int, time_ids: int, doc: str, time_cond: int = 0) -> ComponentSpec:
         return ComponentSpec(
             name,
             inputs=(
@@ -165,6 +171,7 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
                 TensorSpec("encoder_hidden_states", "float", (B, S, context)),
                 TensorSpec("text_embeds", "float", (B, pooled)),
                 TensorSpec("time_ids", "float", (B, time_ids)),
+                *((TensorSpec("timestep_cond", "float", (B, time_cond)),) if time_cond else ()),
             ),
             outputs=(TensorSpec("noise_pred", "float", latent),),
             doc=doc,
@@ -187,7 +194,8 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
             doc="OpenCLIP ViT-bigG/14: penultimate hidden states and the projected EOS token",
         ),
         "unet": unet_like(
-            "unet", dims.unet_context, dims.pooled_dim, dims.unet_time_ids, "SDXL base UNet: predicts noise"
+            "unet", dims.unet_context, dims.pooled_dim, dims.unet_time_ids, "SDXL base UNet: predicts noise",
+            time_cond=dims.unet_time_cond_dim,
         ),
         "refiner": unet_like(
             "refiner",

@@ -2,7 +2,7 @@
 
 A preset is a set of diffusers/transformers configs plus a seed: its weights are random (seeded), so it
 needs no download. The full-size presets exist for speed measurements (speed does not depend on weight
-values); ``tiny`` and ``tiny-refiner`` keep SDXL's architecture shape (three UNet levels with the same block
+values); ``tiny`` and ``tiny-refiner`` (and ``tiny-lcm``, tiny with a guidance-embedding UNet) keep SDXL's architecture shape (three UNet levels with the same block
 types, two text encoders, text_time micro-conditioning, a four-level KL-f8 VAE, the real CLIP BPE
 tokenizer) at widths that build and run on a CPU in seconds. They are the project's embedded default
 and test models.
@@ -147,6 +147,10 @@ TINY_UNET = {
     "sample_size": 64,
 }
 
+# tiny-lcm: tiny with a guidance embedding, the shape of LCM-distilled SDXL's UNet (time_cond_proj_dim 256 there):
+# it takes timestep_cond, the embedding of guidance_scale - 1, instead of running classifier-free guidance.
+TINY_LCM_UNET = {**TINY_UNET, "time_cond_proj_dim": 32}
+
 TINY_REFINER_UNET = {
     **SDXL_REFINER_UNET,
     "addition_time_embed_dim": 8,
@@ -264,6 +268,7 @@ PRESETS: dict[str, Preset] = {
         Preset("sdxl-refiner-1.0", "refiner", SDXL_REFINER_UNET, SDXL_VAE, None, SDXL_TEXT_ENCODER_2, SDXL_BUCKETS),
         Preset("tiny", "base", TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, TINY_TEXT_ENCODER_2, TINY_BUCKETS),
         Preset("tiny-refiner", "refiner", TINY_REFINER_UNET, TINY_VAE, None, TINY_TEXT_ENCODER_2, TINY_BUCKETS, seed=1),
+        Preset("tiny-lcm", "base", TINY_LCM_UNET, TINY_VAE, TINY_TEXT_ENCODER, TINY_TEXT_ENCODER_2, TINY_BUCKETS, seed=2),
     ]
 }
 
