@@ -178,3 +178,20 @@ def test_changing_loras_re_exports_and_none_restores(tmp_path, lora_files):
     assert export([])[0] == plain[0]
     meta = json.loads((out / "manifest.json").read_text())
     assert "loras" not in meta["model"]
+
+
+def test_bad_loras_stop_the_build_with_one_line(tmp_path, capsys):
+    """A missing file or bad scale stops before anything is written; an SD 1.5 LoRA before any ONNX or engine."""
+    out = tmp_path / "engines"
+    assert main(["build", "--model", "tiny", "--out", str(out), "--backend", "onnxruntime", "--precision", "fp32",
+                 "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors does not exist" in capsys.readouterr().err and not out.exists()
+    lf.write_sd15_kohya_lora(tmp_path / "sd15.safetensors")
+    assert main(["build", "--model", "tiny", "--out", str(out), "--backend", "onnxruntime", "--precision", "fp32",
+                 "--lora", f"{tmp_path / 'sd15.safetensors'}:nan"]) == 2
+    assert "scale nan is not a number" in capsys.readouterr().err and not out.exists()
+    assert main(["build", "--model", "tiny", "--out", str(out), "--backend", "onnxruntime", "--precision", "fp32",
+                 "--lora", str(tmp_path / "sd15.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "sd15.safetensors has one text encoder" in err and "Stable Diffusion 1.x/2.x" in err
+    assert not list(out.rglob("*.onnx")) and not (out / "manifest.json").exists()
