@@ -124,3 +124,49 @@ def test_unbuilt_size_is_refused_with_the_built_list(tiny_engines: Path, tmp_pat
     err = capsys.readouterr().err
     assert "1024x1024" in err and "256x256" in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+def test_memory_probe_counts_one_pipeline_alone_on_cuda() -> None:
+    """What was resident before start() is not counted; what the measured code allocates is."""
+    import torch
+
+    from sdxl_trt.bench.measure import MemoryProbe
+
+    dev = torch.device("cuda")
+    resident = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)  # the "previous pipeline"
+    probe = MemoryProbe(dev).start()
+    x = torch.empty(512 * 2**20, dtype=torch.uint8, device=dev)
+    probe.sample()
+    del x
+    r = probe.result()
+    assert 0.49 <= r["peak_allocated_gib"] <= 0.51, r
+    assert r["peak_reserved_gib"] >= 0.49 and r["device_used_gib"] >= 0.49, r
+    assert r["start_reserved_gib"] >= 0.25, r
+    del resident
+
+
+@pytest.mark.gpu
+def test_timed_waits_for_the_device() -> None:
+    """Host clocks without a sync see only the launches; timed() must see the work (CUDA events)."""
+    import time
+
+    import torch
+
+    from sdxl_trt.bench.measure import timed
+
+    dev = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=dev)
+
+    def work() -> None:
+        for _ in range(50):
+            a @ a
+
+    work()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    work()
+    torch.cuda.synchronize()
+    synced = time.perf_counter() - t0
+    t, _ = timed(work, dev)
+    assert 0.5 * synced <= t <= 2.0 * synced, (t, synced)

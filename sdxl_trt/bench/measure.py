@@ -95,6 +95,8 @@ class MemoryProbe:
             "peak_reserved_gib": (torch.cuda.max_memory_reserved(self.device) - self.reserved0) / gib,
             "peak_allocated_gib": (torch.cuda.max_memory_allocated(self.device) - self.allocated0) / gib,
             "device_used_gib": (self.used_peak - self.used0) / gib,
+            # what was already held when this pipeline started (a previous pipeline not fully freed shows here)
+            "start_reserved_gib": self.reserved0 / gib, "start_device_used_gib": self.used0 / gib,
             "note": "deltas above the device state before this pipeline was loaded (previous one freed)",
         }
 
