@@ -125,6 +125,8 @@ def test_fused_unet_equals_diffusers_fuse_lora(tmp_path, base, shapes):
     (lf.write_sd15_unet_only_lora, "none of its layers is in this model"),
     (lf.write_loha_lora, "LoHa"),
     (lf.write_dora_lora, "DoRA"),
+    (lf.write_lokr_lora, "LoKr"),
+    (lf.write_peft_dora_lora, "DoRA"),
 ])
 def test_other_architectures_and_formats_are_refused(tmp_path, base, shapes, writer, expected):
     path = tmp_path / "bad.safetensors"

@@ -195,3 +195,17 @@ def test_bad_loras_stop_the_build_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sd15.safetensors has one text encoder" in err and "Stable Diffusion 1.x/2.x" in err
     assert not list(out.rglob("*.onnx")) and not (out / "manifest.json").exists()
+
+
+def test_the_builds_own_loader_fuses_for_torch_programs_and_int8_calibration(lora_files, tiny_models):
+    """``engine.build._load_base`` (what the torch backend exports and INT8 calibration runs) holds the LoRAs."""
+    from sdxl_trt.engine.build import BuildOptions, _load_base
+
+    base = tiny_models[0]
+    opts = BuildOptions(model="tiny", loras=tuple(f"{p}:{s}" for (p, _), s in zip(lora_files, SCALES, strict=True)))
+    loaded = _load_base(opts)
+    want = _fused_reference(base, lora_files)
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        got = dict(getattr(loaded, comp).named_parameters())
+        for name, p in want[comp].named_parameters():
+            torch.testing.assert_close(got[name], p, rtol=0, atol=1e-6, msg=f"{comp}.{name}")

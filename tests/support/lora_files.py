@@ -172,6 +172,20 @@ def write_loha_lora(path: Path) -> None:
                f"{n}.alpha": torch.tensor(4.0)}, str(path))
 
 
+def write_lokr_lora(path: Path) -> None:
+    """A LyCORIS LoKr file's keys (Kronecker factors lokr_w1, lokr_w2_a/b, alpha)."""
+    n = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{n}.lokr_w1": torch.randn(8, 8), f"{n}.lokr_w2_a": torch.randn(8, 4),
+               f"{n}.lokr_w2_b": torch.randn(4, 8), f"{n}.alpha": torch.tensor(4.0)}, str(path))
+
+
+def write_peft_dora_lora(path: Path) -> None:
+    """A diffusers/peft DoRA file: lora_A/lora_B plus ``lora_magnitude_vector``."""
+    n = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{n}.lora_A.weight": torch.randn(4, 64), f"{n}.lora_B.weight": torch.randn(64, 4),
+               f"{n}.lora_magnitude_vector": torch.randn(64)}, str(path))
+
+
 def write_dora_lora(path: Path) -> None:
     """A kohya DoRA file: LoRA factors plus a ``dora_scale`` magnitude per layer."""
     n = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
