@@ -49,7 +49,7 @@ from .images_io import decode_b64_image, gray8
 from .inputs import check_texts
 from .settings import ServeSettings
 
-router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"], route_class=endpoint.FastJsonRoute)
 
 _EMPTY: tuple[Any, ...] = (None, False, 0, "", [], {})
 DEFAULT_STEPS = 50

@@ -400,7 +400,7 @@ class AsyncPipeline:
             done, _ = await asyncio.wait({call}, timeout=self.default_timeout_s)
             if not done:
                 self._stuck_since = t0 + self.default_timeout_s
-                log.error("a batch of %d requests is still running after %.0f s; failing them, and /ready is 503 "
+                log.error("a batch of %d requests is still running after %g s; failing them, and /ready is 503 "
                           "until the engine returns", len(batch), self.default_timeout_s)
                 for it in batch:
                     if not it.future.done():

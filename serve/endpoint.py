@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pydantic_core
 from fastapi import Request
+from fastapi.routing import APIRoute
+from starlette.responses import Response
 
 from sdxl_trt.errors import SdxlTrtError
 from sdxl_trt.request import GenerationRequest, GenerationResult
@@ -19,6 +24,33 @@ from .service import Service
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
+
+
+class _FastJsonRequest(Request):
+    """Parses the JSON body with pydantic-core (about 20x faster than ``json.loads`` on a 15 MB prompt, so an
+    over-long body is refused in milliseconds); text ``json`` accepts that pydantic-core does not (a lone
+    surrogate escape) falls back to ``json.loads`` and is then refused by name in ``inputs.check_texts``."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = pydantic_core.from_json(body, allow_inf_nan=True)
+            except ValueError:
+                self._json = json.loads(body)
+        return self._json
+
+
+class FastJsonRoute(APIRoute):
+    """The API routers' route class: FastAPI's route over :class:`_FastJsonRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(_FastJsonRequest(request.scope, request.receive))
+
+        return route
 
 
 class ClientGone(Exception):

@@ -21,7 +21,7 @@ from .inputs import check_texts, parse_size
 from .openai_api import UNSUPPORTED, ImageData, ImageEditRequest, ImageGenerationRequest, ImagesResponse
 from .settings import ServeSettings
 
-router = APIRouter(prefix="/v1/images", tags=["OpenAI Images"])
+router = APIRouter(prefix="/v1/images", tags=["OpenAI Images"], route_class=endpoint.FastJsonRoute)
 
 DEFAULT_STEPS = 30
 """Steps when a request names none (capped at the server's --max-steps)."""

@@ -129,6 +129,8 @@ class Service:
             raise ShuttingDownError("the service is shutting down and accepts no new requests")
         if self.state != "ready" or self.async_pipeline is None:
             raise NotReadyError(self.error or "the engines are still loading; retry shortly")
+        if not self.async_pipeline.healthy:  # the watchdog: refuse at once rather than queue behind a hung engine
+            raise NotReadyError(f"not serving right now: {self.async_pipeline.health()}; retry shortly")
         return await self.async_pipeline.generate(request)
 
     def cuda_graph_stats(self) -> dict[str, int]:

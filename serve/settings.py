@@ -36,7 +36,7 @@ class ServeSettings:
     device: str | None = None
     # Buckets captured at start, before /ready turns 200: "all" built buckets, "none", or a tuple of "WxH".
     warmup: str | tuple[str, ...] = "all"
-    warmup_steps: int = 3  # steps per warm-up generation: the captured step serves any step count
+    warmup_steps: int = 2  # steps per warm-up generation: the captured step serves any step count
 
     @property
     def max_body_bytes(self) -> int:

@@ -51,7 +51,7 @@ def double(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The server over a pipeline double, with short edge deadlines so the slow-client tests take seconds."""
     log = tmp_path_factory.mktemp("double") / "server.log"
     srv = _start(ServerProcess(None, log, "--header-timeout-s", "1", "--body-timeout-s", "6", "--chunk-timeout-s",
-                               "2", "--max-body-mb", "40", "--request-timeout-s", "2", "--batch-window-ms", "200",
+                               "3", "--max-body-mb", "40", "--request-timeout-s", "2", "--batch-window-ms", "200",
                                "--limit-concurrency", "40", double=True))
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]
@@ -107,7 +107,7 @@ def test_silent_and_half_header_connections_are_closed_at_the_header_deadline(do
 def test_slow_and_stalled_bodies_get_408_and_their_memory_back(double: ServerProcess) -> None:
     head = (f"POST {GEN} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
             "Content-Type: application/json\r\nContent-Length: {n}\r\n\r\n")
-    # A body that trickles (a byte every 0.25 s, under the 2 s chunk timeout) hits the 6 s body deadline.
+    # A body that trickles (a byte every 0.25 s, under the 3 s chunk timeout) hits the 6 s body deadline.
     with socket.create_connection(("127.0.0.1", double.port)) as slow:
         slow.sendall(head.format(n=1000).encode())
         t0 = time.monotonic()
@@ -148,7 +148,7 @@ def test_slow_and_stalled_bodies_get_408_and_their_memory_back(double: ServerPro
             s.close()
     print(f"\nstalled bodies: rss {base:.0f} MB -> {peak_rss:.0f} MB while held ({held / 2**20:.0f} MB of bodies "
           f"counted); after: {_rss_mb(double.proc.pid):.0f} MB")
-    assert all(got.startswith(b"HTTP/1.1 408") and b"for 2 s" in got for _, got in outcomes), outcomes[0]
+    assert all(got.startswith(b"HTTP/1.1 408") and b"for 3 s" in got for _, got in outcomes), outcomes[0]
     assert held >= 200 * 2**20  # they were really held ...
     for _ in range(50):  # ... and are given back (bounded: 5 s)
         if _held_bytes(double) == 0 and _rss_mb(double.proc.pid) < base + 100:
