@@ -78,11 +78,34 @@ class BatchRunner:
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - host tables, tiny; the runner lives as long as its pipeline
     def schedule(self, unet: str, name: str, steps: int, *, strength: float = 1.0,
-                 denoising_start: float | None = None, denoising_end: float | None = None) -> Schedule:
+                 denoising_start: float | None = None, denoising_end: float | None = None,
+                 timestep_spacing: str | None = None, timesteps: tuple[int, ...] | None = None,
+                 eta: float | None = None) -> Schedule:
         """The host-side schedule for these settings (float32 tables, as diffusers steps in float32)."""
         return make_schedule(name, steps, config=self.scheduler_configs[unet], strength=strength,
-                             denoising_start=denoising_start, denoising_end=denoising_end, device="cpu",
+                             denoising_start=denoising_start, denoising_end=denoising_end,
+                             timestep_spacing=timestep_spacing, timesteps=timesteps, eta=eta, device="cpu",
                              dtype=torch.float32)
+
+    def host_schedules(self, req: GenerationRequest) -> tuple[Schedule, Schedule | None]:
+        """The base's and (with a refiner mode) the refiner's host schedules of ``req``; building them is also
+        the check that refuses settings a sampler cannot take (Pipeline.check calls it before queueing).
+
+        Spacing and eta apply to both UNets; explicit timesteps to the base and to an ensemble's refiner (one
+        schedule, split), not to an img2img refiner, which re-noises on its own ``refiner_steps`` schedule.
+        """
+        options = {"timestep_spacing": req.timestep_spacing, "eta": req.eta}
+        base_end = req.refiner_start if req.refiner_mode == "ensemble" else None
+        strength = req.strength if req.mode != "txt2img" else 1.0
+        base = self.schedule("unet", req.scheduler, req.steps, strength=strength, denoising_end=base_end,
+                             timesteps=req.timesteps, **options)
+        if req.refiner_mode == "ensemble":
+            return base, self.schedule("refiner", req.scheduler, req.steps, denoising_start=req.refiner_start,
+                                       timesteps=req.timesteps, **options)
+        if req.refiner_mode == "img2img":
+            return base, self.schedule("refiner", req.scheduler, req.refiner_steps or req.steps,
+                                       strength=req.refiner_strength, **options)
+        return base, None
 
     def bound(self, unet: str, name: str, schedule: Schedule) -> Schedule:
         return schedule.bind(self.tables[(unet, name)])
@@ -118,10 +141,8 @@ class BatchRunner:
         latents = ctx.arena.view("latents", (m, c, h, w))
         gens = [s.generator for s in slots]
         mode = req.mode
-        base_end = req.refiner_start if req.refiner_mode == "ensemble" else None
-        strength = req.strength if mode != "txt2img" else 1.0
-        schedule = self.bound("unet", req.scheduler, self.schedule("unet", req.scheduler, req.steps, strength=strength,
-                                                                   denoising_end=base_end))
+        base_host, refiner_host = self.host_schedules(req)
+        schedule = self.bound("unet", req.scheduler, base_host)
         inpaint = None
         timer = StageTimer(ctx.device)
 
@@ -149,15 +170,10 @@ class BatchRunner:
         timer.stop("denoise", t1)
         steps_run = {"unet": schedule.num_steps}
 
-        if req.refiner_mode:
+        if refiner_host is not None:
             t2 = timer.start()
-            if req.refiner_mode == "ensemble":
-                host = self.schedule("refiner", req.scheduler, req.steps, denoising_start=req.refiner_start)
-                rschedule = self.bound("refiner", req.scheduler, host)
-            else:
-                host = self.schedule("refiner", req.scheduler, req.refiner_steps or req.steps,
-                                     strength=req.refiner_strength)
-                rschedule = self.bound("refiner", req.scheduler, host)
+            rschedule = self.bound("refiner", req.scheduler, refiner_host)
+            if req.refiner_mode == "img2img":
                 noise = torch.cat([self._randn(g, (1, c, h, w), ctx.dtypes["refiner"]) for g in gens]).float()
                 latents.copy_(rschedule.add_noise(latents, noise, 0))
             finite["refiner"] = self._denoise("refiner", req.scheduler, rschedule, slots, bucket, latents,
@@ -222,13 +238,16 @@ class BatchRunner:
         ctx = self.ctx
         m = len(slots)
         h, w = bucket.latent_hw
-        cfg = slots[0].guidance > 1.0
+        # The refiner has no guidance embedding: it guides whenever guidance_scale > 1 (diffusers' refiner pipeline).
+        cfg = slots[0].cfg if unet == "unet" else slots[0].guidance > 1.0
         s_len = slots[0].chunks * TOKENS_PER_CHUNK
         dims = {"B": 2 * m if cfg else m, "h": h, "w": w, "S": s_len}
         inputs, outputs = ctx.io_views(unet, dims)
         order = (["neg"] if cfg else []) + ["pos"]
         for key, tensor in (("embeds", "encoder_hidden_states"), ("pooled", "text_embeds"), ("time_ids", "time_ids")):
             inputs[tensor].copy_(torch.cat([s.cond[f"{unet}.{side}.{key}"] for side in order for s in slots]))
+        if "timestep_cond" in inputs:  # a guidance-distilled UNet: its guidance embedding, never a CFG batch
+            inputs["timestep_cond"].copy_(torch.cat([s.cond[f"{unet}.pos.timestep_cond"] for s in slots]))
         guidance = ctx.arena.view("guidance", (m, 1, 1, 1))
         guidance.copy_(torch.tensor([max(s.guidance, 1.0) for s in slots]).view(m, 1, 1, 1))
         step_index = ctx.arena.view("step_index", (1,)).view(())

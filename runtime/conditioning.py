@@ -8,6 +8,7 @@ so a service can call it before queueing (a bad request never waits or joins a b
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from sdxl_trt.request import GenerationRequest
 
 from .context import EngineContext
 from .text import PromptTokenizer, check_chunks, chunks_needed
+
+log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 65_536
 """A prompt longer than this is refused before tokenizing: tokenizing megabytes takes seconds of a
@@ -37,6 +40,7 @@ class Slot:
     guidance: float
     chunks: int
     cond: dict[str, torch.Tensor] = field(default_factory=dict)  # embeds/pooled/time_ids, pos & neg, per UNet
+    cfg: bool = True  # classifier-free guidance: the UNet runs on 2M rows (negative half first), else on M
 
 
 def resolve_bucket(request: GenerationRequest, buckets: list[Bucket]) -> Bucket:
@@ -71,6 +75,8 @@ class Conditioner:
         self.tokenizers = (PromptTokenizer(directory / "tokenizer"), PromptTokenizer(directory / "tokenizer_2"))
         self.force_zeros_for_empty_prompt = bool(ctx.manifest.pipeline.get("force_zeros_for_empty_prompt", True))
         self.has_refiner = "refiner" in ctx.engines
+        # A guidance-distilled UNet takes the guidance-scale embedding (timestep_cond) and never a CFG batch.
+        self.time_cond_dim = ctx.dims.unet_time_cond_dim
 
     # ------------------------------------------------------------------ checking
     def check(self, req: GenerationRequest, *, max_images: int, max_steps: int, schedulers: tuple[str, ...]) -> Bucket:
@@ -111,6 +117,11 @@ class Conditioner:
                      param="negative_prompt" if longer_is_negative else "prompt")
         return n
 
+    def uses_cfg(self, req: GenerationRequest) -> bool:
+        """diffusers' rule: classifier-free guidance only above 1 and only for a UNet without a guidance
+        embedding (at or below 1, or with the embedding, the UNet runs on the images alone, half the rows)."""
+        return req.guidance_scale > 1.0 and not self.time_cond_dim
+
     # ------------------------------------------------------------------ encoding
     def _encode(self, name: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """One text encoder over ``ids`` rows; in a CUDA graph per (encoder, rows) where the engine allows."""
@@ -127,7 +138,11 @@ class Conditioner:
         n = self.prompt_chunks(req)
         pos1, neg1 = tok1.content_ids(req.prompt), tok1.content_ids(req.negative_prompt)
         pos2, neg2 = tok2.content_ids(req.prompt), tok2.content_ids(req.negative_prompt)
-        cfg = req.guidance_scale > 1.0
+        cfg = self.uses_cfg(req)
+        if not cfg and req.negative_prompt:
+            log.info("guidance_scale %s%s: classifier-free guidance is off, so the negative prompt is ignored "
+                     "(as in diffusers)", req.guidance_scale,
+                     " with a guidance-embedding UNet" if self.time_cond_dim else "")
         zero_neg = req.negative_prompt == "" and self.force_zeros_for_empty_prompt
         rows1 = [tok1.chunk(pos1, n)] + ([tok1.chunk(neg1, n)] if cfg and not zero_neg else [])
         rows2 = [tok2.chunk(pos2, n)] + ([tok2.chunk(neg2, n)] if cfg or req.refiner_mode else [])
@@ -155,6 +170,9 @@ class Conditioner:
         target = req.target_size or (h, w)
         crop = req.crop_top_left
         cond["unet.pos.time_ids"] = torch.tensor([[*orig, *crop, *target]], dtype=dt, device=device)
+        if self.time_cond_dim:
+            w = torch.tensor([float(req.guidance_scale) - 1.0])
+            cond["unet.pos.timestep_cond"] = guidance_scale_embedding(w, self.time_cond_dim).to(device=device, dtype=dt)
         cond["unet.neg.time_ids"] = cond["unet.pos.time_ids"]
         if req.refiner_mode:
             rdt = ctx.dtypes["refiner"]
@@ -169,6 +187,20 @@ class Conditioner:
                                                         device=device)
         return [
             Slot(ri, k, req.seed + k, torch.Generator().manual_seed(req.seed + k),  # type: ignore[operator]
-                 guidance=float(req.guidance_scale), chunks=n, cond=cond)
+                 guidance=float(req.guidance_scale), chunks=n, cond=cond, cfg=cfg)
             for k in range(req.num_images)
         ]
+
+
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """diffusers' ``get_guidance_scale_embedding`` (float32): the sinusoidal embedding of ``w * 1000`` that a
+    guidance-distilled UNet takes as ``timestep_cond``, [len(w), embedding_dim]."""
+    w = w * 1000.0
+    half = embedding_dim // 2
+    scale = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -scale)
+    emb = w.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if embedding_dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 RefinerMode = Literal["ensemble", "img2img"]
 Mode = Literal["txt2img", "img2img", "inpaint"]
 
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+"""diffusers' ``timestep_spacing`` values a request may choose."""
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -28,6 +31,12 @@ class GenerationRequest:
     makes it inpainting (white = repaint). ``refiner_mode``: ``ensemble`` stops the base at
     ``refiner_start`` of the schedule and lets the refiner finish; ``img2img`` re-noises the base latent
     to ``refiner_strength`` and denoises it with the refiner.
+
+    Few-step recipes: ``timestep_spacing`` overrides the model's scheduler config (``trailing`` for
+    SDXL-Lightning/Turbo); ``timesteps`` is an explicit descending schedule (DMD2: 999, 749, 499, 249), and
+    ``steps`` then becomes its length; ``eta`` is TCD's gamma (default 0.3). Each applies only where
+    diffusers' scheduler class takes it, and is refused elsewhere. ``guidance_scale <= 1`` turns
+    classifier-free guidance off: the UNet runs on the images only and ``negative_prompt`` is ignored.
     """
 
     prompt: str
@@ -52,7 +61,21 @@ class GenerationRequest:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     snap_to_bucket: bool = False
+    timestep_spacing: str | None = None  # leading | linspace | trailing; None: the model's scheduler config
+    timesteps: tuple[int, ...] | None = None  # explicit, descending; sets steps to its length
+    eta: float | None = None  # tcd's gamma (None: 0.3); ddim: 0 only
+    loras: tuple[tuple[str, float], ...] = ()  # (name in the pipeline's lora_dirs, or a path; scale), stacked
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        # A list from JSON or the CLI becomes a tuple (hashable: schedules are cached and batched by it), and
+        # steps follows it, so everything downstream that counts steps sees the explicit schedule's length.
+        if isinstance(self.loras, list):
+            object.__setattr__(self, "loras", tuple(tuple(e) if isinstance(e, list) else e for e in self.loras))
+        if isinstance(self.timesteps, (list, tuple)):
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))
+            if self.timesteps:
+                object.__setattr__(self, "steps", len(self.timesteps))
 
     @property
     def mode(self) -> Mode:
@@ -89,6 +112,24 @@ class GenerationRequest:
             raise InvalidRequestError(
                 f"refiner_mode must be 'ensemble' or 'img2img', got {self.refiner_mode!r}", param="refiner_mode"
             )
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise InvalidRequestError(f"unknown timestep_spacing {self.timestep_spacing!r}; choose one of: "
+                                      f"{', '.join(TIMESTEP_SPACINGS)} (or leave it unset for the model's)",
+                                      param="timestep_spacing")
+        if self.timesteps is not None:
+            ts = self.timesteps
+            if (not isinstance(ts, tuple) or not ts
+                    or not all(isinstance(t, int) and not isinstance(t, bool) for t in ts)):
+                raise InvalidRequestError(f"timesteps must be a non-empty list of integers, got {ts!r}",
+                                          param="timesteps")
+            if any(b >= a for a, b in zip(ts, ts[1:], strict=False)):
+                raise InvalidRequestError(f"timesteps must be strictly descending (e.g. 999,749,499,249), got "
+                                          f"{list(ts)}", param="timesteps")
+            if len(ts) > max_steps:
+                raise InvalidRequestError(f"at most {max_steps} timesteps, got {len(ts)}", param="timesteps")
+        if self.eta is not None and (isinstance(self.eta, bool) or not isinstance(self.eta, (int, float))
+                                     or not math.isfinite(self.eta) or not 0.0 <= self.eta <= 1.0):
+            raise InvalidRequestError(f"eta must be a number in [0, 1], got {self.eta!r}", param="eta")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
             raise InvalidRequestError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}", param="seed")
         self.mode  # noqa: B018 - raises for a mask without an image
