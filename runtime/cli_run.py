@@ -38,6 +38,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         num_images=args.batch, init_image=_open_image(args.init_image, "--init-image"), strength=args.strength,
         mask_image=_open_image(args.mask, "--mask"), refiner_mode=args.refiner_mode,
         refiner_start=args.refiner_start, refiner_strength=args.refiner_strength, snap_to_bucket=args.snap_to_bucket,
+        timestep_spacing=args.timestep_spacing, timesteps=args.timesteps, eta=args.eta,
     )
 
 

@@ -30,7 +30,7 @@ import torch
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir
-from sdxl_trt.errors import InvalidRequestError
+from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.request import GenerationRequest, GenerationResult
 
 from .batch import BatchRunner, StageTimer
@@ -62,6 +62,11 @@ class Pipeline:
         self.max_batch = manifest.max_batch
         self.has_refiner = "refiner" in engines
         self._lock = threading.Lock()
+        self._unpassed_time_cond = unpassed_guidance_embedding(manifest)
+        if self._unpassed_time_cond:
+            log.warning("%s: the model's UNet takes a guidance embedding (time_cond_proj_dim %d) that these engines "
+                        "were built without; requests are refused until it is rebuilt: %s", directory,
+                        self._unpassed_time_cond, manifest.rebuild_hint(directory))
         log.info("pipeline ready: backend %s on %s, buckets %s, max batch %d, arena %.1f MB, CUDA graphs %s",
                  self.backend, device, ", ".join(map(str, self.buckets)), self.max_batch,
                  self.ctx.arena.nbytes / 2**20, "on" if graphs.enabled else "off")
@@ -151,8 +156,16 @@ class Pipeline:
     def check(self, req: GenerationRequest, *, max_images: int = 10_000, max_steps: int | None = None) -> Bucket:
         """Everything that can be refused before any work runs (prompt length in tokens included); returns the
         request's bucket. Services call it before queueing, so a bad request never waits or joins a batch."""
-        return self.conditioner.check(req, max_images=max_images, schedulers=SCHEDULERS,
-                                      max_steps=min(max_steps or self.max_steps, self.max_steps))
+        if self._unpassed_time_cond:
+            raise ManifestError(
+                f"the model's UNet is guidance-distilled (time_cond_proj_dim {self._unpassed_time_cond}), but the "
+                f"engines in {self.directory} were built before sdxl-trt passed its guidance embedding "
+                "(timestep_cond): they would ignore guidance_scale. Rebuild: "
+                f"{self.manifest.rebuild_hint(self.directory)}")
+        bucket = self.conditioner.check(req, max_images=max_images, schedulers=SCHEDULERS,
+                                        max_steps=min(max_steps or self.max_steps, self.max_steps))
+        self.runner.host_schedules(req)  # refuses what the sampler cannot take (spacing, timesteps, eta, steps)
+        return bucket
 
     # ------------------------------------------------------------------ the work
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -177,7 +190,8 @@ class Pipeline:
         for s in slots:
             req, bucket = resolved[s.request_index]
             key = (bucket, req.steps, req.scheduler, req.mode, req.strength, req.refiner_mode, req.refiner_start,
-                   req.refiner_strength, req.refiner_steps, s.chunks, s.guidance > 1.0)
+                   req.refiner_strength, req.refiner_steps, s.chunks, s.cfg, req.timestep_spacing, req.timesteps,
+                   req.eta)
             groups.setdefault(key, []).append(s)
         plain = [r for r, _ in resolved]
         for group in groups.values():
@@ -209,9 +223,38 @@ class Pipeline:
             "scheduler": req.scheduler, "seed": req.seed, "num_images": req.num_images, "mode": req.mode,
             "model": self.manifest.model.get("name"), "backend": self.backend,
         }
+        if req.timestep_spacing is not None:
+            p["timestep_spacing"] = req.timestep_spacing
+        if req.timesteps is not None:
+            p["timesteps"] = list(req.timesteps)
+        if req.eta is not None:
+            p["eta"] = req.eta
         if req.mode != "txt2img":
             p["strength"] = req.strength
         if req.refiner_mode:
             p.update(refiner_mode=req.refiner_mode, refiner=(self.manifest.refiner or {}).get("name"),
                      refiner_start=req.refiner_start, refiner_strength=req.refiner_strength)
         return p
+
+
+def unpassed_guidance_embedding(manifest: Manifest) -> int:
+    """The time_cond_proj_dim of the model's UNet when its engines lack the ``timestep_cond`` input (built
+    before the contract had it: the manifest's model_dims has no ``unet_time_cond_dim``); 0 otherwise.
+
+    The model's UNet config is read where the runtime can still see it: a preset, or the local diffusers
+    directory the engines were built from. Elsewhere the old engines cannot be told apart and run as built.
+    """
+    if "unet_time_cond_dim" in manifest.model_dims:
+        return 0
+    src = manifest.model.get("source") or {}
+    config: dict[str, Any] = {}
+    if src.get("type") == "preset":
+        from sdxl_trt.presets import PRESETS
+
+        preset = PRESETS.get(str(src.get("name")))
+        config = preset.unet if preset is not None else {}
+    elif src.get("type") == "diffusers":
+        path = Path(str(src.get("path", ""))) / "unet" / "config.json"
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads(path.read_text())
+    return int(config.get("time_cond_proj_dim") or 0)
