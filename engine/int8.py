@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -115,7 +115,7 @@ def build_int8_unet(
     fp32_unet_onnx, out_onnx = Path(fp32_unet_onnx), Path(out_onnx)
     if not fp32_unet_onnx.is_file():
         raise BuildError(f"FP32 UNet ONNX {fp32_unet_onnx} does not exist; export the UNet in fp32 first")
-    sampling = {"steps": steps, "width": width, "height": height, "guidance_scale": guidance_scale}
+    sampling: dict[str, Any] = {"steps": steps, "width": width, "height": height, "guidance_scale": guidance_scale}
     t0 = time.perf_counter()
     loaded = model() if callable(model) else model
     if backend == "torch":

@@ -84,8 +84,8 @@ class _WeightReader:
         """The external bytes of ``t`` as memory-mapped slices (None for tensors stored inside the graph)."""
         if not uses_external_data(t):
             return None
-        arr = self.array(t).reshape(-1).view(np.uint8)
-        return [memoryview(arr[i:i + chunk]) for i in range(0, arr.size, chunk)]
+        arr = np.ascontiguousarray(self.array(t)).reshape(-1).view(np.uint8)  # a memmap view: no copy
+        return [memoryview(arr[i:i + chunk].data) for i in range(0, arr.size, chunk)]
 
 
 class _Sink:
