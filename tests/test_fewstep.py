@@ -259,3 +259,19 @@ def test_engines_built_before_the_guidance_embedding_are_refused(tiny_lcm, tiny_
     with pytest.raises(ManifestError, match=r"timestep_cond.*Rebuild: sdxl-trt build"):
         stale.generate(req)
     assert good.generate(req).images[0].size == (256, 256)
+
+
+def test_run_flags_reach_the_request():
+    """sdxl-trt run --timestep-spacing/--timesteps/--eta become the request's fields; a malformed list stops argparse."""
+    from sdxl_trt.cli import build_parser
+    from sdxl_trt.runtime.cli_run import request_from_args
+
+    base = ["run", "--engines", "e", "--prompt", "p", "--out", "o.png"]
+    args = build_parser().parse_args([*base, "--scheduler", "lcm", "--timesteps", "999,749,499,249", "--eta", "0.3"])
+    req = request_from_args(args)
+    assert (req.scheduler, req.timesteps, req.steps, req.eta) == ("lcm", (999, 749, 499, 249), 4, 0.3)
+    req = request_from_args(build_parser().parse_args([*base, "--timestep-spacing", "trailing", "--steps", "2"]))
+    assert (req.timestep_spacing, req.timesteps, req.eta, req.steps) == ("trailing", None, None, 2)
+    for bad in (["--timesteps", "999,7a9"], ["--timestep-spacing", "karras"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, *bad])
