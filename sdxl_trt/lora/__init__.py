@@ -4,7 +4,9 @@
   tensor math, fusing into PyTorch modules, the identity of a model with LoRAs fused;
 * :mod:`.reading`: LoRA files (diffusers/peft and kohya) into the canonical form, through diffusers' key
   conversion, refusing anything that would apply only in part;
-* :mod:`.weight_map`: ``weight_map.json``, where each LoRA-able weight lives in each engine.
+* :mod:`.weight_map`: ``weight_map.json``, where each LoRA-able weight lives in each engine;
+* :mod:`.apply`: new engine weights (ONNX initializer / TensorRT refit names, their layouts) for a LoRA set,
+  from kept base weights, through the weight map.
 
 Imports no stage (tests/test_layers.py checks it); diffusers only inside :func:`.reading.read_lora`.
 """
