@@ -209,3 +209,17 @@ def test_the_builds_own_loader_fuses_for_torch_programs_and_int8_calibration(lor
         got = dict(getattr(loaded, comp).named_parameters())
         for name, p in want[comp].named_parameters():
             torch.testing.assert_close(got[name], p, rtol=0, atol=1e-6, msg=f"{comp}.{name}")
+
+
+def test_an_export_from_before_weight_maps_gets_one_without_exporting_again(tmp_path):
+    from sdxl_trt.export.exporter import export_model
+
+    out = tmp_path / "onnx"
+    export_model("tiny", out=out, components=["text_encoder_2"])
+    first = WeightMap.load(out / WEIGHT_MAP_NAME).components["text_encoder_2"]
+    (out / WEIGHT_MAP_NAME).unlink()
+    mtime = (out / "text_encoder_2.onnx").stat().st_mtime_ns
+    export_model("tiny", out=out, components=["text_encoder_2"])
+    assert (out / "text_encoder_2.onnx").stat().st_mtime_ns == mtime  # not exported again
+    again = WeightMap.load(out / WEIGHT_MAP_NAME).components["text_encoder_2"]
+    assert again.weights == first.weights and again.onnx_sha256 == first.onnx_sha256
