@@ -146,10 +146,6 @@ class Progress:
         log.info("%s [%-*s] %d/%d UNet calls, %s elapsed, ETA %s%s", self.what, width, bar, self.done, self.total,
                  _duration(elapsed), _duration(eta), f" ({note})" if note else "")
 
-    def finish_early(self, skipped: int) -> None:
-        """Calls that will not run (a prompt stopped after its last picked step) leave the total."""
-        self.total = max(self.done, self.total - skipped)
-
 
 def _duration(seconds: float) -> str:
     if seconds != seconds:  # nan
@@ -223,14 +219,14 @@ def run_calibration_prompts(
         progress.advance(1, f"prompt {prompt_index + 1}/{len(prompts)}")
         if i >= last and i + 1 < steps:
             p._interrupt = True  # diffusers' documented way to end the denoising loop early
-            progress.finish_early(steps - i - 1)
         return callback_kwargs
 
-    progress = Progress(what, len(prompts) * steps)
+    picks = [picked_steps(i, steps, max(1, base + (i < extra))) for i in range(len(prompts))]
+    progress = Progress(what, sum(max(k) + 1 for k in picks))  # the UNet calls that will run: an exact ETA
     handle = model.unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for prompt_index, prompt in enumerate(prompts):
-            step, keep = 0, picked_steps(prompt_index, steps, max(1, base + (prompt_index < extra)))
+            step, keep = 0, picks[prompt_index]
             last = max(keep)
             generator = torch.Generator(device=device).manual_seed(seed + prompt_index)
             with torch.inference_mode():

@@ -366,8 +366,18 @@ def test_progress_reports_an_eta(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=int8_calibration.__name__):
         p = int8_calibration.Progress("calibration", 10, every_s=0.0)
         p.advance(5)
-        p.finish_early(3)  # a prompt stopped after its last picked step
-        p.advance(2)
+        p.advance(5, "prompt 2/2")
     lines = [r.getMessage() for r in caplog.records]
-    assert "5/10 UNet calls" in lines[0] and "ETA" in lines[0] and "#" * 10 in lines[0]
-    assert "7/7 UNet calls" in lines[-1] and "ETA 0s" in lines[-1]
+    assert "5/10 UNet calls" in lines[0] and "ETA" in lines[0] and "#" * 10 + " " * 10 in lines[0]
+    assert "10/10 UNet calls" in lines[-1] and "ETA 0s (prompt 2/2)" in lines[-1]
+
+
+def test_a_prompt_stops_after_its_last_picked_step(built: dict[str, Any]) -> None:
+    """Steps after the last sample cannot change the sampled inputs, so they are not run: prompt 0 with one sample
+    of 6 steps is sampled at step 0 and the UNet runs once (the second prompt, phase 0.618, at step 3: 4 calls)."""
+    calls: list[bool] = []
+    picked = int8_calibration.run_calibration_prompts(
+        built["model"], int8.read_prompts()[:2], lambda p, _a, _k: calls.append(p), steps=STEPS, width=SIZE,
+        height=SIZE, max_samples=2)
+    assert picked == 2
+    assert calls == [True, False, False, False, True]
