@@ -38,7 +38,7 @@ def header_deadline_protocol(timeout_s: float, base: type[asyncio.Protocol] | No
     """uvicorn's HTTP protocol (or ``base``) that closes a connection whose headers take over ``timeout_s``."""
     parent: Any = base or _uvicorn_protocol()
 
-    class HeaderDeadlineProtocol(parent):  # type: ignore[misc, valid-type]
+    class HeaderDeadlineProtocol(parent):
         """Arms a timer when a request may begin; a request whose headers completed is left alone."""
 
         _header_timer: asyncio.TimerHandle | None = None
