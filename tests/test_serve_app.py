@@ -163,6 +163,24 @@ def test_deadline_gives_504_in_each_api_shape_and_429_when_full() -> None:
     assert fake.ran == [["x"], ["x"]]  # the stuck one and the last one; the timed-out queued requests never ran
 
 
+def test_watchdog_reports_a_stopped_worker() -> None:
+    """If the batching worker ever stops without being asked to, /ready turns 503 and says so."""
+    fake = GatedPipeline(open_gate=True)
+
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        await app.state.service.wait_loaded()
+        assert (await client.post("/v1/images/generations", json=GEN)).status_code == 200
+        worker = app.state.service.async_pipeline._worker
+        worker.cancel()
+        await asyncio.wait({worker})
+        ready = await client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["worker"] == "the batching worker stopped"
+        r = await client.post("/v1/images/generations", json=GEN)
+        assert r.status_code == 503 and "worker stopped" in r.json()["error"]["message"]
+
+    asyncio.run(_with_app(_settings(), lambda s: fake, body))
+
+
 def test_images_are_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding client images is CPU work; it runs in a worker thread, never on the event loop's."""
     import io
