@@ -27,7 +27,7 @@ cd "$ROOT"
 DRY=${SDXL_TRT_ACCEPTANCE_DRY_RUN:-0}
 REFINER=0; COMPILE=0; SKIP_TESTS=0
 SIZES=""; STEPS=""; RUNS=""
-BUDGET=${ACCEPTANCE_BUDGET_S:-470}   # 8 minutes minus a margin: the whole script, install to summary
+BUDGET=${ACCEPTANCE_BUDGET_S:-}   # seconds for the whole script, install to summary (default below)
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -57,12 +57,13 @@ if [ "$DRY" = 1 ]; then
   PY=${PYTHON:-$ROOT/.venv/bin/python}; [ -x "$PY" ] || PY=python3
   MODEL=tiny; REF_MODEL=tiny-refiner; DEVICE=cpu; PRECISION=fp32; BACKEND=${DRY_BACKEND:-onnxruntime}
   SIZES=${SIZES:-256x256}; STEPS=${STEPS:-4}; RUNS=${RUNS:-2}
-  B_INSTALL=0; B_TESTS=90; B_BUILD=120; B_COMPILED=60
+  # About a minute of CPU time in all; the limits only guard against a hang on a busy shared machine.
+  B_INSTALL=0; B_TESTS=240; B_BUILD=300; B_COMPILED=120; BUDGET=${BUDGET:-900}
 else
   PY=${PYTHON:-python3}
   MODEL=sdxl-base-1.0; REF_MODEL=sdxl-refiner-1.0; DEVICE=cuda; PRECISION=fp16; BACKEND=torch
   SIZES=${SIZES:-1024x1024}; STEPS=${STEPS:-30}; RUNS=${RUNS:-3}
-  B_INSTALL=90; B_TESTS=120; B_BUILD=200; B_COMPILED=150
+  B_INSTALL=90; B_TESTS=120; B_BUILD=200; B_COMPILED=150; BUDGET=${BUDGET:-470}  # 8 minutes minus a margin
   # Inductor compiles each (bucket, batch) shape at build (base UNet 135-160 s on an H100), the refiner adds a
   # second 2.3 B-parameter export: with either, pass --skip-tests or a larger --budget-s (at most ~580 in a
   # 600 s call) so the benchmark still gets its time.
