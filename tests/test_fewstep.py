@@ -29,9 +29,9 @@ def _scheduler(cls: str, **kwargs: Any) -> Any:
 
 
 def _txt2img(pipe: Any, scheduler: Any, *, seed: int, steps: int | None, guidance: float, n: int = 1,
-             negative: str | None = None, **kw: Any) -> np.ndarray:
+             negative: str | None = None, prompt: str = PROMPT, **kw: Any) -> np.ndarray:
     pipe.scheduler = scheduler
-    return pipe(prompt=PROMPT, negative_prompt=negative, width=256, height=256, num_inference_steps=steps,
+    return pipe(prompt=prompt, negative_prompt=negative, width=256, height=256, num_inference_steps=steps,
                 guidance_scale=guidance, generator=generators(seed, n), num_images_per_prompt=n, output_type="np",
                 **kw).images
 
@@ -98,6 +98,20 @@ def test_img2img_lcm_4_steps(tiny_pipeline, diffusers_pipes):
     theirs = pipe(prompt=req.prompt, image=image, strength=0.75, num_inference_steps=4, guidance_scale=0.0,
                   generator=generators(13, 1), output_type="np").images
     assert_close(ours.images, theirs)
+
+
+def test_step_counts_and_etas_share_the_fixed_tables(tiny_pipeline, diffusers_pipes):
+    """One pipeline runs tcd at 6, then 1, then 3 steps with different etas through the same fixed tables and
+    noise buffer (what one captured step reads): each equals diffusers, so rows left over from a longer or
+    noisier schedule (noise rows, the last step's zero row) are never read."""
+    for steps, eta in ((6, 0.5), (1, 0.3), (3, 0.0)):
+        req = GenerationRequest(prompt="a lighthouse", width=256, height=256, steps=steps, guidance_scale=0.0,
+                                scheduler="tcd", eta=eta, seed=steps)
+        ours = tiny_pipeline.generate(req)
+        assert ours.steps_run == {"unet": steps}
+        theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("TCDScheduler"), seed=steps, steps=steps,
+                          guidance=0.0, eta=eta, prompt="a lighthouse")
+        assert_close(ours.images, theirs)
 
 
 class _ShapeRecorder:
