@@ -64,6 +64,23 @@ def test_diffusers_format_alpha_from_metadata(tmp_path, base, shapes):
     _assert_matches_truth(lora, truth)
 
 
+def test_diffusers_format_with_an_alpha_per_layer(tmp_path, base, shapes):
+    """Some trainers save peft keys with a ``<layer>.alpha`` tensor each: it scales that layer."""
+    from safetensors.torch import load_file, save_file
+
+    truth = lf.write_diffusers_lora(tmp_path / "d.safetensors", shapes, rank=4, only="attn2")
+    t = load_file(str(tmp_path / "d.safetensors"))
+    for i, key in enumerate(sorted(k for k in t if k.endswith(".lora_A.weight"))):
+        alpha = 1.0 + i % 3
+        t[key.replace(".lora_A.weight", ".alpha")] = torch.tensor(alpha)
+        comp, _, module = key.removesuffix(".lora_A.weight").partition(".")
+        name = (module if comp == "unet" else module.removeprefix("text_model.")) + ".weight"
+        name = name if name in truth[comp] else f"text_model.{name}"
+        truth[comp][name] = truth[comp][name] * alpha / 4
+    save_file(t, str(tmp_path / "alphas.safetensors"))
+    _assert_matches_truth(_read(tmp_path / "alphas.safetensors", base, shapes), truth)
+
+
 def test_kohya_format_with_alpha_not_rank(tmp_path, base, shapes):
     truth = lf.write_kohya_lora(tmp_path / "k.safetensors", shapes, rank=4, alpha=2.0)
     lora = _read(tmp_path / "k.safetensors", base, shapes)

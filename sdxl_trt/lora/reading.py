@@ -53,11 +53,10 @@ def read_lora(path: str | Path, *, targets: Mapping[str, Mapping[str, tuple[int,
     tensors, metadata = _read_file(path)
     kind = _detect_format(path, tensors, metadata)
     down_ids = {id(v): k for k, v in tensors.items() if _is_down_key(k)}
-    if kind == "kohya":
-        alphas_by_down = {id(v): float(tensors[k.split(".")[0] + ".alpha"].item())
-                          for k, v in tensors.items() if _is_down_key(k) and k.split(".")[0] + ".alpha" in tensors}
-    else:
-        alphas_by_down = {}
+    # Each layer's own ``alpha`` (kohya always; some diffusers-format trainers too), found through the down
+    # tensor itself: diffusers' conversion renames keys but keeps the tensor objects.
+    alphas_by_down = {id(v): float(tensors[a].item()) for k, v in tensors.items()
+                      if (a := _alpha_key(k)) is not None and a in tensors}
 
     from diffusers import StableDiffusionXLPipeline
 
@@ -88,7 +87,7 @@ def read_lora(path: str | Path, *, targets: Mapping[str, Mapping[str, tuple[int,
             if got != want:
                 problems.append(f"{component}.{name}: the file's update is {got}, the model's weight is {want}")
                 continue
-            alpha = alphas_by_down.get(id(down)) if kind == "kohya" else _metadata_alpha(comp_meta, module)
+            alpha = alphas_by_down[id(down)] if id(down) in alphas_by_down else _metadata_alpha(comp_meta, module)
             layers[component][name] = LoraFactors(up=up, down=down, alpha_scale=_alpha_scale(alpha, rank, comp_meta))
     dropped = [k for i, k in down_ids.items() if i not in seen_downs]
     if dropped:
@@ -154,8 +153,19 @@ def _detect_format(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Ma
                     f"{', '.join(others[:5])}")
 
 
+DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
+
+
 def _is_down_key(key: str) -> bool:
-    return key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight"))
+    return key.endswith(DOWN_SUFFIXES)
+
+
+def _alpha_key(key: str) -> str | None:
+    """``layer.alpha`` for a down key ``layer.lora_down.weight`` (or lora_A, lora.down, ...)."""
+    for suffix in DOWN_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)] + ".alpha"
+    return None
 
 
 def _to_peft_names(path: Path, converted: Mapping[str, torch.Tensor]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
