@@ -18,6 +18,7 @@ The names below are re-exported so ``from sdxl_trt.engine import int8`` reaches 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
@@ -34,6 +35,7 @@ from .int8_calibration import (
     DEFAULT_PROMPTS_FILE,
     UNET_INPUT_NAMES,
     collect_calibration_inputs,
+    encode_prompts,
     read_prompts,
 )
 from .int8_ort import EXTERNAL_DATA_BYTES, CalibrateMethod, quantize_unet
@@ -118,6 +120,13 @@ def build_int8_unet(
     sampling: dict[str, Any] = {"steps": steps, "width": width, "height": height, "guidance_scale": guidance_scale}
     t0 = time.perf_counter()
     loaded = model() if callable(model) else model
+    # Every prompt is encoded first; a model loaded here then lets its text encoders go (3.5 GB at full size)
+    # before the UNet runs. The UNet inputs are the same as with the prompts.
+    embeds = encode_prompts(loaded, prompts[:need], guidance_scale=guidance_scale)
+    if callable(model):
+        loaded = dataclasses.replace(loaded, text_encoder=None, text_encoder_2=None)
+        gc.collect()
+    sampling["embeddings"] = embeds[:num_prompts]
     if backend == "torch":
         graph = onnx.load(str(fp32_unet_onnx), load_external_data=False)
         excluded = plan_exclusions(graph, quant_level=quant_level)
@@ -131,10 +140,12 @@ def build_int8_unet(
         calib = collect_calibration_inputs(loaded, prompts[:num_prompts], seed=seed, max_samples=cap, **sampling)
     held_out: list[dict[str, np.ndarray]] = []
     if num_eval_prompts:
+        sampling["embeddings"] = embeds[num_prompts:need]
         held_out = collect_calibration_inputs(
             loaded, prompts[num_prompts:need], seed=seed + 10_000,
             max_samples=max(1, math.ceil(steps / 4)) * num_eval_prompts, what="held-out inputs", **sampling,
         )
+    del embeds, sampling
     collected = time.perf_counter() - t0
     del loaded
     if callable(model):

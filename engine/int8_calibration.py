@@ -59,13 +59,14 @@ def picked_steps(prompt_index: int, steps: int, per_prompt: int) -> set[int]:
     return {min(steps - 1, int((j + phase) * steps / per_prompt)) for j in range(per_prompt)}
 
 
-def _build_pipeline(model: LoadedModel) -> Any:
-    """diffusers' SDXL pipeline over the loaded modules, tokenizers and scheduler config from ``model.config_dir``."""
+def _build_pipeline(model: LoadedModel, *, without_text_encoders: bool = False) -> Any:
+    """diffusers' SDXL pipeline over the loaded modules, tokenizers and scheduler config from ``model.config_dir``
+    (``without_text_encoders``: for prompts given as :func:`encode_prompts` embeddings)."""
     import diffusers
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    if model.kind != "base" or model.text_encoder is None:
+    if model.kind != "base" or (model.text_encoder is None and not without_text_encoders):
         raise BuildError(
             f"INT8 calibration needs an SDXL base model with both text encoders; {model.name!r} is a {model.kind} "
             "model (calibrate the refiner UNet with an img2img pipeline, not supported yet)"
@@ -87,8 +88,8 @@ def _build_pipeline(model: LoadedModel) -> Any:
             raise BuildError(f"cannot load the CLIP tokenizer from {cfg_dir / sub}: {e}") from e
     pipe: Any = StableDiffusionXLPipeline(
         vae=model.vae,
-        text_encoder=model.text_encoder,
-        text_encoder_2=model.text_encoder_2,
+        text_encoder=None if without_text_encoders else model.text_encoder,
+        text_encoder_2=None if without_text_encoders else model.text_encoder_2,
         tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1],
         unet=model.unet,
@@ -154,6 +155,33 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def encode_prompts(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    guidance_scale: float = 5.0,
+    negative_prompt: str | None = None,
+) -> list[dict[str, Any]]:
+    """Each prompt's embeddings as diffusers' pipeline computes them (both encoders; the negative ones for guidance).
+
+    Calibration encodes every prompt first, so the text encoders (3.5 GB of fp32 weights at full size) can be let
+    go before the UNet runs; :func:`run_calibration_prompts` given these gives the same UNet inputs as given the
+    prompts."""
+    import torch
+
+    pipe = _build_pipeline(model)
+    device = next(model.unet.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            pe, npe, ppe, nppe = pipe.encode_prompt(prompt=p, device=device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=guidance_scale > 1.0,
+                                                    negative_prompt=negative_prompt)
+            out.append({"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
+                        "negative_pooled_prompt_embeds": nppe})
+    return out
+
+
 def check_calibration_args(model: LoadedModel, prompts: Sequence[str], *, steps: int, width: int, height: int,
                            max_samples: int) -> list[str]:
     """The non-empty prompts, after checking steps, sample count and size against the UNet (errors name the fix)."""
@@ -192,6 +220,7 @@ def run_calibration_prompts(
     max_samples: int,
     negative_prompt: str | None = None,
     what: str = "calibration",
+    embeddings: Sequence[Mapping[str, Any]] | None = None,
 ) -> int:
     """Denoise ``prompts`` with diffusers' SDXL pipeline and tell ``on_unet_call`` about every UNet call.
 
@@ -199,12 +228,15 @@ def run_calibration_prompts(
     served most). ``max_samples`` calls are picked, evenly spaced over the schedule, each prompt at a different
     phase, so together they span it; a prompt stops after its last picked step (later steps cannot change the
     picked calls' inputs). Latents are not decoded (``output_type="latent"``): the VAE plays no part in UNet
-    calibration. Progress with an ETA goes to the log. Returns the number of picked calls that ran."""
+    calibration. Progress with an ETA goes to the log. ``embeddings`` (:func:`encode_prompts` of the same
+    prompts) replace the text encoders, which may then be gone. Returns the number of picked calls that ran."""
     import torch
 
+    if embeddings is not None and len(embeddings) != len(prompts):
+        raise BuildError(f"{len(embeddings)} prompt embeddings for {len(prompts)} prompts; encode the same prompts")
     prompts = check_calibration_args(model, prompts, steps=steps, width=width, height=height, max_samples=max_samples)
     base, extra = divmod(max_samples, len(prompts))  # the first `extra` prompts give one sample more
-    pipe = _build_pipeline(model)
+    pipe = _build_pipeline(model, without_text_encoders=embeddings is not None)
     device = next(model.unet.parameters()).device
     step, keep, picked = 0, set[int](), 0
 
@@ -229,10 +261,13 @@ def run_calibration_prompts(
             step, keep = 0, picks[prompt_index]
             last = max(keep)
             generator = torch.Generator(device=device).manual_seed(seed + prompt_index)
+            text: dict[str, Any] = (
+                {"prompt": prompt, "negative_prompt": negative_prompt} if embeddings is None
+                else dict(embeddings[prompt_index])
+            )
             with torch.inference_mode():
                 pipe(
-                    prompt=prompt,
-                    negative_prompt=negative_prompt,
+                    **text,
                     num_inference_steps=steps,
                     width=width,
                     height=height,
@@ -266,6 +301,7 @@ def collect_calibration_inputs(
     max_samples: int,
     negative_prompt: str | None = None,
     what: str = "recording UNet inputs",
+    embeddings: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Record the UNet's actual inputs at the picked calls of :func:`run_calibration_prompts`.
 
@@ -281,7 +317,7 @@ def collect_calibration_inputs(
 
     run_calibration_prompts(model, prompts, record, steps=steps, width=width, height=height,
                             guidance_scale=guidance_scale, seed=seed, max_samples=max_samples,
-                            negative_prompt=negative_prompt, what=what)
+                            negative_prompt=negative_prompt, what=what, embeddings=embeddings)
     return records[:max_samples]
 
 

@@ -143,6 +143,7 @@ def collect_activation_ranges(
     max_samples: int,
     guidance_scale: float = 5.0,
     seed: int = 0,
+    embeddings: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Max-abs ranges of the activations feeding ``nodes`` (of ``graph``), measured at the same picked UNet calls
     :func:`.int8_calibration.collect_calibration_inputs` would record. Returns (ranges by tensor name, samples)."""
@@ -157,7 +158,7 @@ def collect_activation_ranges(
     try:
         samples = run_calibration_prompts(model, prompts, on_call, steps=steps, width=width, height=height,
                                           guidance_scale=guidance_scale, seed=seed, max_samples=max_samples,
-                                          what="calibration")
+                                          what="calibration", embeddings=embeddings)
     finally:
         observer.remove()
     return observer.ranges(), samples

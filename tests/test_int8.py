@@ -381,3 +381,24 @@ def test_a_prompt_stops_after_its_last_picked_step(built: dict[str, Any]) -> Non
         height=SIZE, max_samples=2)
     assert picked == 2
     assert calls == [True, False, False, False, True]
+
+
+def test_prompt_embeddings_give_the_same_unet_inputs_without_text_encoders(built: dict[str, Any]) -> None:
+    """Calibration encodes the prompts first so the text encoders can be let go; the UNet must then see exactly
+    what it sees when the pipeline encodes the prompts itself."""
+    import dataclasses
+
+    model = built["model"]
+    prompts = int8.read_prompts()[:2]
+    embeds = int8_calibration.encode_prompts(model, prompts)
+    bare = dataclasses.replace(model, text_encoder=None, text_encoder_2=None)
+    a = int8.collect_calibration_inputs(model, prompts, steps=STEPS, width=SIZE, height=SIZE, max_samples=4)
+    b = int8.collect_calibration_inputs(bare, prompts, steps=STEPS, width=SIZE, height=SIZE, max_samples=4,
+                                        embeddings=embeds)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        for name in int8.UNET_INPUT_NAMES:
+            np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+    with pytest.raises(BuildError, match="1 prompt embeddings for 2 prompts"):
+        int8.collect_calibration_inputs(bare, prompts, steps=STEPS, width=SIZE, height=SIZE, max_samples=4,
+                                        embeddings=embeds[:1])
