@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ def _open_image(path: str | None, flag: str) -> Image.Image | None:
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     return GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-        steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
+        steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler or "euler", seed=args.seed,
         num_images=args.batch, init_image=_open_image(args.init_image, "--init-image"), strength=args.strength,
         mask_image=_open_image(args.mask, "--mask"), refiner_mode=args.refiner_mode,
         refiner_start=args.refiner_start, refiner_strength=args.refiner_strength, snap_to_bucket=args.snap_to_bucket,
@@ -54,6 +55,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = Pipeline.load(args.engines, device=args.device)
     load_s = time.perf_counter() - t0
+    if args.scheduler is None and pipe.default_scheduler != request.scheduler:
+        log.info("scheduler %s: the model's scheduler config", pipe.default_scheduler)
+        request = dataclasses.replace(request, scheduler=pipe.default_scheduler)
     t1 = time.perf_counter()
     result = pipe.generate(request)
     total = time.perf_counter() - t1

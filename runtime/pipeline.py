@@ -39,7 +39,7 @@ from .context import EngineContext
 from .engine import Engine
 from .graphs import CudaGraphs
 from .loader import load_engines, resolve_device
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, scheduler_for_config
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class Pipeline:
         self.max_batch = manifest.max_batch
         self.has_refiner = "refiner" in engines
         self._lock = threading.Lock()
+        # What `sdxl-trt run` uses when no --scheduler is given: the model's own (LCMScheduler config -> lcm).
+        self.default_scheduler = scheduler_for_config(self.runner.scheduler_configs["unet"]) or "euler"
         self._unpassed_time_cond = unpassed_guidance_embedding(manifest)
         if self._unpassed_time_cond:
             log.warning("%s: the model's UNet takes a guidance embedding (time_cond_proj_dim %d) that these engines "

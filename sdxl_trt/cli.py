@@ -130,7 +130,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snap-to-bucket", action="store_true", help="use the nearest built bucket instead of refusing")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--scheduler", default="euler")
+    p.add_argument("--scheduler", default=None, help="default: the model's scheduler config's sampler (euler for SDXL, "
+                   "lcm for an LCM-distilled model)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")

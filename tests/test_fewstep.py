@@ -289,3 +289,28 @@ def test_run_flags_reach_the_request():
     for bad in (["--timesteps", "999,7a9"], ["--timestep-spacing", "karras"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args([*base, *bad])
+
+
+def test_run_defaults_to_the_models_own_scheduler(tiny_lcm, tmp_path, capsys):
+    """An engine directory whose scheduler config is an LCMScheduler one (as LCM-distilled SDXL ships) runs lcm when
+    `sdxl-trt run` names no scheduler; a named one still wins."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from sdxl_trt.cli import build_parser
+    from sdxl_trt.runtime.cli_run import run_from_args
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_lcm[0].directory, engines)
+    config_path = engines / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "_class_name": "LCMScheduler", "original_inference_steps": 50}))
+    base = ["run", "--engines", str(engines), "--prompt", "a cat", "--steps", "2", "--guidance", "0", "--seed", "1",
+            "--device", "cpu"]
+    for extra, expected in (([], "lcm"), (["--scheduler", "euler"], "euler")):
+        out = tmp_path / f"{expected}.png"
+        assert run_from_args(build_parser().parse_args([*base, *extra, "--out", str(out)])) == 0
+        with Image.open(out) as im:
+            assert json.loads(im.info["parameters"])["scheduler"] == expected

@@ -33,7 +33,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sdxl_trt.errors import InvalidRequestError, ModelLoadError
 from sdxl_trt.presets import SCHEDULER_CONFIG
-from sdxl_trt.runtime.schedulers import CUSTOM_TIMESTEPS, OWN_TIMESTEPS, SCHEDULERS, make_schedule
+from sdxl_trt.runtime.schedulers import (
+    CUSTOM_TIMESTEPS,
+    OWN_TIMESTEPS,
+    SCHEDULERS,
+    make_schedule,
+    scheduler_for_config,
+)
 
 # name -> (diffusers class, from_config kwargs that select the same sampler)
 DIFFUSERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -453,3 +459,20 @@ def test_lcm_refuses_more_steps_than_its_distillation_schedule() -> None:
         make_schedule("lcm", 51, config=SCHEDULER_CONFIG)
     assert info.value.param == "steps"
     assert make_schedule("lcm", 51, config={**SCHEDULER_CONFIG, "original_inference_steps": 100}).num_steps == 51
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_a_models_own_scheduler_config_names_its_sampler(name: str) -> None:
+    """The config diffusers saves for each sampler's class and settings maps back to that sampler (what a
+    pipeline runs by default: an LCM-distilled model's LCMScheduler config gives lcm)."""
+    cls, kwargs = DIFFUSERS[name]
+    config = dict(cls.from_config(SCHEDULER_CONFIG, **kwargs).config)
+    config["_class_name"] = cls.__name__
+    assert scheduler_for_config(config) == name
+
+
+def test_configs_of_other_samplers_name_none() -> None:
+    assert scheduler_for_config({"_class_name": "HeunDiscreteScheduler"}) is None
+    assert scheduler_for_config({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver",
+                                 "solver_order": 2}) is None
+    assert scheduler_for_config({"_class_name": "EulerAncestralDiscreteScheduler", "use_karras_sigmas": True}) is None

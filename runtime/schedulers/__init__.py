@@ -76,7 +76,8 @@ from sdxl_trt.errors import InvalidRequestError
 from . import ddim, dpm_solver, euler, euler_ancestral, lcm, tcd, unipc
 from ._base import Schedule, Window
 
-__all__ = ["CUSTOM_TIMESTEPS", "OWN_TIMESTEPS", "SCHEDULERS", "SPACINGS", "Schedule", "make_schedule"]
+__all__ = ["CUSTOM_TIMESTEPS", "ETA", "OWN_TIMESTEPS", "SCHEDULERS", "SPACINGS", "Schedule", "make_schedule",
+           "scheduler_for_config"]
 
 _FACTORIES: dict[str, Callable[..., Schedule]] = {
     "euler": functools.partial(euler.make, karras=False),
@@ -108,6 +109,30 @@ OWN_TIMESTEPS: tuple[str, ...] = ("lcm", "tcd")
 
 ETA: tuple[str, ...] = ("tcd", "ddim")
 """Samplers whose diffusers step takes ``eta`` (ddim at 0 only here)."""
+
+
+def scheduler_for_config(config: Mapping[str, Any]) -> str | None:
+    """The sampler name equal to a diffusers scheduler config's own class and settings (an LCM-distilled model
+    ships an LCMScheduler config, SDXL an EulerDiscreteScheduler one); None when no sampler here is that one.
+
+    What a pipeline runs when a request does not name a sampler, as diffusers' pipeline would."""
+    cls = config.get("_class_name")
+    karras = "_karras" if config.get("use_karras_sigmas") else ""
+    if cls == "EulerDiscreteScheduler":
+        return "euler" + karras
+    if cls == "DPMSolverMultistepScheduler":
+        algorithm, order = config.get("algorithm_type", "dpmsolver++"), int(config.get("solver_order", 2))
+        name = {("dpmsolver++", 2): "dpmpp_2m", ("sde-dpmsolver++", 2): "dpmpp_2m_sde",
+                ("sde-dpmsolver++", 3): "dpmpp_3m_sde"}.get((algorithm, order))
+        return None if name is None else name + karras
+    simple = {"EulerAncestralDiscreteScheduler": "euler_a", "DDIMScheduler": "ddim", "LCMScheduler": "lcm",
+              "TCDScheduler": "tcd"}
+    if cls in simple and not karras:
+        return simple[cls]
+    if cls == "UniPCMultistepScheduler" and not karras and int(config.get("solver_order", 2)) == 2 and \
+            config.get("solver_type", "bh2") == "bh2":
+        return "unipc"
+    return None
 
 
 def _check_fraction(value: float | None, param: str) -> None:
