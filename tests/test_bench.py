@@ -170,3 +170,12 @@ def test_timed_waits_for_the_device() -> None:
     synced = time.perf_counter() - t0
     t, _ = timed(work, dev)
     assert 0.5 * synced <= t <= 2.0 * synced, (t, synced)
+
+
+def test_unknown_baseline_is_refused_before_any_timing(tiny_engines: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["-q", "bench", "--engines", str(tiny_engines), "--out", str(tmp_path), "--baseline", "sdxl-bsae-1.0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "sdxl-bsae-1.0" in err and "sdxl-base-1.0" in err
+    assert not list(tmp_path.iterdir())

@@ -237,6 +237,15 @@ def _baseline_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def _check_model(what: str, model: str | None) -> None:
+    """A mistyped --baseline is refused before minutes of timing, not found after them."""
+    from sdxl_trt.presets import PRESETS
+
+    if model is not None and model not in PRESETS and not Path(model).expanduser().exists():
+        raise InvalidRequestError(f"--{what.replace('_', '-')} {model!r} is neither a preset ({', '.join(PRESETS)}) "
+                                  "nor an existing path", param=what)
+
+
 def _check_sizes(opts: BenchOptions, built: Sequence[Bucket]) -> list[Bucket]:
     sizes = [Bucket.parse(s) for s in opts.sizes] if opts.sizes else [built[0]]
     unknown = [str(b) for b in sizes if b not in built]
@@ -254,6 +263,8 @@ def run_bench(opts: BenchOptions, *, checkpoint: Callable[[dict[str, Any]], None
     is a note in the report, not a lost run."""
     if opts.runs < 1 or opts.steps < 1 or opts.warmup_runs < 0:
         raise InvalidRequestError("runs and steps must be at least 1, warmup runs at least 0", param="runs")
+    for what, model in (("baseline", opts.baseline), ("baseline_refiner", opts.baseline_refiner)):
+        _check_model(what, model)
     device = resolve_device(opts.device)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
