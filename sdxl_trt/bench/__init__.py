@@ -14,7 +14,7 @@ from __future__ import annotations
 __all__ = ["BenchOptions", "run_bench"]
 
 
-def __getattr__(name: str):  # noqa: ANN202 - lazy re-export keeps `import sdxl_trt.bench` free of torch
+def __getattr__(name: str) -> object:  # a lazy re-export keeps `import sdxl_trt.bench` free of torch
     if name in __all__:
         from . import runner
 

@@ -89,11 +89,11 @@ def load_diffusers(model: str, *, refiner: str | None, dtype: torch.dtype, devic
     base = load_model(model, dtype=dtype, device=device)
     tok = CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer"))
     tok2 = CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer_2"))
-    pipe = diffusers.StableDiffusionXLPipeline(
+    pipe: Any = diffusers.StableDiffusionXLPipeline(
         vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=tok,
         tokenizer_2=tok2, unet=base.unet, scheduler=_scheduler(base.config_dir, scheduler), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
-    ref_pipe = None
+    ref_pipe: Any = None
     if refiner:
         r = load_model(refiner, dtype=dtype, device=device)
         ref_pipe = diffusers.StableDiffusionXLImg2ImgPipeline(

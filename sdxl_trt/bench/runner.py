@@ -428,7 +428,7 @@ def _measure_diffusers(opts: BenchOptions, report: dict[str, Any], sizes: list[B
             row = rows[(str(bucket), row_label(mode))]
 
             def call(bucket: Bucket = bucket, mode: str | None = mode, n: int = 1) -> np.ndarray:
-                return dp.generate(bucket=bucket, n=n, refiner_mode=mode, **kw)  # type: ignore[arg-type]
+                return dp.generate(bucket=bucket, n=n, refiner_mode=mode, **kw)
 
             for _ in range(opts.warmup_runs):
                 call()
