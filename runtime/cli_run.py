@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from sdxl_trt.errors import InvalidRequestError
+from sdxl_trt.lora import LoraSpec
 from sdxl_trt.request import GenerationRequest
 
 from .images import save_png
@@ -40,7 +41,14 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         mask_image=_open_image(args.mask, "--mask"), refiner_mode=args.refiner_mode,
         refiner_start=args.refiner_start, refiner_strength=args.refiner_strength, snap_to_bucket=args.snap_to_bucket,
         timestep_spacing=args.timestep_spacing, timesteps=args.timesteps, eta=args.eta,
+        loras=tuple(_lora_arg(text) for text in args.lora),
     )
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (path, scale), refusing a missing file or a bad scale at once."""
+    spec = LoraSpec.parse(text)
+    return str(spec.path), spec.scale
 
 
 def output_paths(out: str, n: int) -> list[Path]:

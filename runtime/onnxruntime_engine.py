@@ -2,12 +2,17 @@
 
 ONNX Runtime writes outputs straight into the arena's views (``bind_output`` with the buffer's
 address), so a call allocates no tensors of its own beyond what ORT uses internally.
+
+Runtime LoRAs replace initializers: a session is created with ``add_initializer`` overrides holding the
+merged weights (always base + deltas, never delta on delta), and the last few sessions are kept, keyed by
+their LoRA set, so switching back and forth between a service's styles builds no session twice.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +35,56 @@ class OnnxRuntimeEngine:
 
     def __init__(self, path: Path, spec: ComponentSpec, profiles: Sequence[Any], *, device: torch.device,
                  providers: Sequence[str] | None = None, intra_op_threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.spec = spec
         self.profiles = profiles
         self.device = device
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        chosen = list(providers) if providers else preferred_providers(device.type)
-        self.session = ort.InferenceSession(str(path), opts, providers=chosen)
+        self.path = Path(path)
+        self._intra_op_threads = intra_op_threads
+        self._providers = list(providers) if providers else preferred_providers(device.type)
+        self.session = self._new_session({})
         self.providers = self.session.get_providers()
         log.info("%s: ONNX Runtime providers %s", spec.name, self.providers)
         self._ort_device = "cuda" if device.type == "cuda" else "cpu"
         self._device_id = device.index or 0
+        self._sessions: OrderedDict[Hashable, tuple[Any, Mapping[str, np.ndarray]]] = OrderedDict()
+        self._sessions[()] = (self.session, {})
+
+    SESSIONS_KEPT = 3
+    """Sessions kept per engine (the base weights' and the last LoRA sets'): each holds a copy of the weights."""
+
+    def _new_session(self, overrides: Mapping[str, np.ndarray]) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        # ORT_ENABLE_ALL's layout transforms (NCHWc) pre-pack Conv weights from the model file and ignore
+        # add_initializer overrides for them (measured: zeroing conv_in changed nothing), so a session with
+        # overrides stops at the EXTENDED level.
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if overrides
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        if self._intra_op_threads:
+            opts.intra_op_num_threads = self._intra_op_threads
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in overrides.values()]
+        for name, value in zip(overrides, values, strict=True):
+            opts.add_initializer(name, value)  # replaces the model's initializer of that name
+        session = ort.InferenceSession(str(self.path), opts, providers=self._providers)
+        session._sdxl_trt_overrides = values  # ORT reads the OrtValues in place: they live as long as the session
+        return session
+
+    def set_weights(self, key: Hashable, overrides: Mapping[str, np.ndarray]) -> None:
+        """Run with these initializer values (ONNX names; ``{}`` with key ``()``: the file's own) from now on.
+
+        ``key`` names the weight set (the LoRA set) so that a recent set's session is reused."""
+        cached = self._sessions.get(key)
+        if cached is None:
+            # The arrays must outlive the session: ORT reads them in place.
+            cached = (self._new_session(overrides), dict(overrides))
+            self._sessions[key] = cached
+            while len(self._sessions) > self.SESSIONS_KEPT:
+                oldest = next(k for k in self._sessions if k != ())  # the base session is always kept
+                del self._sessions[oldest]
+        self._sessions.move_to_end(key)
+        self.session = cached[0]
 
     def infer_shapes(self, input_shapes: Mapping[str, Shape], profile: int) -> dict[str, Shape]:
         return check_input_shapes(self.spec, self.profiles, input_shapes, profile)

@@ -39,6 +39,7 @@ from .context import EngineContext
 from .engine import Engine
 from .graphs import CudaGraphs
 from .loader import load_engines, resolve_device
+from .lora import LoraSet, LoraSwitcher, check_lora_set
 from .schedulers import SCHEDULERS, scheduler_for_config
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 class Pipeline:
     def __init__(self, directory: Path, manifest: Manifest, engines: dict[str, Engine], device: torch.device, *,
-                 max_steps: int = 150, use_cuda_graphs: bool = True) -> None:
+                 max_steps: int = 150, use_cuda_graphs: bool = True, lora_dirs: Sequence[str | Path] = ()) -> None:
         self.directory = Path(directory)
         self.manifest = manifest
         self.engines = engines
@@ -58,6 +59,7 @@ class Pipeline:
             self.ctx = EngineContext(manifest, engines, device, graphs, max_steps)
             self.conditioner = Conditioner(self.ctx, self.directory)
             self.runner = BatchRunner(self.ctx, self._scheduler_configs())
+            self.loras = LoraSwitcher(self.ctx, self.directory, lora_dirs)
         self.buckets = self.ctx.buckets
         self.max_batch = manifest.max_batch
         self.has_refiner = "refiner" in engines
@@ -76,8 +78,12 @@ class Pipeline:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device | None = None, verify_hashes: bool = True,
-             compile: bool = False, max_steps: int = 150, use_cuda_graphs: bool = True) -> Pipeline:
-        """Check the engine directory against this machine and load every engine once."""
+             compile: bool = False, max_steps: int = 150, use_cuda_graphs: bool = True,
+             lora_dirs: Sequence[str | Path] = ()) -> Pipeline:
+        """Check the engine directory against this machine and load every engine once.
+
+        ``lora_dirs``: folders of ``NAME.safetensors`` LoRAs that requests may name (``GenerationRequest.loras``;
+        paths work too from Python). A LoRA switch updates the engines' weights between batches, in place."""
         directory = Path(directory)
         manifest = open_engine_dir(directory, verify_hashes=verify_hashes)
         dev = resolve_device(device, manifest.backend)
@@ -87,7 +93,8 @@ class Pipeline:
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
             engines = load_engines(directory, manifest, device=dev, compile_torch=compile)
         log.info("loaded %d engines from %s in %.2f s", len(engines), directory, time.perf_counter() - t0)
-        return cls(directory, manifest, engines, dev, max_steps=max_steps, use_cuda_graphs=use_cuda_graphs)
+        return cls(directory, manifest, engines, dev, max_steps=max_steps, use_cuda_graphs=use_cuda_graphs,
+                   lora_dirs=lora_dirs)
 
     def _scheduler_configs(self) -> dict[str, dict[str, Any]]:
         base = json.loads((self.directory / "scheduler" / "scheduler_config.json").read_text())
@@ -167,6 +174,8 @@ class Pipeline:
         bucket = self.conditioner.check(req, max_images=max_images, schedulers=SCHEDULERS,
                                         max_steps=min(max_steps or self.max_steps, self.max_steps))
         self.runner.host_schedules(req)  # refuses what the sampler cannot take (spacing, timesteps, eta, steps)
+        if req.loras:
+            self.loras.check(check_lora_set(req.loras))  # unknown names, bad files, INT8 engines
         return bucket
 
     # ------------------------------------------------------------------ the work
@@ -178,16 +187,42 @@ class Pipeline:
             bucket = self.check(req)
             seed = req.seed if req.seed is not None else secrets.randbits(32)
             resolved.append((req.with_seed(seed), bucket))
-        text_timer = StageTimer(self.device)
-        t0 = text_timer.start()
-        slots: list[Slot] = []
-        for ri, (req, bucket) in enumerate(resolved):
-            slots.extend(self.conditioner.encode(ri, req, bucket))
-        text_timer.stop("text_encoders", t0)
-
         images: dict[tuple[int, int], Any] = {}
         steps_run: dict[int, dict[str, int]] = {}
-        # Images batch together when everything that shapes the step agrees.
+        text_timer = StageTimer(self.device)
+        # A LoRA set changes the engines' weights (text encoders included): one switch per set, then its
+        # requests are encoded and run.
+        by_lora: OrderedDict[LoraSet, list[int]] = OrderedDict()
+        for ri, (req, _) in enumerate(resolved):
+            by_lora.setdefault(check_lora_set(req.loras), []).append(ri)
+        for lora_set, indices in by_lora.items():
+            switch_s = self.loras.activate(lora_set)
+            if switch_s:
+                timings["lora_switch"] = timings.get("lora_switch", 0.0) + switch_s
+            t0 = text_timer.start()
+            slots: list[Slot] = []
+            for ri in indices:
+                slots.extend(self.conditioner.encode(ri, *resolved[ri]))
+            text_timer.stop("text_encoders", t0)
+            self._run_slots(slots, resolved, timings, images, steps_run)
+        text_timer.add_to(timings)  # the batches' final copies have waited for the encoders' work
+
+        results = []
+        for ri, (req, bucket) in enumerate(resolved):
+            n = req.num_images
+            results.append(GenerationResult(
+                images=[images[(ri, k)] for k in range(n)],
+                seeds=[req.seed + k for k in range(n)],  # type: ignore[operator]
+                timings=dict(timings),
+                parameters=self._parameters(req, bucket),
+                steps_run=dict(steps_run[ri]),
+            ))
+        return results
+
+    def _run_slots(self, slots: list[Slot], resolved: list[tuple[GenerationRequest, Bucket]],
+                   timings: dict[str, float], images: dict[tuple[int, int], Any],
+                   steps_run: dict[int, dict[str, int]]) -> None:
+        """Images batch together when everything that shapes the step agrees."""
         groups: OrderedDict[tuple, list[Slot]] = OrderedDict()
         for s in slots:
             req, bucket = resolved[s.request_index]
@@ -204,19 +239,6 @@ class Pipeline:
                 for s, img in zip(batch, pil, strict=True):
                     images[(s.request_index, s.image_index)] = img
                     steps_run[s.request_index] = steps
-        text_timer.add_to(timings)  # the batches' final copies have waited for the encoders' work
-
-        results = []
-        for ri, (req, bucket) in enumerate(resolved):
-            n = req.num_images
-            results.append(GenerationResult(
-                images=[images[(ri, k)] for k in range(n)],
-                seeds=[req.seed + k for k in range(n)],  # type: ignore[operator]
-                timings=dict(timings),
-                parameters=self._parameters(req, bucket),
-                steps_run=dict(steps_run[ri]),
-            ))
-        return results
 
     def _parameters(self, req: GenerationRequest, bucket: Bucket) -> dict[str, Any]:
         p = {
@@ -231,6 +253,8 @@ class Pipeline:
             p["timesteps"] = list(req.timesteps)
         if req.eta is not None:
             p["eta"] = req.eta
+        if req.loras:
+            p["loras"] = [[name, scale] for name, scale in req.loras]
         if req.mode != "txt2img":
             p["strength"] = req.strength
         if req.refiner_mode:

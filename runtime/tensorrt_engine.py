@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from sdxl_trt.contracts import ComponentSpec
@@ -178,6 +179,34 @@ class TensorRTEngine:
 
     def infer_shapes(self, input_shapes: Mapping[str, Shape], profile: int) -> dict[str, Shape]:
         return check_input_shapes(self.spec, self.profiles, input_shapes, profile)
+
+    @property
+    def refittable(self) -> bool:
+        return bool(self._engine.refittable)
+
+    def set_weights(self, values: Mapping[str, np.ndarray], *, rebuild: str = "rebuild with --refittable") -> None:
+        """Refit the named weights (ONNX initializer names) with ``values``; engines, contexts, device memory
+        and CUDA graphs stay as they are. The caller passes base + deltas for every weight a switch touches
+        (weights it omits keep their current values), so switches never drift (no delta on delta)."""
+        import tensorrt as trt
+
+        if not self._engine.refittable:
+            raise InvalidRequestError(f"{self.spec.name}: {self.name} was built without refit, so it cannot take a "
+                                      f"LoRA at run time; {rebuild} (or fuse the LoRA at build with --lora)",
+                                      param="loras")
+        refitter = trt.Refitter(self._engine, logger_bridge(log))
+        keep = []  # the arrays must stay alive until refit_cuda_engine returns
+        for name, value in values.items():
+            array = np.ascontiguousarray(value)
+            keep.append(array)
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise InvalidRequestError(f"{self.spec.name}: TensorRT has no refittable weight {name!r} in "
+                                          f"{self.name}; {rebuild}", param="loras")
+        torch.cuda.current_stream(self.device).synchronize()  # no enqueued work may read the old weights
+        if not refitter.refit_cuda_engine():
+            missing = refitter.get_missing_weights()
+            raise InvalidRequestError(f"{self.spec.name}: TensorRT refit of {self.name} failed (missing weights: "
+                                      f"{missing[:5]}); {rebuild}", param="loras")
 
     def run(
         self,

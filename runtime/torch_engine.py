@@ -54,6 +54,7 @@ class TorchEngine:
         self.output_dtypes = dict(output_dtypes)
         self.compiled = compiled
         self._module = module
+        self._weights: dict[str, torch.Tensor] = {}
         self._input_names = tuple(spec.input_names)
         self._output_names = tuple(spec.output_names)
 
@@ -71,8 +72,21 @@ class TorchEngine:
         """Load a ``.pt2`` engine onto ``device`` (see :func:`~sdxl_trt.engine_dir.torch_program.load_program`)."""
         device = torch.device(device)
         program = load_program(path, spec, device=device, compile=compile, cache_artifacts=cache_artifacts)
-        return cls(program.module, spec, profiles, device=device, input_dtypes=program.input_dtypes,
-                   output_dtypes=program.output_dtypes, compiled=program.compiled)
+        engine = cls(program.module, spec, profiles, device=device, input_dtypes=program.input_dtypes,
+                     output_dtypes=program.output_dtypes, compiled=program.compiled)
+        engine._weights = program.weights
+        return engine
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The program's parameters and buffers by name (the weight map's ``torch`` names)."""
+        return dict(self._weights)
+
+    def set_weights(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite weights in place: same addresses, so CUDA graphs and compiled code stay valid (Inductor
+        compiles without weight freezing, reading parameters at run time)."""
+        with torch.no_grad():
+            for name, value in values.items():
+                self._weights[name].copy_(value)
 
     def infer_shapes(self, input_shapes: Mapping[str, Shape], profile: int) -> dict[str, Shape]:
         """Output shapes for these input shapes; raises :class:`InvalidRequestError` outside the profile."""

@@ -36,6 +36,7 @@ class LoadedProgram:
     input_dtypes: dict[str, torch.dtype]
     output_dtypes: dict[str, torch.dtype]
     compiled: bool
+    weights: dict[str, torch.Tensor]  # parameters and buffers by name, the tensors the module reads
 
     def __call__(self, spec: ComponentSpec, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The program's outputs, in the contract's order, for inputs named as in the contract."""
@@ -72,6 +73,7 @@ def load_program(
     program = _on_device(program, device)
     input_dtypes, output_dtypes = _signature_dtypes(program, spec, path)
     module: torch.nn.Module = program.module()
+    weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     if compile:
         if cache_artifacts is not None:
             _load_cache_artifacts(Path(cache_artifacts), spec)
@@ -81,7 +83,7 @@ def load_program(
         log.warning("%s: cache_artifacts %s ignored: compile=False", spec.name, cache_artifacts)
     log.info("loaded torch engine %s from %s in %.2f s (compile=%s)", spec.name, path, time.perf_counter() - t0,
              compile)
-    return LoadedProgram(module, input_dtypes, output_dtypes, compile)
+    return LoadedProgram(module, input_dtypes, output_dtypes, compile, weights)
 
 
 def _on_device(program: torch.export.ExportedProgram, device: torch.device) -> torch.export.ExportedProgram:

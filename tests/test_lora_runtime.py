@@ -1,0 +1,169 @@
+"""LoRAs per request at run time: the engines' weights change in place between batches, never the engines.
+
+Against diffusers: a pipeline over engines built *without* LoRAs, asked for two stacked LoRAs at run time,
+gives the images of diffusers' pipeline with the same LoRAs fused into the same weights (the reference
+fusion is the ground truth tests/support/lora_files.py writes, independent of sdxl_trt.lora; tolerance as
+tests/test_pipeline.py: 2 levels, mean 0.05). Switching base -> A -> B -> A -> base through one pipeline
+gives the images of fresh loads bit for bit, and a torch engine's weights keep their addresses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import lora_files as lf
+from test_lora_build import _diffusers_pipe, _fused_reference
+from test_pipeline import assert_close, run_diffusers_txt2img
+
+from sdxl_trt.errors import InvalidRequestError
+from sdxl_trt.lora import lora_weight_shapes
+from sdxl_trt.request import GenerationRequest
+
+SCALES = (0.8, -0.6)
+PROMPT = dict(prompt="a watercolor of a harbour", width=256, height=256, steps=4, guidance_scale=5.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny_models):
+    base = tiny_models[0]
+    shapes = lora_weight_shapes({"unet": base.unet, "text_encoder": base.text_encoder,
+                                 "text_encoder_2": base.text_encoder_2})
+    d = tmp_path_factory.mktemp("lora-dir")
+    truth = {"style": lf.write_diffusers_lora(d / "style.safetensors", shapes, rank=4, std=0.08, seed=5),
+             "detail": lf.write_kohya_lora(d / "detail.safetensors", shapes, rank=4, alpha=2.0, std=0.08, seed=6)}
+    return d, truth
+
+
+@pytest.fixture(scope="module")
+def torch_engines(tmp_path_factory) -> Path:
+    from sdxl_trt.engine.build import BuildOptions, build_engines
+
+    out = tmp_path_factory.mktemp("lora-torch") / "tiny"
+    build_engines(BuildOptions(model="tiny", out=out, backend="torch", precision="fp32", buckets="256x256"))
+    return out
+
+
+def _pixels(result) -> bytes:
+    return b"".join(np.asarray(im).tobytes() for im in result.images)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_stacked_runtime_loras_match_diffusers_with_them_fused(backend, tiny_engines, torch_engines, lora_dir,
+                                                                 tiny_models):
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    d, truth = lora_dir
+    engines = tiny_engines if backend == "onnxruntime" else torch_engines
+    pipe = Pipeline.load(engines, device="cpu", lora_dirs=[d])
+    result = pipe.generate(GenerationRequest(**PROMPT, loras=(("style", SCALES[0]), ("detail", SCALES[1]))))
+    base = tiny_models[0]
+    files = [(d / "style.safetensors", truth["style"]), (d / "detail.safetensors", truth["detail"])]
+    kw = dict(prompt=PROMPT["prompt"], negative="", width=256, height=256, steps=4, guidance=5.0, seed=3, n=1)
+    theirs = run_diffusers_txt2img(_diffusers_pipe(base, _fused_reference(base, files)), "euler", **kw)
+    assert_close(result.images, theirs)
+    plain = run_diffusers_txt2img(_diffusers_pipe(base, {"unet": base.unet, "text_encoder": base.text_encoder,
+                                                         "text_encoder_2": base.text_encoder_2}), "euler", **kw)
+    ours = np.stack([np.asarray(i) for i in result.images]).astype(int)
+    assert np.abs(ours - (np.asarray(plain) * 255).round().astype(int)).max() > 10  # the LoRAs do change it
+    assert result.parameters["loras"] == [["style", 0.8], ["detail", -0.6]]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_switching_back_and_forth_equals_fresh_loads(backend, tiny_engines, torch_engines, lora_dir):
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    d, _ = lora_dir
+    engines = tiny_engines if backend == "onnxruntime" else torch_engines
+    sets = {"base": (), "A": (("style", 0.8),), "B": (("detail", -0.6), ("style", 0.3))}
+    fresh = {}
+    for name, loras in sets.items():
+        fresh[name] = _pixels(Pipeline.load(engines, device="cpu", lora_dirs=[d]).generate(
+            GenerationRequest(**PROMPT, loras=loras)))
+    assert len(set(fresh.values())) == 3
+    pipe = Pipeline.load(engines, device="cpu", lora_dirs=[d])
+    addresses = None
+    if backend == "torch":
+        addresses = {c: {n: t.data_ptr() for n, t in e.weights().items()} for c, e in pipe.engines.items()}
+    for name in ("base", "A", "B", "A", "base", "B"):
+        assert _pixels(pipe.generate(GenerationRequest(**PROMPT, loras=sets[name]))) == fresh[name], name
+    if addresses is not None:  # weights updated in place: CUDA graphs and compiled code stay valid
+        assert {c: {n: t.data_ptr() for n, t in e.weights().items()} for c, e in pipe.engines.items()} == addresses
+
+
+def test_a_batch_mixing_lora_sets_gives_each_request_its_own_image(tiny_engines, lora_dir):
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    d, _ = lora_dir
+    pipe = Pipeline.load(tiny_engines, device="cpu", lora_dirs=[d])
+    reqs = [GenerationRequest(**PROMPT, loras=(("style", 0.8),)), GenerationRequest(**PROMPT),
+            GenerationRequest(**PROMPT, loras=(("style", 0.8),))]
+    together = pipe.generate_batch(reqs)
+    alone = [pipe.generate(r) for r in reqs]
+    assert [_pixels(r) for r in together] == [_pixels(r) for r in alone]
+    assert _pixels(together[0]) != _pixels(together[1])
+
+
+def test_bad_loras_are_refused_and_the_next_request_is_fine(tiny_engines, lora_dir, tmp_path):
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    d, _ = lora_dir
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lf.write_sd15_kohya_lora(bad / "sd15.safetensors")
+    lf.write_loha_lora(bad / "loha.safetensors")
+    lf.truncate(d / "style.safetensors", bad / "cut.safetensors")
+    pipe = Pipeline.load(tiny_engines, device="cpu", lora_dirs=[d, bad])
+    good = GenerationRequest(**PROMPT, loras=(("style", 0.5),))
+    expected = _pixels(pipe.generate(good))
+    cases = [
+        ((("nope", 1.0),), "unknown LoRA 'nope'; available: .*style"),
+        ((("style", math.nan),), "scale"),
+        ((("style", 11.0),), "scale"),
+        ((("sd15", 1.0),), "sd15.safetensors"),
+        ((("loha", 1.0),), "loha.safetensors"),
+        ((("cut", 1.0),), "cut.safetensors"),
+    ]
+    for loras, match in cases:
+        with pytest.raises(InvalidRequestError, match=match):
+            pipe.check(GenerationRequest(**PROMPT, loras=loras))
+        with pytest.raises(InvalidRequestError):
+            pipe.generate(GenerationRequest(**PROMPT, loras=loras))
+        assert _pixels(pipe.generate(good)) == expected  # nothing was applied in part
+
+
+def test_an_int8_unet_refuses_a_runtime_lora(tiny_engines, lora_dir, tmp_path):
+    """INT8 engines were calibrated for their weights: LoRAs are fused at build for them, never at run time."""
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    d, _ = lora_dir
+    engines = tmp_path / "int8-like"
+    shutil.copytree(tiny_engines, engines)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["components"]["unet"]["precision"] = "int8"  # what an INT8 build records for its UNet
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    pipe = Pipeline.load(engines, device="cpu", lora_dirs=[d], verify_hashes=False)
+    with pytest.raises(InvalidRequestError, match="INT8.*--lora"):
+        pipe.check(GenerationRequest(**PROMPT, loras=(("style", 1.0),)))
+    assert pipe.generate(GenerationRequest(**PROMPT)).images
+
+
+def test_sdxl_trt_run_takes_loras(tiny_engines, lora_dir, tmp_path):
+    from PIL import Image
+
+    from sdxl_trt.cli import main
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    d, _ = lora_dir
+    out = tmp_path / "lora.png"
+    args = ["-q", "run", "--engines", str(tiny_engines), "--prompt", PROMPT["prompt"], "--width", "256", "--height",
+            "256", "--steps", "4", "--guidance", "5", "--seed", "3", "--out", str(out),
+            "--lora", f"{d / 'style.safetensors'}:0.8"]
+    assert main(args) == 0
+    direct = Pipeline.load(tiny_engines, device="cpu", lora_dirs=[d]).generate(
+        GenerationRequest(**PROMPT, loras=(("style", 0.8),)))
+    assert np.asarray(Image.open(out).convert("RGB")).tobytes() == _pixels(direct)
