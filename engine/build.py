@@ -49,7 +49,7 @@ class BuildOptions:
     refittable: bool = False
     weight_streaming: bool = False
     compile_torch: bool = False
-    calibration_prompts: int = 64  # INT8: prompts from engine/data/calibration_prompts.txt (2 UNet calls sampled each)
+    calibration_prompts: int = 32  # INT8: prompts from engine/data/calibration_prompts.txt (2 UNet calls sampled each)
     calibration_steps: int = 20  # INT8: denoising steps per calibration prompt (the schedule samples are spread over)
     calibration_backend: str = "torch"  # INT8: "torch" (hooks, bounded memory) or "onnxruntime" (ORT calibrator)
     build_command: str = ""

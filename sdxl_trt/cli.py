@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refittable", action="store_true", help="TensorRT: keep weights refittable (LoRA)")
     p.add_argument("--weight-streaming", action="store_true", help="TensorRT: allow weight streaming")
     p.add_argument("--compile", action="store_true", help="torch: compile the requested shapes with Inductor now")
-    p.add_argument("--calibration-prompts", type=int, default=64,
-                   help="int8: calibration prompts of the shipped set, 2 UNet calls sampled from each; more prompts "
-                   "cover more content (ranges only widen) and cost one denoising run each")
+    p.add_argument("--calibration-prompts", type=int, default=32,
+                   help="int8: calibration prompts of the shipped set (64), 2 UNet calls sampled from each; more "
+                   "prompts cover more content (max-abs ranges only widen) and cost one denoising run each")
     p.add_argument("--calibration-steps", type=int, default=20,
                    help="int8: denoising steps per calibration prompt; the samples are spread over this schedule, so "
                    "use the step count you serve with (fewer steps: faster calibration, coarser noise levels)")
