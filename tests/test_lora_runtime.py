@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from support import lora_files as lf
-from test_lora_build import _diffusers_pipe, _fused_reference
+from test_lora_build import (
+    _diffusers_pipe,
+    _fused_reference,
+    lora_files,  # noqa: F401 - the module fixture lora_dir reads
+)
 from test_pipeline import assert_close, run_diffusers_txt2img
 
 from sdxl_trt.errors import InvalidRequestError
-from sdxl_trt.lora import lora_weight_shapes
 from sdxl_trt.request import GenerationRequest
 
 SCALES = (0.8, -0.6)
@@ -29,14 +32,11 @@ PROMPT = dict(prompt="a watercolor of a harbour", width=256, height=256, steps=4
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory, tiny_models):
-    base = tiny_models[0]
-    shapes = lora_weight_shapes({"unet": base.unet, "text_encoder": base.text_encoder,
-                                 "text_encoder_2": base.text_encoder_2})
-    d = tmp_path_factory.mktemp("lora-dir")
-    truth = {"style": lf.write_diffusers_lora(d / "style.safetensors", shapes, rank=4, std=0.08, seed=5),
-             "detail": lf.write_kohya_lora(d / "detail.safetensors", shapes, rank=4, alpha=2.0, std=0.08, seed=6)}
-    return d, truth
+def lora_dir(request):
+    """test_lora_build's two LoRAs (diffusers format; kohya with alpha 2 of rank 4), in one directory."""
+    (style, style_truth), (detail, detail_truth) = request.getfixturevalue("lora_files")
+    assert style.parent == detail.parent
+    return style.parent, {"style": style_truth, "detail": detail_truth}
 
 
 @pytest.fixture(scope="module")
