@@ -32,6 +32,8 @@ from .settings import ServeSettings
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/ready")
+TEXT_ONLY_PATHS = ("/v1/images/generations", "/sdapi/v1/txt2img")
+"""Endpoints whose bodies carry no images: their body limit follows the character cap, not --max-body-mb."""
 
 
 def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load_pipeline) -> FastAPI:
@@ -58,7 +60,8 @@ def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load
     _add_probes(app, service, metrics)
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
-                       chunk_timeout_s=settings.chunk_timeout_s, stats=body_stats)
+                       chunk_timeout_s=settings.chunk_timeout_s, stats=body_stats, text_paths=TEXT_ONLY_PATHS,
+                       text_max_bytes=settings.max_text_body_bytes)
     app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=OPEN_PATHS)
     routes = [*openai_routes.router.routes, *a1111_routes.router.routes, *app.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints={getattr(r, "path", "") for r in routes})

@@ -43,6 +43,12 @@ class ServeSettings:
         return int(self.max_body_mb * 2**20)
 
     @property
+    def max_text_body_bytes(self) -> int:
+        """Largest body of an endpoint that takes only text (txt2img): room for many fields at the character cap
+        (JSON escapes take up to 6 bytes a character), so a 15 MB prompt is refused from its Content-Length."""
+        return min(self.max_body_bytes, max(2**20, 128 * self.max_prompt_chars))
+
+    @property
     def warmup_buckets(self) -> list[str] | None:
         """The buckets to warm up: None for every built one, [] for none."""
         if self.warmup == "all":
