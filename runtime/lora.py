@@ -160,7 +160,10 @@ class LoraSwitcher:
             # weights go back to base); a weight no output reads (pruned at export) changes nothing.
             touched = sorted({n for lora, _ in (*new, *old) for n in lora.layers.get(component, {})
                               if not cw.weights[n].unused})
-            if touched:
+            engine: Any = self.ctx.engines[component]
+            if engine.backend == "onnxruntime" and engine.has_weights(loras):
+                engine.set_weights(loras, {})  # a kept session already holds this set: nothing to compute
+            elif touched:
                 self._push(component, cw, self._base_values(component, cw, touched), new, key=loras)
         if self.ctx.device.type == "cuda":
             torch.cuda.current_stream(self.ctx.device).synchronize()  # switch time is device time too

@@ -71,6 +71,10 @@ class OnnxRuntimeEngine:
         session._sdxl_trt_overrides = values  # ORT reads the OrtValues in place: they live as long as the session
         return session
 
+    def has_weights(self, key: Hashable) -> bool:
+        """Whether a kept session already holds the weight set ``key``."""
+        return key in self._sessions
+
     def set_weights(self, key: Hashable, overrides: Mapping[str, np.ndarray]) -> None:
         """Run with these initializer values (ONNX names; ``{}`` with key ``()``: the file's own) from now on.
 
