@@ -343,6 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python benchmarks/bench_int8_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": rows,
+        "notes": [
+            "Phase peaks: 'calibration' runs from after the model load to the moment the model is dropped, "
+            "'writing' from then to the Q/DQ file's checks; the whole-run peak also covers the load and one "
+            "benchmark-only UNet forward that measures the activation volume.",
+            "The full-size FP32 ONNX is exported from a UNet whose weights are views of one random buffer "
+            "(see the program's docstring): memory and time, not accuracy. Accuracy: tests/test_int8.py and "
+            "int8-accuracy-*.md.",
+        ],
     }
     name = args.name or f"int8-memory-{args.device.split(':')[0]}"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -390,7 +398,7 @@ def markdown(report: dict[str, Any], name: str) -> str:
             f"{sum(w.values()):.2f} | {r['activation_gib_per_call']:.2f} | {r['calibration_s']:.0f} | "
             f"{_fmt(r.get('writing_s'), '.0f')} | {r['calibration_and_writing_s']:.0f} | {_fmt(r.get('device_peak_gib'))} |"
         )
-    lines += ["", f"![peaks]({name}.png)", ""]
+    lines += ["", *(f"* {n}" for n in report.get("notes", [])), "", f"![peaks]({name}.png)", ""]
     return "\n".join(lines)
 
 
@@ -408,8 +416,12 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
     ax.bar(labels, [r["peak_rss_gib"] for r in rows], color=["#d62728" if r["backend"] == "onnxruntime" else "#1f77b4"
                                                              for r in rows])
-    ax.set_ylabel("peak host RSS (GiB)")
-    ax.set_title("INT8 calibration + Q/DQ writing (red: ONNX Runtime calibrator, blue: PyTorch hooks)")
+    ax.set_ylabel("peak host RSS (GiB); dashed: fp32 weights")
+    ax.set_title("INT8 calibration + Q/DQ writing\nred: ONNX Runtime calibrator (old), blue: PyTorch hooks (new)",
+                 fontsize=9)
+    for i, r in enumerate(rows):  # the loaded model's fp32 weights, the floor any path must hold
+        w = sum(r["weights_gib"].values())
+        ax.hlines(w, i - 0.4, i + 0.4, colors="black", linestyles="dashed", linewidth=1)
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
