@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -207,18 +208,25 @@ UNetCallback = Callable[[bool, tuple[Any, ...], dict[str, Any]], None]
 """Called before every UNet forward with (picked, args, kwargs): ``picked`` says whether this call is a sample."""
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How calibration denoises its prompts and how many UNet calls it samples: what every collector shares."""
+
+    steps: int
+    width: int
+    height: int
+    max_samples: int
+    guidance_scale: float = 5.0
+    seed: int = 0
+    negative_prompt: str | None = None
+
+
 def run_calibration_prompts(
     model: LoadedModel,
     prompts: Sequence[str],
     on_unet_call: UNetCallback,
+    sampling: Sampling,
     *,
-    steps: int,
-    width: int,
-    height: int,
-    guidance_scale: float = 5.0,
-    seed: int = 0,
-    max_samples: int,
-    negative_prompt: str | None = None,
     what: str = "calibration",
     embeddings: Sequence[Mapping[str, Any]] | None = None,
 ) -> int:
@@ -232,6 +240,8 @@ def run_calibration_prompts(
     prompts) replace the text encoders, which may then be gone. Returns the number of picked calls that ran."""
     import torch
 
+    steps, width, height, max_samples = sampling.steps, sampling.width, sampling.height, sampling.max_samples
+    guidance_scale, seed, negative_prompt = sampling.guidance_scale, sampling.seed, sampling.negative_prompt
     if embeddings is not None and len(embeddings) != len(prompts):
         raise BuildError(f"{len(embeddings)} prompt embeddings for {len(prompts)} prompts; encode the same prompts")
     prompts = check_calibration_args(model, prompts, steps=steps, width=width, height=height, max_samples=max_samples)
@@ -315,9 +325,8 @@ def collect_calibration_inputs(
         if picked:
             records.append(_unet_call_inputs(args, kwargs))
 
-    run_calibration_prompts(model, prompts, record, steps=steps, width=width, height=height,
-                            guidance_scale=guidance_scale, seed=seed, max_samples=max_samples,
-                            negative_prompt=negative_prompt, what=what, embeddings=embeddings)
+    sampling = Sampling(steps, width, height, max_samples, guidance_scale, seed, negative_prompt)
+    run_calibration_prompts(model, prompts, record, sampling, what=what, embeddings=embeddings)
     return records[:max_samples]
 
 

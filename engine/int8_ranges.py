@@ -25,7 +25,7 @@ import onnx
 
 from sdxl_trt.errors import BuildError
 
-from .int8_calibration import run_calibration_prompts
+from .int8_calibration import Sampling, run_calibration_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -156,9 +156,8 @@ def collect_activation_ranges(
         observer.active = picked
 
     try:
-        samples = run_calibration_prompts(model, prompts, on_call, steps=steps, width=width, height=height,
-                                          guidance_scale=guidance_scale, seed=seed, max_samples=max_samples,
-                                          what="calibration", embeddings=embeddings)
+        sampling = Sampling(steps, width, height, max_samples, guidance_scale, seed)
+        samples = run_calibration_prompts(model, prompts, on_call, sampling, what="calibration", embeddings=embeddings)
     finally:
         observer.remove()
     return observer.ranges(), samples

@@ -377,8 +377,8 @@ def test_a_prompt_stops_after_its_last_picked_step(built: dict[str, Any]) -> Non
     of 6 steps is sampled at step 0 and the UNet runs once (the second prompt, phase 0.618, at step 3: 4 calls)."""
     calls: list[bool] = []
     picked = int8_calibration.run_calibration_prompts(
-        built["model"], int8.read_prompts()[:2], lambda p, _a, _k: calls.append(p), steps=STEPS, width=SIZE,
-        height=SIZE, max_samples=2)
+        built["model"], int8.read_prompts()[:2], lambda p, _a, _k: calls.append(p),
+        int8_calibration.Sampling(steps=STEPS, width=SIZE, height=SIZE, max_samples=2))
     assert picked == 2
     assert calls == [True, False, False, False, True]
 
