@@ -45,6 +45,7 @@ from .a1111_api import (
     Txt2ImgRequest,
 )
 from .async_pipeline import PipelineLike
+from .extras import available_loras, few_step_fields, lora_set, strip_a1111_loras
 from .images_io import decode_b64_image, gray8
 from .inputs import check_texts
 from .settings import ServeSettings
@@ -131,6 +132,11 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
     scheduler, sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler, ours=_ours())
     if body.eta is not None and sampler.eta is not None and body.eta != sampler.eta:
         raise _refuse("eta", f"{sampler.name} runs with eta {sampler.eta:g} here; got {body.eta:g}")
+    few_step = few_step_fields(samplers.timestep_spacing(body.scheduler, scheduler), None,
+                               body.eta if scheduler == "tcd" else None)
+    prompt, tags = strip_a1111_loras(body.prompt)
+    if tags:
+        few_step["loras"] = lora_set(tags, pipeline, param="prompt")
     n = body.batch_size * body.n_iter
     if n > settings.max_images:
         raise InvalidRequestError(f"batch_size x n_iter = {n} images; at most {settings.max_images} per request",
@@ -158,9 +164,9 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
                                       param="denoising_strength")
         extra = {"strength": strength, "init_image": init_image, "mask_image": mask}
     return GenerationRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
+        prompt=prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
         steps=steps, guidance_scale=body.cfg_scale, scheduler=scheduler,
-        seed=None if body.seed == -1 else body.seed, num_images=n, **refiner, **extra,
+        seed=None if body.seed == -1 else body.seed, num_images=n, **refiner, **extra, **few_step,
     ), sampler
 
 
@@ -276,6 +282,14 @@ async def get_samplers() -> list[Sampler]:
 @router.get("/schedulers", response_model=list[Scheduler])
 async def get_schedulers() -> list[Scheduler]:
     return [Scheduler(name=name, label=label) for name, label in samplers.SCHEDULES]
+
+
+@router.get("/loras")
+async def get_loras(request: Request) -> list[dict[str, Any]]:
+    """The LoRAs of the server's --lora-dir, in A1111's shape (``<lora:NAME:WEIGHT>`` in a prompt uses them)."""
+    pipeline = endpoint.service_of(request).require_pipeline()
+    return [{"name": name, "alias": name, "path": path.name, "metadata": {}}
+            for name, path in sorted(available_loras(pipeline).items())]
 
 
 @router.get("/sd-models", response_model=list[SDModel])

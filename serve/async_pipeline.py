@@ -113,7 +113,8 @@ def batch_key(request: GenerationRequest, bucket: Bucket) -> tuple[Any, ...]:
         bucket, request.steps, request.scheduler, request.mode,
         request.strength if request.mode != "txt2img" else None,
         request.refiner_mode, request.refiner_start, request.refiner_strength, request.refiner_steps,
-        request.guidance_scale > 1.0,
+        request.guidance_scale > 1.0, request.timestep_spacing, request.timesteps, request.eta,
+        request.loras,  # a LoRA set is the engines' weights: one set per batch, one switch per batch
     )
 
 

@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout-s", type=_non_negative, default=d.drain_timeout_s,
                    help="on SIGTERM, how long queued and running requests may take to finish")
     p.add_argument("--max-body-mb", type=_positive(float), default=d.max_body_mb, help="largest request body")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="LoRAs (NAME.safetensors) requests may name: OpenAI 'loras', A1111 <lora:NAME:WEIGHT>; "
+                        "repeatable")
     p.add_argument("--max-prompt-chars", type=_positive(int), default=d.max_prompt_chars,
                    help="longest text field (prompt, negative prompt, ...), refused with 400 before queueing")
     p.add_argument("--header-timeout-s", type=_positive(float), default=d.header_timeout_s,
@@ -96,6 +99,13 @@ def _non_negative(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
+
+
+def _lora_dirs(dirs: list[str]) -> list[str]:
+    missing = [d for d in dirs if not Path(d).is_dir()]
+    if missing:
+        raise SdxlTrtError(f"--lora-dir {missing[0]} is not a directory; give a folder of NAME.safetensors LoRAs")
+    return [str(Path(d).resolve()) for d in dirs]
 
 
 def _warmup(text: str) -> str | tuple[str, ...]:
@@ -162,6 +172,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_steps=args.max_steps, request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
         max_body_mb=args.max_body_mb, device=args.device, warmup=args.warmup,
         max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout_s,
+        lora_dirs=tuple(_lora_dirs(args.lora_dir)),
         body_timeout_s=args.body_timeout_s, chunk_timeout_s=args.chunk_timeout_s,
         limit_concurrency=args.limit_concurrency,
     )

@@ -56,6 +56,10 @@ class ServeMetrics:
         self.body_bytes = Gauge("sdxl_trt_request_body_bytes", "Bytes of request bodies being received now",
                                 registry=r)
         self.cuda_graphs = Gauge("sdxl_trt_cuda_graphs", "CUDA graphs captured (all at warm-up)", registry=r)
+        self.lora_switch_seconds = Histogram("sdxl_trt_lora_switch_seconds",
+                                             "Seconds to switch the engines' weights to a batch's LoRA set",
+                                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+                                             registry=r)
         self.graph_pool_bytes = Gauge("sdxl_trt_graph_pool_bytes", "Bytes of the CUDA graphs' shared memory pool",
                                       registry=r)
 
@@ -75,6 +79,8 @@ class ServeMetrics:
         for stage, seconds in report.timings.items():
             if seconds > 0:
                 self.stage_seconds.labels(stage=stage).observe(seconds)
+        if report.timings.get("lora_switch", 0.0) > 0:
+            self.lora_switch_seconds.observe(report.timings["lora_switch"])
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint=endpoint, outcome=outcome(status)).inc()

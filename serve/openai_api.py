@@ -2,8 +2,8 @@
 
 Fields OpenAI defines are accepted with OpenAI's meaning; those naming a feature this engine lacks are
 refused when set to anything but their default (see ``UNSUPPORTED``), never silently dropped. Our own
-fields (``negative_prompt``, ``steps``, ``guidance_scale``, ``seed``, ``scheduler``, and ``strength`` for
-edits) ride in the same body, as the ``openai`` client's ``extra_body`` sends them. Unknown fields are a 400.
+fields (``negative_prompt``, ``steps``, ``guidance_scale``, ``seed``, ``scheduler``, ``timestep_spacing``,
+``timesteps``, ``eta``, ``loras``, and ``strength`` for edits) ride in the same body, as the ``openai`` client's ``extra_body`` sends them. Unknown fields are a 400.
 """
 
 from __future__ import annotations
@@ -23,6 +23,15 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "background": (None, "auto", "opaque"),
     "input_fidelity": (None,),
 }
+
+
+class LoraRef(BaseModel):
+    """One LoRA of the server's ``--lora-dir`` by name (``GET /sdapi/v1/loras`` lists them) and its scale."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str
+    scale: float = Field(1.0, ge=-10.0, le=10.0)
 
 
 class _Common(BaseModel):
@@ -49,6 +58,11 @@ class _Common(BaseModel):
     guidance_scale: float = Field(5.0, ge=0.0, le=100.0)
     seed: int | None = Field(None, ge=0, lt=2**64)
     scheduler: str = "euler"
+    # few-step controls (see the README's "Few-step models") and LoRAs from the server's --lora-dir
+    timestep_spacing: Literal["leading", "linspace", "trailing"] | None = None
+    timesteps: list[int] | None = Field(None, min_length=1, max_length=1000)
+    eta: float | None = Field(None, ge=0.0, le=1.0)
+    loras: list[LoraRef] | None = Field(None, max_length=8)
 
 
 class ImageGenerationRequest(_Common):

@@ -16,6 +16,8 @@ from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest, GenerationResult
 
 from . import endpoint
+from .async_pipeline import PipelineLike
+from .extras import few_step_fields, lora_set
 from .images_io import gray8, open_image
 from .inputs import check_texts, parse_size
 from .openai_api import UNSUPPORTED, ImageData, ImageEditRequest, ImageGenerationRequest, ImagesResponse
@@ -29,7 +31,7 @@ DEFAULT_STEPS = 30
 
 def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, settings: ServeSettings,
                           schedulers: tuple[str, ...], init_image: Image.Image | None = None,
-                          mask: Image.Image | None = None) -> GenerationRequest:
+                          mask: Image.Image | None = None, pipeline: PipelineLike | None = None) -> GenerationRequest:
     """The one translation of an OpenAI body into the engine's request; refusals name OpenAI's field."""
     check_texts(body, max_chars=settings.max_prompt_chars)
     for name, accepted in UNSUPPORTED.items():
@@ -52,6 +54,11 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
         bucket = parse_size(body.size)
         width, height = bucket.width, bucket.height
     extra: dict[str, Any] = {"strength": body.strength} if isinstance(body, ImageEditRequest) else {}
+    extra.update(few_step_fields(body.timestep_spacing, body.timesteps, body.eta))
+    if body.loras:
+        if pipeline is None:
+            raise InvalidRequestError("loras are not available on this endpoint", param="loras")
+        extra["loras"] = lora_set([(r.name, r.scale) for r in body.loras], pipeline)
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=steps,
         guidance_scale=body.guidance_scale, scheduler=body.scheduler, seed=body.seed, num_images=body.n,
@@ -76,8 +83,8 @@ async def _respond(request: Request, gen: GenerationRequest) -> ImagesResponse:
 async def generations(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
     """Text to image."""
     service = endpoint.service_of(request)
-    service.require_pipeline()
-    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers())
+    pipeline = service.require_pipeline()
+    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(), pipeline=pipeline)
     return await _respond(request, gen)
 
 
@@ -108,7 +115,8 @@ async def edits(request: Request) -> ImagesResponse:
         return image.convert("RGB"), edit_mask(image, mask)
 
     init_image, mask = await asyncio.to_thread(decode)
-    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(), init_image=init_image,
+    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(), pipeline=service.pipeline,
+                                init_image=init_image,
                                 mask=mask)
     return await _respond(request, gen)
 

@@ -39,10 +39,26 @@ SAMPLERS: tuple[A1111Sampler, ...] = (
     A1111Sampler("Euler", ("k_euler",), "euler", "euler_karras", None, "uniform"),
     A1111Sampler("DDIM", ("ddim",), "ddim", None, 0.0, "uniform"),
     A1111Sampler("UniPC", ("unipc",), "unipc", None, None, "uniform"),
+    A1111Sampler("LCM", ("lcm", "k_lcm"), "lcm", None, None, "uniform"),
+    A1111Sampler("TCD", ("tcd",), "tcd", None, None, "uniform"),  # its eta (gamma) is the request's, default 0.3
 )
 
-SCHEDULES: tuple[tuple[str, str], ...] = (("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"))
-"""A1111 schedule (name, label) pairs we implement. Uniform is diffusers' default timestep spacing."""
+SCHEDULES: tuple[tuple[str, str], ...] = (("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"),
+                                          ("sgm_uniform", "SGM Uniform"))
+"""A1111 schedule (name, label) pairs we implement. Uniform and Automatic keep the model's own timestep spacing;
+SGM Uniform is trailing spacing (the Lightning / Turbo recipe), except for LCM and TCD, which select their own
+timesteps."""
+
+OWN_TIMESTEPS = ("lcm", "tcd")
+"""Our samplers that pick their own timesteps and so take no spacing."""
+
+
+def timestep_spacing(scheduler: str | None, ours: str) -> str | None:
+    """The timestep spacing an A1111 schedule name asks of our sampler ``ours`` (None: the model's config)."""
+    text = (scheduler or "").strip().lower()
+    if text in ("sgm_uniform", "sgm uniform") and ours not in OWN_TIMESTEPS:
+        return "trailing"
+    return None
 
 _COMBINED = {"dpm++ 2m karras": ("DPM++ 2M", "karras"), "k_dpmpp_2m_ka": ("DPM++ 2M", "karras"),
              "dpm++ 2m sde karras": ("DPM++ 2M SDE", "karras"), "dpm++ 3m sde karras": ("DPM++ 3M SDE", "karras")}
@@ -75,6 +91,8 @@ def resolve(sampler_name: str | None, scheduler: str | None, *, ours: Sequence[s
             f"unknown scheduler {scheduler!r}; choose one of {', '.join(label for _, label in SCHEDULES)}",
             param=scheduler_param)
     schedule = by_name[schedule]
+    if schedule == "sgm_uniform":  # a spacing of the sampler's own schedule (see timestep_spacing)
+        schedule = "uniform"
     if schedule == "automatic":
         schedule = sampler.automatic
     if schedule == "karras":

@@ -29,7 +29,8 @@ def load_pipeline(settings: ServeSettings) -> PipelineLike:
     """The default factory: the engine directory's pipeline on ``settings.device``."""
     from sdxl_trt.runtime.pipeline import Pipeline
 
-    return Pipeline.load(settings.engines, device=settings.device, max_steps=settings.max_steps)
+    return Pipeline.load(settings.engines, device=settings.device, max_steps=settings.max_steps,
+                         lora_dirs=settings.lora_dirs)
 
 
 class Service:

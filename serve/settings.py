@@ -25,6 +25,7 @@ class ServeSettings:
     request_timeout_s: float = 300.0  # longest wait in the queue before 504
     drain_timeout_s: float = 30.0  # on SIGTERM, how long queued and running work may take to finish
     max_body_mb: float = 32.0
+    lora_dirs: tuple[str, ...] = ()  # --lora-dir: NAME.safetensors files requests may name (never a client's path)
     max_prompt_chars: int = 8192  # per text field (prompt, negative prompt, ...), refused with 400 before queueing
     # Edge limits: a connection's request headers must arrive within header_timeout_s, its whole body within
     # body_timeout_s with no gap over chunk_timeout_s (else 408 and the connection closed); more than

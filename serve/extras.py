@@ -1,0 +1,83 @@
+"""What both HTTP APIs add beyond their own fields: LoRAs by name and the few-step timestep controls.
+
+LoRA names are looked up in the server's ``--lora-dir`` listing only: nothing a client sends becomes a file
+path (a name with a path separator or ``..`` is refused before the listing is even read). A1111 clients put
+LoRAs in the prompt (``<lora:NAME:WEIGHT>``); the tags are removed from the text before encoding, as A1111
+does, and become the request's LoRA set.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from sdxl_trt.errors import InvalidRequestError
+
+from .async_pipeline import PipelineLike
+
+MAX_LORAS = 8
+MAX_ABS_SCALE = 10.0
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_. -]{0,127}$")
+_A1111_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
+
+
+def available_loras(pipeline: PipelineLike) -> dict[str, Any]:
+    """The server's LoRA names -> files (empty without --lora-dir or with a pipeline that has no LoRAs)."""
+    switcher = getattr(pipeline, "loras", None)
+    return switcher.available() if switcher is not None else {}
+
+
+def lora_set(pairs: Sequence[tuple[str, float]], pipeline: PipelineLike, *, param: str = "loras"
+             ) -> tuple[tuple[str, float], ...]:
+    """Validated (name, scale) pairs: known names only, finite scales in [-10, 10], at most MAX_LORAS."""
+    if len(pairs) > MAX_LORAS:
+        raise InvalidRequestError(f"at most {MAX_LORAS} LoRAs per request, got {len(pairs)}", param=param)
+    listing: dict[str, Any] | None = None
+    out = []
+    for name, scale in pairs:
+        if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+            raise InvalidRequestError(f"LoRA name {name!r} is not a name: use one of GET /sdapi/v1/loras "
+                                      "(letters, digits, '_', '-', '.', spaces; no paths)", param=param)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or abs(scale) > MAX_ABS_SCALE:
+            raise InvalidRequestError(f"LoRA {name!r}: scale {scale!r} must be a number in "
+                                      f"[-{MAX_ABS_SCALE:g}, {MAX_ABS_SCALE:g}]", param=param)
+        if listing is None:
+            listing = available_loras(pipeline)
+        if name not in listing:
+            names = ", ".join(sorted(listing)) or "none (the server was started without --lora-dir)"
+            raise InvalidRequestError(f"unknown LoRA {name!r}; available: {names}", param=param)
+        out.append((name, float(scale)))
+    return tuple(out)
+
+
+def strip_a1111_loras(prompt: str, *, param: str = "prompt") -> tuple[str, list[tuple[str, float]]]:
+    """A1111's ``<lora:NAME:WEIGHT>`` tags taken out of ``prompt`` (weight defaults to 1), in order."""
+    found: list[tuple[str, float]] = []
+
+    def take(match: re.Match[str]) -> str:
+        name, weight = match.group(1).strip(), match.group(2)
+        try:
+            scale = 1.0 if weight is None or not weight.strip() else float(weight)
+        except ValueError:
+            raise InvalidRequestError(f"<lora:{name}:{weight}> has a weight that is not a number",
+                                      param=param) from None
+        found.append((name, scale))
+        return ""
+
+    return _A1111_TAG.sub(take, prompt), found
+
+
+def few_step_fields(timestep_spacing: str | None, timesteps: Sequence[int] | None, eta: float | None
+                    ) -> dict[str, Any]:
+    """The GenerationRequest fields of the few-step controls that were given (validated by the pipeline)."""
+    fields: dict[str, Any] = {}
+    if timestep_spacing is not None:
+        fields["timestep_spacing"] = timestep_spacing
+    if timesteps is not None:
+        fields["timesteps"] = tuple(timesteps)
+    if eta is not None:
+        fields["eta"] = eta
+    return fields
