@@ -15,28 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+from sdxl_trt.bench.baseline import DIFFUSERS_SCHEDULERS as BENCH_SCHEDULERS
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest
 
 MAX_LEVELS = 2
 MEAN_LEVELS = 0.05
 
-DIFFUSERS_SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
-    "dpmpp_3m_sde_karras": ("DPMSolverMultistepScheduler",
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}),
-}
+# Our scheduler names as diffusers classes: the table the benchmark's diffusers baseline uses too.
+DIFFUSERS_SCHEDULERS = {n: v for n, v in BENCH_SCHEDULERS.items() if n not in ("lcm", "tcd")}  # few-step: test_fewstep
 
 
 def diffusers_scheduler(name: str, _config=None):
