@@ -399,3 +399,16 @@ class Schedule:
                 rows.append(torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype)
                                        for g in generators]))
         return torch.stack(rows)
+
+
+class NoisyLinearSchedule(Schedule):
+    """A step linear in (sample, model output, fresh noise): ``x_next = c_x * x + c_model * eps + c_noise * z``,
+    three tabled coefficients per step. Euler ancestral, LCM and TCD differ only in their tables."""
+
+    needs_noise = True
+
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor, step_index: torch.Tensor | int,
+             state: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+        c_x, c_model, c_noise = self._row(self._coefs, step_index).unbind()
+        noise = self._step_noise(noise, sample, step_index)
+        return sample * c_x + model_output.to(sample.dtype) * c_model + noise.to(sample.dtype) * c_noise

@@ -13,20 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._base import NoiseConfig, Schedule, Window
+from ._base import NoiseConfig, NoisyLinearSchedule, Window
 from .euler import derivative_coefs, sigma_schedule, sigma_space_tables
 
 
-class EulerAncestralSchedule(Schedule):
+class EulerAncestralSchedule(NoisyLinearSchedule):
     """Coefficients per step: (c_x, c_model, c_noise)."""
-
-    needs_noise = True
-
-    def step(self, model_output: torch.Tensor, sample: torch.Tensor, step_index: torch.Tensor | int,
-             state: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
-        c_x, c_model, c_noise = self._row(self._coefs, step_index).unbind()
-        noise = self._step_noise(noise, sample, step_index)
-        return sample * c_x + model_output.to(sample.dtype) * c_model + noise.to(sample.dtype) * c_noise
 
 
 def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *,

@@ -21,7 +21,7 @@ import torch
 
 from sdxl_trt.errors import InvalidRequestError, ModelLoadError
 
-from ._base import NoiseConfig, Schedule, Window, check_custom_timesteps, x0_coefs
+from ._base import NoiseConfig, NoisyLinearSchedule, Window, check_custom_timesteps, x0_coefs
 
 # LCMScheduler's and TCDScheduler's constructor defaults where they differ from the shared ones.
 CONSISTENCY_DEFAULTS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -69,16 +69,8 @@ def eps_coefs(prediction_type: str, alpha: float, sigma: float) -> tuple[float, 
     return sigma, alpha  # v_prediction
 
 
-class LCMSchedule(Schedule):
+class LCMSchedule(NoisyLinearSchedule):
     """Coefficients per step: (c_x, c_model, c_noise); x_next = c_x * x + c_model * model_output + c_noise * z."""
-
-    needs_noise = True
-
-    def step(self, model_output: torch.Tensor, sample: torch.Tensor, step_index: torch.Tensor | int,
-             state: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
-        c_x, c_model, c_noise = self._row(self._coefs, step_index).unbind()
-        noise = self._step_noise(noise, sample, step_index)
-        return sample * c_x + model_output.to(sample.dtype) * c_model + noise.to(sample.dtype) * c_noise
 
 
 def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *, timesteps: Sequence[int] | None = None,

@@ -19,23 +19,17 @@ import torch
 
 from sdxl_trt.errors import InvalidRequestError
 
-from ._base import NoiseConfig, Schedule, Window, x0_coefs
+from ._base import NoiseConfig, NoisyLinearSchedule, Window, x0_coefs
 from .lcm import CONSISTENCY_DEFAULTS, consistency_timesteps, ddpm_noise_levels, eps_coefs
 
 DEFAULT_ETA = 0.3
 """TCD's recommended gamma (diffusers' TCDScheduler.step default)."""
 
 
-class TCDSchedule(Schedule):
+class TCDSchedule(NoisyLinearSchedule):
     """Coefficients per step: (c_x, c_model, c_noise); x_next = c_x * x + c_model * model_output + c_noise * z."""
 
     needs_noise = True  # always reads its noise rows (zeros at eta 0), so one step's code serves every eta
-
-    def step(self, model_output: torch.Tensor, sample: torch.Tensor, step_index: torch.Tensor | int,
-             state: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
-        c_x, c_model, c_noise = self._row(self._coefs, step_index).unbind()
-        noise = self._step_noise(noise, sample, step_index)
-        return sample * c_x + model_output.to(sample.dtype) * c_model + noise.to(sample.dtype) * c_noise
 
 
 def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *, timesteps: Sequence[int] | None = None,
