@@ -57,7 +57,7 @@ class _Common(BaseModel):
     steps: int | None = Field(None, ge=1, description="default 30, at most the server's --max-steps")
     guidance_scale: float = Field(5.0, ge=0.0, le=100.0)
     seed: int | None = Field(None, ge=0, lt=2**64)
-    scheduler: str = "euler"
+    scheduler: str | None = Field(None, description="default: the model's own sampler (an LCM model's is lcm)")
     # few-step controls (see the README's "Few-step models") and LoRAs from the server's --lora-dir
     timestep_spacing: Literal["leading", "linspace", "trailing"] | None = None
     timesteps: list[int] | None = Field(None, min_length=1, max_length=1000)

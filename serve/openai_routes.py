@@ -46,8 +46,9 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
     steps = min(DEFAULT_STEPS, settings.max_steps) if body.steps is None else body.steps
     if steps > settings.max_steps:
         raise InvalidRequestError(f"steps must be in 1..{settings.max_steps}, got {steps}", param="steps")
-    if body.scheduler not in schedulers:
-        raise InvalidRequestError(f"unknown scheduler {body.scheduler!r}; choose one of {', '.join(schedulers)}",
+    scheduler = body.scheduler or getattr(pipeline, "default_scheduler", "euler")
+    if scheduler not in schedulers:
+        raise InvalidRequestError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers)}",
                                   param="scheduler")
     width = height = None
     if body.size is not None and body.size.strip().lower() != "auto":
@@ -61,7 +62,7 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
         extra["loras"] = lora_set([(r.name, r.scale) for r in body.loras], pipeline)
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=steps,
-        guidance_scale=body.guidance_scale, scheduler=body.scheduler, seed=body.seed, num_images=body.n,
+        guidance_scale=body.guidance_scale, scheduler=scheduler, seed=body.seed, num_images=body.n,
         init_image=init_image, mask_image=mask, **extra,
     )
 

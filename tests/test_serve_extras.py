@@ -72,6 +72,19 @@ def test_openai_loras_equal_the_pipeline(server, direct):
     assert metric(text, "sdxl_trt_lora_switch_seconds_count") >= 2  # to the set, and back to base
 
 
+def test_switching_through_the_server_gives_each_sets_images(server, direct):
+    """base -> A -> B -> A -> base over HTTP: each image is its set's (the runtime tests prove these equal fresh
+    loads bit for bit), so nothing of an earlier set is left in the weights."""
+    sets = {"base": [], "A": [{"name": "style", "scale": 0.8}],
+            "B": [{"name": "detail", "scale": -0.6}, {"name": "style", "scale": 0.3}]}
+    expected = {k: direct(prompt="a harbour at dawn", steps=STEPS, loras=tuple((x["name"], x["scale"]) for x in v))
+                for k, v in sets.items()}
+    for name in ("base", "A", "B", "A", "base"):
+        r = _openai(server, loras=sets[name]) if sets[name] else _openai(server)
+        assert r.status_code == 200, r.text
+        assert np.array_equal(decode_png(r.json()["data"][0]["b64_json"]), expected[name]), name
+
+
 def test_a1111_lora_tags_equal_the_pipeline_and_are_listed(server, direct):
     loras = httpx.get(f"{server.url}/sdapi/v1/loras", headers=auth(), timeout=30).json()
     assert sorted(x["name"] for x in loras) == ["detail", "style"] and all("/" not in x["path"] for x in loras)
