@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -72,6 +73,7 @@ class LoraSwitcher:
         self.last_switch_seconds = 0.0
         self._weight_map: WeightMap | None = None
         self._files: OrderedDict[tuple[str, int, int], Lora] = OrderedDict()
+        self._files_lock = threading.Lock()  # a service checks requests on its event loop while the worker switches
         self._base: dict[tuple[str, str], torch.Tensor] = {}  # (component, weight) -> base value, kept on first touch
         for d in self.lora_dirs:
             if not d.is_dir():
@@ -107,11 +109,15 @@ class LoraSwitcher:
         return self._weight_map
 
     def read(self, path: Path) -> Lora:
-        """The canonical LoRA of ``path`` for this model (cached by path, size and mtime)."""
-        from sdxl_trt.lora.reading import read_lora
-
+        """The canonical LoRA of ``path`` for this model (cached by path, size and mtime; thread-safe)."""
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        with self._files_lock:
+            return self._read_locked(path, key)
+
+    def _read_locked(self, path: Path, key: tuple[str, int, int]) -> Lora:
+        from sdxl_trt.lora.reading import read_lora
+
         lora = self._files.get(key)
         if lora is None:
             wm = self.weight_map()
