@@ -432,9 +432,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_engines, tmp_path) -
         bodies = [{"prompt": "a harbour", "size": "256x256", "steps": 2, "seed": 200 + i} for i in range(6)]
         with ThreadPoolExecutor(len(bodies)) as pool:
             futures = [pool.submit(_post, srv, "/v1/images/generations", b) for b in bodies]
-            for _ in range(200):  # until the server holds them all (bounded: 10 s)
+            for _ in range(200):  # until every request is held by the server or answered (bounded: 10 s)
                 progress = httpx.get(srv.url + "/sdapi/v1/progress", headers=auth(), timeout=TIMEOUT).json()
-                if progress["state"]["job_count"] >= len(bodies) - 1:
+                answered = sum(f.done() for f in futures)
+                if progress["state"]["job_count"] + answered >= len(bodies):
                     break
                 time.sleep(0.05)
             srv.proc.terminate()
