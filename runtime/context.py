@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdxl_trt.buckets import Bucket
-from sdxl_trt.contracts import TOKENS_PER_CHUNK, ComponentSpec, ModelDims, component_specs
+from sdxl_trt.contracts import TOKENS_PER_CHUNK, ComponentSpec, ModelDims, component_specs, controlnet_names
 from sdxl_trt.engine_dir.manifest import Manifest
 from sdxl_trt.engine_dir.profiles import Profile, select_profile
 
@@ -43,7 +43,7 @@ class EngineContext:
     def __post_init__(self) -> None:
         m = self.manifest
         self.dims = ModelDims.from_json(m.model_dims)
-        self.specs = component_specs(self.dims)
+        self.specs = component_specs(self.dims, controlnet_names(m.components))
         self.profiles = {n: [Profile.from_json(p) for p in e.profiles] for n, e in m.components.items()}
         self.dtypes = {n: DTYPES[e.precision] for n, e in m.components.items()}
         self.buckets = [Bucket.parse(b) for b in m.buckets]

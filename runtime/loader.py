@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from sdxl_trt.contracts import ModelDims, component_specs
+from sdxl_trt.contracts import ModelDims, component_specs, controlnet_names
 from sdxl_trt.engine_dir.layout import cache_artifacts_path
 from sdxl_trt.engine_dir.manifest import Manifest
 from sdxl_trt.engine_dir.profiles import Profile
@@ -51,7 +51,7 @@ def resolve_device(device: str | torch.device | None, backend: str) -> torch.dev
 
 def load_engines(directory: Path, manifest: Manifest, *, device: torch.device,
                  compile_torch: bool = False) -> dict[str, Engine]:
-    specs = component_specs(ModelDims.from_json(manifest.model_dims))
+    specs = component_specs(ModelDims.from_json(manifest.model_dims), controlnet_names(manifest.components))
     engines: dict[str, Engine] = {}
     shared_memory: Any = None
     for name, entry in manifest.components.items():

@@ -15,14 +15,21 @@ Optional inputs exist only for the models that have them: a guidance-distilled U
 in its config, as LCM-distilled SDXL) takes ``timestep_cond``, the guidance-scale embedding of
 ``guidance_scale - 1`` (diffusers' ``get_guidance_scale_embedding``), and never runs a CFG batch.
 
+ControlNet: a model built with ``--controlnet`` has ``ModelDims.controlnet_residuals``. Its UNet then takes
+the residuals a ControlNet adds (``down_block_res_{i}``, ``mid_block_res``, shapes from the UNet's config), and
+each ControlNet engine ``controlnet.NAME`` follows the ``controlnet`` contract: the UNet's inputs plus
+``controlnet_cond`` (the control image, B x 3 x 8h x 8w, in [0, 1]) and ``conditioning_scale`` (B x R: one
+scale per row and residual, so guess mode's geometric scales and per-step start/end tables are plain data),
+returning exactly those residuals, already scaled. A plain build's UNet is unchanged.
+
 Widths (hidden sizes, context width, number of micro-conditioning numbers) are properties of the model,
 not of the contract, so the specs are built from a :class:`ModelDims` read off the model's configs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 CONTRACT_VERSION = 2
@@ -41,16 +48,46 @@ DType = Literal["float", "float32", "int32", "int64"]
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "refiner", "vae_decoder", "vae_encoder")
 BASE_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
+CONTROLNET = "controlnet"
+"""The ControlNet contract; each built ControlNet is a component named ``controlnet.NAME``."""
+
+CONTROLNET_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+"""What a ControlNet's NAME may be (it names a file and a request field)."""
+
+
+def controlnet_component(name: str) -> str:
+    """The component (engine) name of the ControlNet called ``name``."""
+    return f"{CONTROLNET}.{name}"
+
+
+def contract_of(component: str) -> str:
+    """The contract a component follows: ``controlnet.edges`` -> ``controlnet``; others are their own."""
+    return CONTROLNET if component.startswith(CONTROLNET + ".") else component
+
+
+def controlnet_names(components: Iterable[str]) -> list[str]:
+    """The ControlNet NAMEs among component names, in their order."""
+    return [c[len(CONTROLNET) + 1:] for c in components if contract_of(c) == CONTROLNET and c != CONTROLNET]
+
 
 @dataclass(frozen=True)
 class Dim:
-    """A named dimension, optionally scaled: ``Dim("h", 8)`` is an image height of 8 latent rows each."""
+    """A named dimension, optionally scaled: ``Dim("h", 8)`` is an image height of 8 latent rows each;
+    ``Dim("h", div=4)`` is a UNet feature map's height after two downsamplings (h must divide)."""
 
     name: str
     scale: int = 1
+    div: int = 1
 
     def __str__(self) -> str:
-        return self.name if self.scale == 1 else f"{self.scale}{self.name}"
+        text = self.name if self.scale == 1 else f"{self.scale}{self.name}"
+        return text if self.div == 1 else f"{text}/{self.div}"
+
+    def of(self, value: int) -> int:
+        """This axis's size when the named dimension is ``value``."""
+        if value * self.scale % self.div:
+            raise ValueError(f"dimension {self.name}={value} must be a multiple of {self.div} for an axis {self}")
+        return value * self.scale // self.div
 
 
 DimLike = Dim | int
@@ -71,7 +108,7 @@ class TensorSpec:
             else:
                 if d.name not in values:
                     raise KeyError(f"tensor {self.name!r} needs a value for dimension {d.name!r}")
-                out.append(values[d.name] * d.scale)
+                out.append(d.of(values[d.name]))
         return tuple(out)
 
     @property
@@ -137,13 +174,18 @@ class ModelDims:
     unet_downsamples: int = 2  # latent sides must be divisible by 2**unet_downsamples
     refiner_downsamples: int = 3  # 0 when the model has no refiner
     unet_time_cond_dim: int = 0  # time_cond_proj_dim of a guidance-distilled UNet; 0: none (no timestep_cond)
+    # (channels, downscale) of each residual a ControlNet adds to the base UNet: the down blocks' in order,
+    # the mid block's last. Empty: built without --controlnet (the UNet takes no residual inputs).
+    controlnet_residuals: tuple[tuple[int, int], ...] = ()
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping) -> ModelDims:
-        return cls(**dict(data))
+        values = dict(data)
+        values["controlnet_residuals"] = tuple(tuple(r) for r in values.get("controlnet_residuals", ()))
+        return cls(**values)
 
     @property
     def latent_multiple(self) -> int:
@@ -154,15 +196,28 @@ class ModelDims:
 B, S, H, W = Dim("B"), Dim("S"), Dim("h"), Dim("w")
 
 
-def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
-    """All six component contracts for a model of the given widths."""
+def residual_specs(dims: ModelDims) -> tuple[TensorSpec, ...]:
+    """The residuals a ControlNet returns and a ControlNet-built UNet takes, in diffusers' order."""
+    *down, mid = dims.controlnet_residuals
+    out = [TensorSpec(f"down_block_res_{i}", "float", (B, c, Dim("h", div=f), Dim("w", div=f)))
+           for i, (c, f) in enumerate(down)]
+    c, f = mid
+    return (*out, TensorSpec("mid_block_res", "float", (B, c, Dim("h", div=f), Dim("w", div=f))))
+
+
+def component_specs(dims: ModelDims, controlnets: Sequence[str] = ()) -> dict[str, ComponentSpec]:
+    """The component contracts for a model of the given widths (with ``controlnet_residuals``: also the
+    ``controlnet`` contract, and one spec per ControlNet engine named in ``controlnets``)."""
     t = TOKENS_PER_CHUNK
     c = dims.latent_channels
     f = dims.vae_scale_factor
     latent = (B, c, H, W)
     image = (B, 3, Dim("h", f), Dim("w", f))
 
-    def unet_like(name: str, context: int, pooled: int, time_ids: int, doc: str, time_cond: int = 0) -> ComponentSpec:
+    residuals = residual_specs(dims) if dims.controlnet_residuals else ()
+
+    def unet_like(name: str, context: int, pooled: int, time_ids: int, doc: str, time_cond: int = 0,
+                  extra: tuple[TensorSpec, ...] = ()) -> ComponentSpec:
         return ComponentSpec(
             name,
             inputs=(
@@ -172,12 +227,13 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
                 TensorSpec("text_embeds", "float", (B, pooled)),
                 TensorSpec("time_ids", "float", (B, time_ids)),
                 *((TensorSpec("timestep_cond", "float", (B, time_cond)),) if time_cond else ()),
+                *extra,
             ),
             outputs=(TensorSpec("noise_pred", "float", latent),),
             doc=doc,
         )
 
-    return {
+    specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
             inputs=(TensorSpec("input_ids", "int64", (B, t)),),
@@ -195,7 +251,7 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
         ),
         "unet": unet_like(
             "unet", dims.unet_context, dims.pooled_dim, dims.unet_time_ids, "SDXL base UNet: predicts noise",
-            time_cond=dims.unet_time_cond_dim,
+            time_cond=dims.unet_time_cond_dim, extra=residuals,
         ),
         "refiner": unet_like(
             "refiner",
@@ -217,3 +273,23 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
             doc="VAE encoder: images in [-1, 1] -> mean and log-variance of the latent distribution",
         ),
     }
+    if residuals:
+        specs[CONTROLNET] = ComponentSpec(
+            CONTROLNET,
+            inputs=(
+                TensorSpec("sample", "float", latent),
+                TensorSpec("timestep", "float32", (B,)),
+                TensorSpec("encoder_hidden_states", "float", (B, S, dims.unet_context)),
+                TensorSpec("text_embeds", "float", (B, dims.pooled_dim)),
+                TensorSpec("time_ids", "float", (B, dims.unet_time_ids)),
+                TensorSpec("controlnet_cond", "float", (B, 3, Dim("h", f), Dim("w", f))),
+                TensorSpec("conditioning_scale", "float32", (B, len(residuals))),
+            ),
+            outputs=residuals,
+            doc="SDXL ControlNet: the scaled residuals its control image adds to the base UNet's blocks",
+        )
+        for name in controlnets:
+            specs[controlnet_component(name)] = replace(specs[CONTROLNET], name=controlnet_component(name))
+    elif controlnets:
+        raise ValueError(f"ControlNets {list(controlnets)} need a model built with controlnet_residuals")
+    return specs

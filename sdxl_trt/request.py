@@ -21,6 +21,52 @@ Mode = Literal["txt2img", "img2img", "inpaint"]
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 """diffusers' ``timestep_spacing`` values a request may choose."""
 
+MAX_CONTROL_SCALE = 10.0
+"""A ControlNet scale's bound (users stay within 0..2; beyond 10 the residuals swamp the UNet)."""
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet applied to a request, as diffusers' SDXL ControlNet pipelines take it per ControlNet.
+
+    ``name``: a ControlNet built into the engines (``sdxl-trt build --controlnet PATH:NAME``). ``image``: the
+    ready control image (edges, depth, pose...), resized to the request's size as diffusers resizes it.
+    ``scale``: ``controlnet_conditioning_scale``; ``start``/``end``: ``control_guidance_start``/``end``, the
+    fraction of the denoising steps during which it acts; ``guess_mode``: diffusers' guess mode (the ControlNet
+    sees the prompt side of the batch only, with its residuals scaled from 0.1 at the first block to 1 at the
+    mid block), which A1111's "ControlNet is more important" is.
+    """
+
+    name: str
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+
+    def validate(self, index: int) -> None:
+        param = f"controlnets[{index}]"
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidRequestError(f"{param}.name must be the name of a built ControlNet, got {self.name!r}",
+                                      param=f"{param}.name")
+        if self.image is None or not hasattr(self.image, "size"):
+            raise InvalidRequestError(f"{param} ({self.name}) needs a control image", param=f"{param}.image")
+        if (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale)
+                or not 0.0 <= self.scale <= MAX_CONTROL_SCALE):
+            raise InvalidRequestError(f"{param}.scale must be a finite number in 0..{MAX_CONTROL_SCALE:g}, got "
+                                      f"{self.scale!r}", param=f"{param}.scale")
+        for what in ("start", "end"):
+            v = getattr(self, what)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+                raise InvalidRequestError(f"{param}.{what} must be a number in [0, 1], got {v!r}",
+                                          param=f"{param}.{what}")
+        if self.start >= self.end:
+            raise InvalidRequestError(f"{param}.start ({self.start}) must be below its end ({self.end}): the "
+                                      "ControlNet acts on the steps between them", param=f"{param}.start")
+        if not isinstance(self.guess_mode, bool):
+            raise InvalidRequestError(f"{param}.guess_mode must be true or false, got {self.guess_mode!r}",
+                                      param=f"{param}.guess_mode")
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -65,6 +111,7 @@ class GenerationRequest:
     timesteps: tuple[int, ...] | None = None  # explicit, descending; sets steps to its length
     eta: float | None = None  # tcd's gamma (None: 0.3); ddim: 0 only
     loras: tuple[tuple[str, float], ...] = ()  # (name in the pipeline's lora_dirs, or a path; scale), stacked
+    controlnets: tuple[ControlNetUnit, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +119,8 @@ class GenerationRequest:
         # steps follows it, so everything downstream that counts steps sees the explicit schedule's length.
         if isinstance(self.loras, list):
             object.__setattr__(self, "loras", tuple(tuple(e) if isinstance(e, list) else e for e in self.loras))
+        if isinstance(self.controlnets, list):
+            object.__setattr__(self, "controlnets", tuple(self.controlnets))
         if isinstance(self.timesteps, (list, tuple)):
             object.__setattr__(self, "timesteps", tuple(self.timesteps))
             if self.timesteps:
@@ -133,6 +182,22 @@ class GenerationRequest:
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
             raise InvalidRequestError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}", param="seed")
         self.mode  # noqa: B018 - raises for a mask without an image
+        if not isinstance(self.controlnets, tuple) or not all(isinstance(u, ControlNetUnit) for u in self.controlnets):
+            raise InvalidRequestError("controlnets must be a list of ControlNetUnit", param="controlnets")
+        for i, unit in enumerate(self.controlnets):
+            unit.validate(i)
+        names = [u.name for u in self.controlnets]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError(f"each ControlNet may be named once per request, got {names}",
+                                      param="controlnets")
+        if self.controlnets and self.mode == "inpaint":
+            raise InvalidRequestError("ControlNet applies to txt2img and img2img; inpainting with a ControlNet is "
+                                      "not supported", param="controlnets")
+
+    @property
+    def control_signature(self) -> tuple[tuple[str, bool], ...]:
+        """What a ControlNet set changes in the step's shape: which engines run, each on which rows."""
+        return tuple((u.name, u.guess_mode) for u in self.controlnets)
 
 
 @dataclass
