@@ -42,6 +42,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         refiner_start=args.refiner_start, refiner_strength=args.refiner_strength, snap_to_bucket=args.snap_to_bucket,
         timestep_spacing=args.timestep_spacing, timesteps=args.timesteps, eta=args.eta,
         loras=tuple(_lora_arg(text) for text in args.lora),
+        controlnets=tuple(getattr(args, "controlnets", ())),  # read and checked by sdxl_trt.cli.controlnet_units
     )
 
 

@@ -14,8 +14,12 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import SdxlTrtError
+from .errors import InvalidRequestError, SdxlTrtError
+
+if TYPE_CHECKING:
+    from .request import ControlNetUnit
 
 log = logging.getLogger("sdxl_trt")
 
@@ -55,13 +59,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         refittable=args.refittable, weight_streaming=args.weight_streaming, compile_torch=args.compile,
         calibration_prompts=args.calibration_prompts, calibration_steps=args.calibration_steps,
         calibration_backend=args.calibration_backend,
-        loras=tuple(args.lora),
+        loras=tuple(args.lora), **_controlnet_build_option(args.controlnet),
         build_command=" ".join(["sdxl-trt", *map(shlex.quote, sys.argv[1:])]),
     )
     manifest = build_engines(opts)
     print(format_build_table(manifest))
     print(f"\nengines in {args.out} (backend {manifest.backend}, precision {manifest.precision})")
     return 0
+
+
+def _controlnet_build_option(specs: list[str]) -> dict[str, tuple[str, ...]]:
+    """``--controlnet`` values for BuildOptions; passed only when given, so a build without ControlNet never
+    depends on the option existing."""
+    return {"controlnets": tuple(specs)} if specs else {}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -76,7 +86,98 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .runtime.cli_run import run_from_args
 
+    args.controlnets = controlnet_units(args.controlnet)
     return run_from_args(args)
+
+
+_CONTROL_EXAMPLE = "e.g. --controlnet edges --control-image e.png --control-scale 0.6"
+
+
+class _ControlNetAction(argparse.Action):
+    """``--controlnet NAME`` starts a unit; the ``--control-*`` flags after it fill that unit."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        units = list(getattr(namespace, self.dest, None) or [])
+        units.append({"name": values})
+        setattr(namespace, self.dest, units)
+
+
+class _ControlFieldAction(argparse.Action):
+    """A ``--control-*`` flag: sets its field on the unit of the last ``--controlnet``; before any, or twice for
+    one unit, is a usage error (exit 2) naming the flag and the fix."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, field: str = "", **kw: object) -> None:
+        self.field = field
+        super().__init__(option_strings, dest, **kw)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        units = getattr(namespace, "controlnet", None) or []
+        shown = option_string if self.nargs == 0 else f"{option_string} {values}"
+        if not units:
+            parser.error(f"{shown} must follow the --controlnet it belongs to ({_CONTROL_EXAMPLE})")
+        unit = units[-1]
+        if self.field in unit:
+            parser.error(f"{shown}: --controlnet {unit['name']} already has {option_string}; give each "
+                         "--control-* flag once per --controlnet")
+        unit[self.field] = True if self.nargs == 0 else values
+
+
+def add_controlnet_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The per-ControlNet flags of ``run``: each ``--control-*`` belongs to the ``--controlnet`` before it."""
+    p.add_argument("--controlnet", action=_ControlNetAction, default=[], metavar="NAME",
+                   help="apply a ControlNet built into the engines (repeatable); the --control-* flags after it "
+                        f"set its control image and settings ({_CONTROL_EXAMPLE} --controlnet depth "
+                        "--control-image d.png --control-start 0.2)")
+    fields: list[tuple[str, str, dict[str, object]]] = [
+        ("--control-image", "image", {"metavar": "PATH", "help": "the control image (required per --controlnet)"}),
+        ("--control-scale", "scale", {"type": float, "metavar": "S", "help": "conditioning scale, 0..10 (default 1)"}),
+        ("--control-start", "start", {"type": float, "metavar": "A",
+                                      "help": "fraction of the steps where it starts acting (default 0)"}),
+        ("--control-end", "end", {"type": float, "metavar": "B",
+                                  "help": "fraction of the steps where it stops acting (default 1)"}),
+        ("--control-guess-mode", "guess_mode", {"nargs": 0, "help": "diffusers' guess mode (A1111's "
+                                                "'ControlNet is more important')"}),
+        ("--control-preprocess", "preprocess", {"choices": ["none", "canny"], "help": "turn the image into the "
+                                                "control image first: canny = OpenCV edges, thresholds 100/200 "
+                                                "(default none: the image is the control image)"}),
+    ]
+    for flag, field, kw in fields:
+        p.add_argument(flag, action=_ControlFieldAction, field=field,
+                       default=argparse.SUPPRESS, **kw)  # type: ignore[arg-type]
+
+
+def controlnet_units(units: Sequence[dict[str, object]]) -> tuple[ControlNetUnit, ...]:
+    """The parsed ``--controlnet`` groups as request units: each image read (and preprocessed) here, so a
+    missing or unreadable file is one clear error before any engine loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .control_images import preprocess
+    from .request import ControlNetUnit
+
+    out = []
+    for unit in units:
+        name = str(unit["name"])
+        path = unit.get("image")
+        if path is None:
+            raise InvalidRequestError(f"--controlnet {name} has no --control-image: give it one right after it "
+                                      f"(--controlnet {name} --control-image PATH)", param="--control-image")
+        try:
+            with Image.open(str(path)) as im:
+                im.load()
+                image = im.copy()
+        except FileNotFoundError:
+            raise InvalidRequestError(f"--control-image {path} (for --controlnet {name}): no such file",
+                                      param="--control-image") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise InvalidRequestError(f"--control-image {path} (for --controlnet {name}) is not a readable image "
+                                      f"({e})", param="--control-image") from None
+        image = preprocess(image, str(unit.get("preprocess", "none")), param="--control-preprocess")
+        out.append(ControlNetUnit(name=name, image=image, scale=float(unit.get("scale", 1.0)),  # type: ignore[arg-type]
+                                  start=float(unit.get("start", 0.0)), end=float(unit.get("end", 1.0)),  # type: ignore[arg-type]
+                                  guess_mode=bool(unit.get("guess_mode", False))))
+    return tuple(out)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -147,6 +248,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None, help="tcd: gamma in [0, 1] (default 0.3)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="apply a LoRA at run time (repeatable, stacked); the engines' weights are updated in place")
+    add_controlnet_run_arguments(p)
     p.add_argument("--out", required=True, help="PNG path; with --batch > 1, _0, _1, ... are appended")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 
@@ -197,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="fuse a LoRA (.safetensors, diffusers or kohya format) into the base model before export "
                         "and INT8 calibration; repeatable, applied in order (scale default 1)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH[:NAME]",
+                   help="build a ControlNet with the engines (repeatable): a diffusers-format directory, a single "
+                        "file, or a preset (tiny-controlnet, tiny-controlnet-small, sdxl-controlnet); NAME (default: "
+                        "from the path) is what requests call it (sdxl-trt run --controlnet NAME)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("info", help="print an engine directory's manifest")
