@@ -15,7 +15,8 @@ Field policy (the models in ``a1111_api`` declare them all):
   inpainting_fill 0 or 1 (we start from the re-noised original).
 * refused with a 400 naming the field when set to anything but its default: enable_hr, restore_faces, tiling,
   styles, subseed_strength, seed_resize_from_*, s_churn, s_noise, s_min_uncond, override_settings (other
-  than the loaded checkpoint), script_name / script_args, active alwayson_scripts, save_images, infotext,
+  than the loaded checkpoint), script_name / script_args, active alwayson_scripts other than the ControlNet
+  extension's (``controlnet``: see ``serve/controlnet.py``), save_images, infotext,
   resize_mode, mask_round, inpainting_fill 2 or 3, initial_noise_multiplier, latent_mask,
   include_init_images, and any unknown field that is not empty.
 """
@@ -32,7 +33,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from sdxl_trt import __version__
 from sdxl_trt.errors import InvalidRequestError
-from sdxl_trt.request import GenerationRequest
+from sdxl_trt.request import ControlNetUnit, GenerationRequest
 
 from . import endpoint, samplers
 from .a1111_api import (
@@ -45,6 +46,7 @@ from .a1111_api import (
     Txt2ImgRequest,
 )
 from .async_pipeline import PipelineLike
+from .controlnet import IMAGE_KEYS, a1111_script, a1111_units, strip_images
 from .extras import available_loras, few_step_fields, lora_set, strip_a1111_loras
 from .images_io import decode_b64_image, gray8
 from .inputs import check_texts
@@ -53,6 +55,7 @@ from .settings import ServeSettings
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"], route_class=endpoint.FastJsonRoute)
 
 _EMPTY: tuple[Any, ...] = (None, False, 0, "", [], {})
+_IMAGE_FIELDS = ("init_images", "mask")
 DEFAULT_STEPS = 50
 """A1111's steps when a request names none (capped at the server's --max-steps)."""
 
@@ -101,7 +104,8 @@ def _check_common(body: Txt2ImgRequest | Img2ImgRequest, pipeline: PipelineLike)
             raise _refuse("override_settings", f"settings cannot be overridden here: {', '.join(others)}")
     if body.script_name or body.script_args:
         raise _refuse("script_name", "scripts are not supported")
-    active = sorted(name for name, value in body.alwayson_scripts.items() if _script_active(name, value))
+    active = sorted(name for name, value in body.alwayson_scripts.items()
+                    if name.lower() != "controlnet" and _script_active(name, value))
     if active:
         raise _refuse("alwayson_scripts", f"scripts are not supported: {', '.join(active)}")
     if body.save_images:
@@ -125,9 +129,11 @@ def _script_active(name: str, value: object) -> bool:
 
 def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: ServeSettings,
                           pipeline: PipelineLike, init_image: Image.Image | None = None,
-                          mask: Image.Image | None = None) -> tuple[GenerationRequest, samplers.A1111Sampler]:
-    """The one translation of an A1111 body into the engine's request (and the A1111 sampler it names)."""
-    check_texts(body, max_chars=settings.max_prompt_chars, skip=("init_images", "mask"))
+                          mask: Image.Image | None = None, controlnets: tuple[ControlNetUnit, ...] = ()
+                          ) -> tuple[GenerationRequest, samplers.A1111Sampler]:
+    """The one translation of an A1111 body into the engine's request (and the A1111 sampler it names);
+    ``controlnets``: its ControlNet units, decoded beforehand by :func:`control_units`."""
+    check_texts(body, max_chars=settings.max_prompt_chars, skip=_IMAGE_FIELDS, image_keys=IMAGE_KEYS)
     _check_common(body, pipeline)
     scheduler, sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler, ours=_ours())
     if body.eta is not None and sampler.eta is not None and body.eta != sampler.eta:
@@ -166,8 +172,23 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
     return GenerationRequest(
         prompt=prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
         steps=steps, guidance_scale=body.cfg_scale, scheduler=scheduler,
-        seed=None if body.seed == -1 else body.seed, num_images=n, **refiner, **extra, **few_step,
+        seed=None if body.seed == -1 else body.seed, num_images=n, controlnets=controlnets, **refiner, **extra,
+        **few_step,
     ), sampler
+
+
+def control_units(body: Txt2ImgRequest | Img2ImgRequest, pipeline: PipelineLike, max_pixels: int
+                  ) -> tuple[ControlNetUnit, ...]:
+    """The ControlNet extension's units of ``body``, fitted to its size (the first bucket when it names none);
+    CPU work (decoding, canny): call off the event loop."""
+    if a1111_script(body.alwayson_scripts) is None:
+        return ()
+    if body.width is not None and body.height is not None:
+        size = (body.width, body.height)
+    else:
+        first = pipeline.buckets[0]
+        size = (body.width or first.width, body.height or first.height)
+    return a1111_units(body.alwayson_scripts, pipeline, max_pixels=max_pixels, size=size)
 
 
 def _img2img_inputs(body: Img2ImgRequest, max_pixels: int) -> tuple[Image.Image, Image.Image | None]:
@@ -247,15 +268,18 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
 async def _generate(request: Request, body: Txt2ImgRequest | Img2ImgRequest) -> GenerationResponse:
     service = endpoint.service_of(request)
     pipeline = service.require_pipeline()
-    check_texts(body, max_chars=service.settings.max_prompt_chars, skip=("init_images", "mask"))  # before decoding
+    check_texts(body, max_chars=service.settings.max_prompt_chars, skip=_IMAGE_FIELDS,  # before decoding
+                image_keys=IMAGE_KEYS)
     init_image = mask = None
     if isinstance(body, Img2ImgRequest):  # decoding is CPU work: off the event loop
         init_image, mask = await asyncio.to_thread(_img2img_inputs, body, endpoint.max_pixels(service))
+    controlnets = await asyncio.to_thread(control_units, body, pipeline, endpoint.max_pixels(service))
     gen, sampler = to_generation_request(body, settings=service.settings, pipeline=pipeline, init_image=init_image,
-                                         mask=mask)
+                                         mask=mask, controlnets=controlnets)
     result = await endpoint.generate(request, gen)
     images = await endpoint.encode_pngs(result) if body.send_images else []
     parameters = body.model_dump(exclude={"init_images", "mask"})
+    parameters["alwayson_scripts"] = strip_images(body.alwayson_scripts)
     if isinstance(body, Img2ImgRequest):
         parameters.update(init_images=None, mask=None)
     return GenerationResponse(images=images, parameters=parameters,

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from sdxl_trt import __version__
 from sdxl_trt.errors import SdxlTrtError
 
-from . import a1111_routes, openai_routes
+from . import a1111_routes, controlnet, openai_routes
 from .auth import ApiKeyMiddleware
 from .endpoint import ClientGone
 from .http_errors import ApiError, ErrorGuardMiddleware, from_exception, from_validation, render
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/ready")
 TEXT_ONLY_PATHS = ("/v1/images/generations", "/sdapi/v1/txt2img")
-"""Endpoints whose bodies carry no images: their body limit follows the character cap, not --max-body-mb."""
+"""Endpoints whose bodies carry no images unless the engines have ControlNets: their body limit follows the
+character cap, not --max-body-mb (with ControlNets built, they take control images and --max-body-mb)."""
 
 
 def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load_pipeline) -> FastAPI:
@@ -57,13 +58,15 @@ def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load
     app.state.metrics = metrics
     app.include_router(openai_routes.router)
     app.include_router(a1111_routes.router)
+    app.include_router(controlnet.router)
     _add_probes(app, service, metrics)
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
                        chunk_timeout_s=settings.chunk_timeout_s, stats=body_stats, text_paths=TEXT_ONLY_PATHS,
-                       text_max_bytes=settings.max_text_body_bytes)
+                       text_max_bytes=settings.max_text_body_bytes,
+                       text_only=lambda: not controlnet.controlnet_names(service.pipeline))
     app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=OPEN_PATHS)
-    routes = [*openai_routes.router.routes, *a1111_routes.router.routes, *app.routes]
+    routes = [*openai_routes.router.routes, *a1111_routes.router.routes, *controlnet.router.routes, *app.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints={getattr(r, "path", "") for r in routes})
     app.add_middleware(ErrorGuardMiddleware)
     return app

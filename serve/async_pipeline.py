@@ -115,6 +115,7 @@ def batch_key(request: GenerationRequest, bucket: Bucket) -> tuple[Any, ...]:
         request.refiner_mode, request.refiner_start, request.refiner_strength, request.refiner_steps,
         request.guidance_scale > 1.0, request.timestep_spacing, request.timesteps, request.eta,
         request.loras,  # a LoRA set is the engines' weights: one set per batch, one switch per batch
+        request.control_signature,  # which ControlNets run on which rows is the step's shape
     )
 
 

@@ -79,7 +79,10 @@ async def generate(request: Request, gen: GenerationRequest) -> GenerationResult
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             try:
-                return work.result()
+                result = work.result()
+                if gen.controlnets and hasattr(request.app.state, "metrics"):
+                    request.app.state.metrics.observe_controlnets([u.name for u in gen.controlnets])
+                return result
             except SdxlTrtError:
                 raise
             except Exception as e:  # a bug or an engine failure: logged once, answered as a plain 500

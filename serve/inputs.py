@@ -20,25 +20,29 @@ from sdxl_trt.errors import InvalidRequestError
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
 
-def check_texts(body: BaseModel, *, max_chars: int, skip: Collection[str] = ()) -> None:
+def check_texts(body: BaseModel, *, max_chars: int, skip: Collection[str] = (),
+                image_keys: Collection[str] = ()) -> None:
     """Every string in ``body`` (nested lists and dicts too, keys included) is valid Unicode and at most
-    ``max_chars`` long; the error names the field path, e.g. ``override_settings.sd_model_checkpoint``."""
+    ``max_chars`` long; the error names the field path, e.g. ``override_settings.sd_model_checkpoint``.
+    ``skip``: top-level image fields; ``image_keys``: keys of nested objects that hold images (A1111's
+    ControlNet units), whose base64 is checked where it is decoded."""
     values = {**{name: getattr(body, name) for name in type(body).model_fields}, **(body.model_extra or {})}
     for name, value in values.items():
         if name not in skip:
-            _walk(value, name, max_chars)
+            _walk(value, name, max_chars, frozenset(image_keys))
 
 
-def _walk(value: Any, path: str, max_chars: int) -> None:
+def _walk(value: Any, path: str, max_chars: int, image_keys: frozenset[str] = frozenset()) -> None:
     if isinstance(value, str):
         _check(value, path, max_chars)
     elif isinstance(value, dict):
         for key, item in value.items():
             _check(str(key), f"{path} (a key)", max_chars)
-            _walk(item, f"{path}.{key}", max_chars)
+            if key not in image_keys:
+                _walk(item, f"{path}.{key}", max_chars, image_keys)
     elif isinstance(value, (list, tuple)):
         for k, item in enumerate(value):
-            _walk(item, f"{path}[{k}]", max_chars)
+            _walk(item, f"{path}[{k}]", max_chars, image_keys)
 
 
 def _check(text: str, path: str, max_chars: int) -> None:

@@ -17,7 +17,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -62,16 +62,18 @@ def release_memory() -> None:
 
 
 class BodyLimitMiddleware:
-    """``max_bytes`` per body; ``text_max_bytes`` for ``text_paths`` (endpoints that take no images)."""
+    """``max_bytes`` per body; ``text_max_bytes`` for ``text_paths`` (endpoints that take no images) while
+    ``text_only()`` says so: engines with ControlNets take control images on those endpoints too."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, drain_bytes: int | None = None,
                  body_timeout_s: float | None = None, chunk_timeout_s: float | None = None,
                  stats: BodyStats | None = None, text_paths: Collection[str] = (),
-                 text_max_bytes: int | None = None) -> None:
+                 text_max_bytes: int | None = None, text_only: Callable[[], bool] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.text_paths = frozenset(text_paths)
         self.text_max_bytes = text_max_bytes if text_max_bytes is not None else max_bytes
+        self.text_only = text_only
         self.drain_bytes = drain_bytes if drain_bytes is not None else 4 * max_bytes + 2**20
         self.body_timeout_s = body_timeout_s
         self.chunk_timeout_s = chunk_timeout_s
@@ -81,7 +83,8 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.text_max_bytes if scope["path"] in self.text_paths else self.max_bytes
+        text = scope["path"] in self.text_paths and (self.text_only is None or self.text_only())
+        limit = self.text_max_bytes if text else self.max_bytes
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None:
             if not length.isdigit():

@@ -60,6 +60,9 @@ class ServeMetrics:
                                              "Seconds to switch the engines' weights to a batch's LoRA set",
                                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
                                              registry=r)
+        self.controlnet_requests = Counter("sdxl_trt_controlnet_requests",
+                                           "Generation requests answered that used each ControlNet",
+                                           ["controlnet"], registry=r)
         self.graph_pool_bytes = Gauge("sdxl_trt_graph_pool_bytes", "Bytes of the CUDA graphs' shared memory pool",
                                       registry=r)
 
@@ -81,6 +84,10 @@ class ServeMetrics:
                 self.stage_seconds.labels(stage=stage).observe(seconds)
         if report.timings.get("lora_switch", 0.0) > 0:
             self.lora_switch_seconds.observe(report.timings["lora_switch"])
+
+    def observe_controlnets(self, names: Collection[str]) -> None:
+        for name in names:
+            self.controlnet_requests.labels(controlnet=name).inc()
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint=endpoint, outcome=outcome(status)).inc()

@@ -3,7 +3,7 @@
 Fields OpenAI defines are accepted with OpenAI's meaning; those naming a feature this engine lacks are
 refused when set to anything but their default (see ``UNSUPPORTED``), never silently dropped. Our own
 fields (``negative_prompt``, ``steps``, ``guidance_scale``, ``seed``, ``scheduler``, ``timestep_spacing``,
-``timesteps``, ``eta``, ``loras``, and ``strength`` for edits) ride in the same body, as the ``openai`` client's ``extra_body`` sends them. Unknown fields are a 400.
+``timesteps``, ``eta``, ``loras``, ``controlnets`` for generations, and ``strength`` for edits) ride in the same body, as the ``openai`` client's ``extra_body`` sends them. Unknown fields are a 400.
 """
 
 from __future__ import annotations
@@ -32,6 +32,25 @@ class LoraRef(BaseModel):
 
     name: str
     scale: float = Field(1.0, ge=-10.0, le=10.0)
+
+
+class ControlNetRef(BaseModel):
+    """One ControlNet built into the engines (``GET /controlnet/model_list``) with its control image (base64
+    PNG/JPEG/WEBP, or a data URL) and diffusers' settings: ``scale`` (controlnet_conditioning_scale),
+    ``start``/``end`` (control_guidance_start/end), ``guess_mode``. ``preprocessor`` ``canny`` turns the image
+    into edges first (OpenCV, ``low_threshold``/``high_threshold``); ``none`` takes it as the control image."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str
+    image: str
+    scale: float = Field(1.0, ge=0.0, le=10.0)
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+    guess_mode: bool = False
+    preprocessor: str = "none"
+    low_threshold: float = Field(100.0, ge=0.0, le=255.0)
+    high_threshold: float = Field(200.0, ge=0.0, le=255.0)
 
 
 class _Common(BaseModel):
@@ -66,7 +85,9 @@ class _Common(BaseModel):
 
 
 class ImageGenerationRequest(_Common):
-    """``POST /v1/images/generations`` (JSON)."""
+    """``POST /v1/images/generations`` (JSON); ``controlnets`` guide it with the engines' ControlNets."""
+
+    controlnets: list[ControlNetRef] | None = Field(None, max_length=8)
 
 
 class ImageEditRequest(_Common):

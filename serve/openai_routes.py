@@ -13,10 +13,11 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from sdxl_trt.errors import InvalidRequestError
-from sdxl_trt.request import GenerationRequest, GenerationResult
+from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
 
 from . import endpoint
 from .async_pipeline import PipelineLike
+from .controlnet import openai_units
 from .extras import few_step_fields, lora_set
 from .images_io import gray8, open_image
 from .inputs import check_texts, parse_size
@@ -31,9 +32,10 @@ DEFAULT_STEPS = 30
 
 def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, settings: ServeSettings,
                           schedulers: tuple[str, ...], init_image: Image.Image | None = None,
-                          mask: Image.Image | None = None, pipeline: PipelineLike | None = None) -> GenerationRequest:
+                          mask: Image.Image | None = None, pipeline: PipelineLike | None = None,
+                          controlnets: tuple[ControlNetUnit, ...] = ()) -> GenerationRequest:
     """The one translation of an OpenAI body into the engine's request; refusals name OpenAI's field."""
-    check_texts(body, max_chars=settings.max_prompt_chars)
+    check_texts(body, max_chars=settings.max_prompt_chars, skip=("controlnets",))  # images: decoded, not text
     for name, accepted in UNSUPPORTED.items():
         value = getattr(body, name, None)
         if value not in accepted:
@@ -63,7 +65,7 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=steps,
         guidance_scale=body.guidance_scale, scheduler=scheduler, seed=body.seed, num_images=body.n,
-        init_image=init_image, mask_image=mask, **extra,
+        init_image=init_image, mask_image=mask, controlnets=controlnets, **extra,
     )
 
 
@@ -82,10 +84,16 @@ async def _respond(request: Request, gen: GenerationRequest) -> ImagesResponse:
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True)
 async def generations(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
-    """Text to image."""
+    """Text to image, optionally guided by ControlNets (``controlnets``)."""
     service = endpoint.service_of(request)
     pipeline = service.require_pipeline()
-    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(), pipeline=pipeline)
+    controlnets: tuple[ControlNetUnit, ...] = ()
+    if body.controlnets:
+        check_texts(body, max_chars=service.settings.max_prompt_chars, skip=("controlnets",))  # before decoding
+        controlnets = await asyncio.to_thread(openai_units, body.controlnets, pipeline,
+                                              max_pixels=endpoint.max_pixels(service))
+    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(), pipeline=pipeline,
+                                controlnets=controlnets)
     return await _respond(request, gen)
 
 

@@ -1,0 +1,249 @@
+"""ControlNet over both HTTP APIs: the OpenAI extra field ``controlnets`` and the A1111 ControlNet extension's
+``alwayson_scripts.controlnet.args``, plus the extension's ``GET /controlnet/model_list`` and ``module_list``.
+
+Each unit becomes a :class:`~sdxl_trt.request.ControlNetUnit`. Control images are client bytes: they are decoded
+with the init images' limits (``images_io``: formats, declared pixels, truncation), off the event loop, and a
+bad one is a 400 naming its field (``controlnets[0].image``, ``alwayson_scripts.controlnet.args[0].image``).
+Names are looked up in the engines' built ControlNets; engines built without any are left to
+``Pipeline.check``, whose 400 carries the rebuild command.
+
+A1111 mapping (the extension's field -> ours): ``model`` ("edges" or "edges [hash]") -> name, ``weight`` ->
+scale, ``guidance_start``/``guidance_end`` -> start/end, ``control_mode`` Balanced (0) -> normal and "ControlNet
+is more important" (2) -> guess mode; "My prompt is more important" (1) rescales the residuals in a way
+diffusers has no equivalent for, so it is refused. ``module`` none/canny (``threshold_a``/``threshold_b``);
+``resize_mode`` Just Resize / Crop and Resize / Resize and Fill fit the control image to the request's size
+as the extension does (the pipeline then only scales it). ``enabled: false`` units are skipped.
+``processor_res``, ``pixel_perfect``, ``low_vram``, ``hr_option``, ``save_detected_map`` are accepted with no
+effect (canny runs at the image's own resolution); any other field must be empty.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from PIL import Image
+
+from sdxl_trt.control_images import CANNY_HIGH, CANNY_LOW, PREPROCESSORS, preprocess, preprocessor_name
+from sdxl_trt.errors import InvalidRequestError
+from sdxl_trt.request import MAX_CONTROL_SCALE, ControlNetUnit
+
+from . import endpoint
+from .images_io import decode_b64_image
+
+if TYPE_CHECKING:
+    from .async_pipeline import PipelineLike
+    from .openai_api import ControlNetRef
+
+router = APIRouter(prefix="/controlnet", tags=["ControlNet"])
+
+IMAGE_KEYS = ("image", "input_image", "mask", "mask_image", "effective_region_mask")
+"""Keys of an A1111 unit that hold images: their base64 is not checked as text (it is decoded instead)."""
+
+_NO_EFFECT = {"processor_res", "pixel_perfect", "low_vram", "lowvram", "hr_option", "save_detected_map", "is_ui",
+              "input_mode"}
+_USED = {"enabled", "image", "input_image", "module", "model", "weight", "guidance_start", "guidance_end",
+         "control_mode", "guessmode", "resize_mode", "threshold_a", "threshold_b"}
+_CONTROL_MODES: dict[Any, str] = {0: "balanced", "balanced": "balanced", 1: "prompt",
+                                  "my prompt is more important": "prompt", 2: "controlnet",
+                                  "controlnet is more important": "controlnet"}
+_RESIZE_MODES: dict[Any, str] = {0: "just", "just resize": "just", 1: "crop", "crop and resize": "crop",
+                                 "scale to fit (inner fit)": "crop", "inner fit": "crop", 2: "fill",
+                                 "resize and fill": "fill", "envelope (outer fit)": "fill", "outer fit": "fill"}
+
+
+def controlnet_names(pipeline: PipelineLike | None) -> list[str]:
+    """The ControlNets built into the engines (none for a pipeline without them, or a test double)."""
+    return list(getattr(pipeline, "controlnet_names", None) or []) if pipeline is not None else []
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def resolve_name(model: object, names: Sequence[str], *, param: str) -> str:
+    """A built ControlNet's name from ``model``; A1111 clients send ``"edges [1a2b3c4d]"`` (model_list titles of
+    the extension), so the name is the text before a space or ``[``. Unknown: a 400 listing the built ones."""
+    if not isinstance(model, str) or not model.strip() or model.strip() == "None":
+        raise InvalidRequestError(f"{param} must name a built ControlNet (GET /controlnet/model_list: "
+                                  f"{', '.join(names) or 'none built'}), got {_shown(model)}", param=param)
+    text = model.strip()
+    name = text
+    if text not in names:
+        head = text.split("[", 1)[0].split()
+        name = head[0] if head else text
+    if names and name not in names:
+        raise InvalidRequestError(f"{param}: unknown ControlNet {_shown(model)}; built into these engines: "
+                                  f"{', '.join(names)}", param=param)
+    return name  # with no ControlNets built, Pipeline.check refuses with the rebuild command
+
+
+def _number(value: object, *, param: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise InvalidRequestError(f"{param} must be a finite number in {low:g}..{high:g}, got {_shown(value)}",
+                                  param=param)
+    return float(value)
+
+
+def openai_units(refs: Sequence[ControlNetRef] | None, pipeline: PipelineLike, *, max_pixels: int
+                 ) -> tuple[ControlNetUnit, ...]:
+    """The OpenAI body's ``controlnets`` as units (images decoded and preprocessed: call off the event loop).
+    Ranges were checked by the pydantic model; start < end by the request's own validation."""
+    if not refs:
+        return ()
+    names = controlnet_names(pipeline)
+    units = []
+    for i, ref in enumerate(refs):
+        param = f"controlnets[{i}]"
+        name = resolve_name(ref.name, names, param=f"{param}.name")
+        module = preprocessor_name(ref.preprocessor, param=f"{param}.preprocessor")
+        image = decode_b64_image(ref.image, param=f"{param}.image", max_pixels=max_pixels)
+        image = preprocess(image, module, low=ref.low_threshold, high=ref.high_threshold,
+                           param=f"{param}.preprocessor")
+        units.append(ControlNetUnit(name=name, image=image, scale=ref.scale, start=ref.start, end=ref.end,
+                                    guess_mode=ref.guess_mode))
+    return tuple(units)
+
+
+def a1111_script(scripts: dict[str, Any]) -> tuple[str, Any] | None:
+    """The ControlNet entry of ``alwayson_scripts`` (A1111 matches script names case-insensitively)."""
+    return next(((k, v) for k, v in scripts.items() if k.lower() == "controlnet"), None)
+
+
+def a1111_units(scripts: dict[str, Any], pipeline: PipelineLike, *, max_pixels: int, size: tuple[int, int]
+                ) -> tuple[ControlNetUnit, ...]:
+    """The extension's units as ours (images decoded, preprocessed and fitted to ``size``: call off the event
+    loop). ``size`` is the request's (width, height), to which ``resize_mode`` fits the control image."""
+    entry = a1111_script(scripts)
+    if entry is None:
+        return ()
+    key, value = entry
+    base = f"alwayson_scripts.{key}"
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{base} must be an object {{\"args\": [units]}}", param=base)
+    args = value.get("args") or []
+    if not isinstance(args, list):
+        raise InvalidRequestError(f"{base}.args must be a list of ControlNet units", param=f"{base}.args")
+    names = controlnet_names(pipeline)
+    units = []
+    for i, arg in enumerate(args):
+        param = f"{base}.args[{i}]"
+        if arg is False or arg is None or arg == {}:
+            continue  # a switched-off slot
+        if not isinstance(arg, dict):
+            raise InvalidRequestError(f"{param} must be a ControlNet unit object, got {type(arg).__name__}",
+                                      param=param)
+        if arg.get("enabled", True) is False:
+            continue
+        units.append(_a1111_unit(arg, param, names, max_pixels=max_pixels, size=size))
+    return tuple(units)
+
+
+def _a1111_unit(arg: dict[str, Any], param: str, names: Sequence[str], *, max_pixels: int,
+                size: tuple[int, int]) -> ControlNetUnit:
+    for field, value in arg.items():
+        if field not in _USED and field not in _NO_EFFECT and value not in (None, False, 0, "", [], {}, -1):
+            raise InvalidRequestError(f"{param}.{field}: not supported by this server's ControlNet; leave it empty",
+                                      param=f"{param}.{field}")
+    name = resolve_name(arg.get("model"), names, param=f"{param}.model")
+    module = preprocessor_name(arg.get("module", "none"), param=f"{param}.module")
+    scale = _number(arg.get("weight", 1.0), param=f"{param}.weight", low=0.0, high=MAX_CONTROL_SCALE)
+    start = _number(arg.get("guidance_start", 0.0), param=f"{param}.guidance_start", low=0.0, high=1.0)
+    end = _number(arg.get("guidance_end", 1.0), param=f"{param}.guidance_end", low=0.0, high=1.0)
+    if start >= end:
+        raise InvalidRequestError(f"{param}.guidance_start ({start:g}) must be below guidance_end ({end:g}): the "
+                                  "ControlNet acts on the steps between them", param=f"{param}.guidance_start")
+    mode = arg.get("control_mode", 0)
+    if mode in (0, None) and arg.get("guessmode"):  # the extension's deprecated boolean
+        mode = 2
+    control = _CONTROL_MODES.get(mode.strip().lower() if isinstance(mode, str) else mode)
+    if control is None:
+        raise InvalidRequestError(f"{param}.control_mode {_shown(mode)} is not a control mode; use 0 "
+                                  "('Balanced') or 2 ('ControlNet is more important')", param=f"{param}.control_mode")
+    if control == "prompt":
+        raise InvalidRequestError(f"{param}.control_mode 'My prompt is more important' is not supported (it has no "
+                                  "diffusers equivalent); use 0 ('Balanced') or 2 ('ControlNet is more important', "
+                                  "diffusers' guess mode)", param=f"{param}.control_mode")
+    resize = arg.get("resize_mode", 1)
+    fit = _RESIZE_MODES.get(resize.strip().lower() if isinstance(resize, str) else resize)
+    if fit is None:
+        raise InvalidRequestError(f"{param}.resize_mode {_shown(resize)} is not one of 'Just Resize', 'Crop and "
+                                  "Resize', 'Resize and Fill' (0, 1, 2)", param=f"{param}.resize_mode")
+    low = _threshold(arg.get("threshold_a"), CANNY_LOW, param=f"{param}.threshold_a")
+    high = _threshold(arg.get("threshold_b"), CANNY_HIGH, param=f"{param}.threshold_b")
+    data = arg.get("image") or arg.get("input_image")
+    if isinstance(data, dict):  # the extension's {"image": b64, "mask": b64 | None}
+        if data.get("mask"):
+            raise InvalidRequestError(f"{param}.image.mask: masked ControlNet units are not supported",
+                                      param=f"{param}.image.mask")
+        data = data.get("image")
+    if not data:
+        raise InvalidRequestError(f"{param}.image is required: the control image (base64 PNG/JPEG) for "
+                                  f"ControlNet {name!r}", param=f"{param}.image")
+    image = decode_b64_image(data, param=f"{param}.image", max_pixels=max_pixels)
+    image = fit_control_image(preprocess(image, module, low=low, high=high, param=f"{param}.module"), size, fit)
+    return ControlNetUnit(name=name, image=image, scale=scale, start=start, end=end,
+                          guess_mode=control == "controlnet")
+
+
+def _threshold(value: object, default: float, *, param: str) -> float:
+    """The extension sends -1 (or nothing) for "the preprocessor's default"."""
+    if value is None or value == -1:
+        return default
+    return _number(value, param=param, low=0.0, high=255.0)
+
+
+def fit_control_image(image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
+    """The extension's resize modes, for a control image whose aspect differs from the request's: ``crop``
+    scales it to cover the size and cuts the middle; ``fill`` scales it to fit inside and fills the rest with
+    the median colour of its border; ``just`` (and a matching aspect) leaves the stretch to the pipeline."""
+    width, height = size
+    w, h = image.size
+    if mode == "just" or w * height == h * width:
+        return image
+    k = max(width / w, height / h) if mode == "crop" else min(width / w, height / h)
+    scaled = image.resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.LANCZOS)
+    sw, sh = scaled.size
+    if mode == "crop":
+        left, top = (sw - width) // 2, (sh - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    arr = np.asarray(image.convert("RGB"))
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]], axis=0)
+    colour = tuple(int(c) for c in np.median(border, axis=0))
+    canvas = Image.new("RGB", (width, height), colour)
+    canvas.paste(scaled.convert("RGB"), ((width - sw) // 2, (height - sh) // 2))
+    return canvas
+
+
+def strip_images(scripts: dict[str, Any]) -> dict[str, Any]:
+    """``alwayson_scripts`` for the response's ``parameters``, its control images left out (as init_images are)."""
+    entry = a1111_script(scripts)
+    if entry is None or not isinstance(entry[1], dict) or not isinstance(entry[1].get("args"), list):
+        return scripts
+    key, value = entry
+    args = [{k: (None if k in IMAGE_KEYS else v) for k, v in a.items()} if isinstance(a, dict) else a
+            for a in value["args"]]
+    return {**scripts, key: {**value, "args": args}}
+
+
+@router.get("/model_list")
+async def model_list(request: Request) -> dict[str, list[str]]:
+    """The extension's shape: the built ControlNets' names (what a unit's ``model`` names)."""
+    return {"model_list": controlnet_names(endpoint.service_of(request).require_pipeline())}
+
+
+@router.get("/module_list")
+async def module_list() -> dict[str, list[str]]:
+    """The preprocessors a unit's ``module`` may name."""
+    return {"module_list": list(PREPROCESSORS)}
+
+
+@router.get("/version")
+async def version() -> dict[str, int]:
+    """The extension's API version clients check before sending units."""
+    return {"version": 2}
