@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_trt.buckets import SDXL_BUCKETS, Bucket, check_bucket_divisible, parse_buckets
-from sdxl_trt.contracts import ModelDims, component_specs
+from sdxl_trt.contracts import ModelDims, component_specs, contract_of, controlnet_component, controlnet_names
 from sdxl_trt.engine_dir.environment import library_versions, sha256_file
 from sdxl_trt.engine_dir.layout import BACKENDS, RUNTIME_ASSETS, TIMING_CACHE_NAME, WEIGHT_MAP_NAME
 from sdxl_trt.engine_dir.manifest import ComponentEntry, Manifest
@@ -54,6 +54,8 @@ class BuildOptions:
     calibration_backend: str = "torch"  # INT8: "torch" (hooks, bounded memory) or "onnxruntime" (ORT calibrator)
     build_command: str = ""
     loras: tuple[str, ...] = ()  # --lora PATH[:SCALE]: fused into the base model before export and calibration
+    controlnets: tuple[str, ...] = ()  # --controlnet PATH[:NAME] / PRESET[:NAME]: engines controlnet.NAME, and a
+    # UNet that takes their residuals (costs one ControlNet call per step each, only when a request asks)
 
 
 def cuda_available() -> bool:
@@ -97,8 +99,9 @@ def resolve_precision(backend: str, requested: str | None) -> str:
     return precision
 
 
-def _components(refiner: str | None) -> list[str]:
-    return ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", *(["refiner"] if refiner else [])]
+def _components(refiner: str | None, controlnets: list[str] | None = None) -> list[str]:
+    return ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", *(["refiner"] if refiner else []),
+            *(controlnet_component(n) for n in controlnets or [])]
 
 
 def _previous_manifest(out: Path) -> Manifest | None:
@@ -123,9 +126,10 @@ def build_engines(opts: BuildOptions) -> Manifest:
     backend = resolve_backend(opts.backend)  # raises before anything is written
     precision = resolve_precision(backend, opts.precision)
     lora_specs = [LoraSpec.parse(s) for s in opts.loras]  # a bad --lora is refused before anything is written
+    cn_specs = _controlnet_specs(opts, precision)  # and so is a ControlNet that does not fit the model
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    components = _components(opts.refiner)
+    components = _components(opts.refiner, [s.name for s in cn_specs])
     onnx_dir = out / "onnx"
     t_start = time.perf_counter()
 
@@ -138,9 +142,10 @@ def build_engines(opts: BuildOptions) -> Manifest:
         export_precision = "fp16" if precision == "fp16" else "fp32"
         log.info("export: %s -> %s (%s)", opts.model, onnx_dir, export_precision)
         export_info = export_model(opts.model, out=onnx_dir, refiner=opts.refiner, precision=export_precision,
-                                   device=opts.device, model_config=opts.model_config, loras=lora_specs)
+                                   device=opts.device, model_config=opts.model_config, loras=lora_specs,
+                                   controlnets=cn_specs)
     dims = ModelDims.from_json(export_info["model_dims"])
-    specs = component_specs(dims)
+    specs = component_specs(dims, [s.name for s in cn_specs])
     native = [Bucket.parse(b) for b in export_info.get("native_buckets") or []] or list(SDXL_BUCKETS)
     buckets = parse_buckets(opts.buckets, default=native)
     for b in buckets:
@@ -151,7 +156,7 @@ def build_engines(opts: BuildOptions) -> Manifest:
         backend=backend, precision=precision, model=export_info["model"], refiner=export_info.get("refiner"),
         model_dims=dims.to_json(), buckets=[str(b) for b in buckets], max_batch=opts.max_batch,
         max_prompt_chunks=opts.max_prompt_chunks, profile_mode=opts.profile_mode, pipeline=export_info["pipeline"],
-        build_command=opts.build_command or f"sdxl-trt build --model {opts.model} --out {out} --backend {backend}",
+        build_command=opts.build_command or _default_build_command(opts, out, backend),
         versions=library_versions(),
     )
     for i, name in enumerate(components, 1):
@@ -159,7 +164,7 @@ def build_engines(opts: BuildOptions) -> Manifest:
                                       mode=opts.profile_mode,  # type: ignore[arg-type]
                                       max_prompt_chunks=opts.max_prompt_chunks)
         comp_precision = _component_precision(name, precision, backend, opts.device)
-        source_hash = _source_hash(backend, name, export_info, onnx_dir, comp_precision)
+        source_hash = _source_hash(backend, name, export_info, onnx_dir, comp_precision, bool(cn_specs))
         key = {"source_hash": source_hash, "precision": comp_precision, "profiles": [p.to_json() for p in profiles]}
         if _fresh(prev, out, name, key, backend):
             log.info("[%d/%d] %s: up to date", i, len(components), name)
@@ -182,15 +187,54 @@ def build_engines(opts: BuildOptions) -> Manifest:
             file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size, precision=comp_precision,
             profiles=key["profiles"], source_hash=source_hash, build_seconds=round(time.perf_counter() - t0, 3),
             export_error=info.pop("export_error", None)
-            or export_info.get("components", {}).get(name, {}).get("relative_error", {}), extra=info,
+            or export_info.get("components", {}).get(name, {}).get("relative_error", {}),
+            extra={**_controlnet_extra(name, export_info), **info},
         )
         log.info("[%d/%d] %s: built in %.1f s (%s)", i, len(components), name,
                  manifest.components[name].build_seconds, human_bytes(manifest.components[name].size_bytes))
+    _drop_old_controlnets(prev, manifest, out)
     _copy_assets(onnx_dir if backend != "torch" else Path(export_info["assets_dir"]), out)
     _save_weight_map(onnx_dir, out, loaded)
     manifest.save(out)
     log.info("build finished in %.1f s", time.perf_counter() - t_start)
     return manifest
+
+
+def _controlnet_specs(opts: BuildOptions, precision: str) -> list[Any]:
+    """The parsed ``--controlnet`` values, each checked against the base model's UNet config (no weights read,
+    nothing written). INT8 is refused: the UNet's calibration never saw residuals, so its activation ranges
+    would clip what a ControlNet adds."""
+    if not opts.controlnets:
+        return []
+    if precision == "int8":
+        raise BuildError("--controlnet with --precision int8 is not supported: the UNet's INT8 ranges are calibrated "
+                         "without ControlNet residuals and would clip them; rebuild with --precision fp16")
+    from sdxl_trt.export.controlnet import check_controlnets, parse_controlnets
+
+    specs = parse_controlnets(opts.controlnets)
+    check_controlnets(opts.model, opts.model_config, specs)
+    return specs
+
+
+def _default_build_command(opts: BuildOptions, out: Path, backend: str) -> str:
+    return " ".join([f"sdxl-trt build --model {opts.model} --out {out} --backend {backend}",
+                     *(f"--controlnet {c}" for c in opts.controlnets)])
+
+
+def _controlnet_extra(name: str, export_info: dict[str, Any]) -> dict[str, Any]:
+    """A ControlNet engine's manifest ``extra``: its source, identity and config summary."""
+    if contract_of(name) != "controlnet":
+        return {}
+    entry = export_info.get("controlnets", {})[controlnet_names([name])[0]]
+    return {"controlnet": entry}
+
+
+def _drop_old_controlnets(prev: Manifest | None, manifest: Manifest, out: Path) -> None:
+    """A rebuild without a ControlNet the directory had: its engine file goes with its manifest entry."""
+    for name, entry in (prev.components.items() if prev else []):
+        if contract_of(name) == "controlnet" and name not in manifest.components:
+            log.info("%s: no longer built; removing %s", name, entry.file)
+            (out / entry.file).unlink(missing_ok=True)
 
 
 def _component_precision(name: str, precision: str, backend: str, device: str = "cpu") -> str:
@@ -210,11 +254,15 @@ def _bf16_device(device: str) -> bool:
     return dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _source_hash(backend: str, name: str, export_info: dict[str, Any], onnx_dir: Path, precision: str) -> str:
+def _source_hash(backend: str, name: str, export_info: dict[str, Any], onnx_dir: Path, precision: str,
+                 controlled: bool = False) -> str:
     if backend == "torch":
+        if contract_of(name) == "controlnet":
+            return f"{export_info['controlnets'][controlnet_names([name])[0]]['identity_hash']}:{precision}"
         entry = export_info["refiner" if name == "refiner" else "model"]
         ident = entry.get("fused_identity") or entry["identity_hash"]  # fused LoRAs make another model
-        return f"{ident}:{precision}"
+        residuals = "+controlnet-residuals" if controlled and name == "unet" else ""  # another program's inputs
+        return f"{ident}{residuals}:{precision}"
     return export_info["components"][name]["sha256"]
 
 
@@ -274,8 +322,11 @@ def _torch_model_info(opts: BuildOptions) -> dict[str, Any]:
     """What the torch backend records without exporting ONNX: identity, widths, assets."""
     from sdxl_trt.export.exporter import model_summary
 
+    from sdxl_trt.export.controlnet import parse_controlnets
+
     return model_summary(opts.model, refiner=opts.refiner, model_config=opts.model_config,
-                         loras=[LoraSpec.parse(s) for s in opts.loras])
+                         loras=[LoraSpec.parse(s) for s in opts.loras],
+                         controlnets=parse_controlnets(opts.controlnets))
 
 
 def _load_base(opts: BuildOptions, **kwargs: Any) -> Any:
@@ -290,30 +341,35 @@ def _load_base(opts: BuildOptions, **kwargs: Any) -> Any:
 
 
 def _load_for_torch(opts: BuildOptions) -> Any:
+    """(base, refiner, {controlnet.NAME: ControlNetModel}) in fp32 for the torch backend."""
     import torch
 
+    from sdxl_trt.export.controlnet import load_controlnet, parse_controlnets
     from sdxl_trt.export.loading import load_model
 
     base = _load_base(opts, dtype=torch.float32)
     ref = load_model(opts.refiner, dtype=torch.float32, device=opts.device) if opts.refiner else None
-    return base, ref
+    controlnets = {controlnet_component(s.name): load_controlnet(s.source, base_unet=dict(base.unet.config),
+                                                                  device=opts.device)
+                   for s in parse_controlnets(opts.controlnets)}
+    return base, ref, controlnets
 
 
 def _build_torch(name: str, precision: str, specs: dict, profiles: list[Profile], out: Path, opts: BuildOptions,
                  loaded: Any) -> dict[str, Any]:
     import torch
 
+    from sdxl_trt.export.exporter import with_controlnet_residuals
+    from sdxl_trt.export.loading import model_dims
     from sdxl_trt.export.wrappers import wrap_components
 
     from .torch_backend import build_torch_engine, dim_multiples_for
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    from sdxl_trt.export.loading import model_dims
-
-    base, refiner = loaded
-    module = wrap_components(base, refiner)[name].to(device=opts.device, dtype=dtype)
+    base, refiner, controlnets = loaded
+    module = wrap_components(base, refiner, controlnets=controlnets)[name].to(device=opts.device, dtype=dtype)
     path = out / f"{name}.pt2"
-    dims = model_dims(base, refiner)
+    dims = with_controlnet_residuals(model_dims(base, refiner), base.unet.config, list(controlnets))
     info = build_torch_engine(module, specs[name], path, profiles=profiles, precision=dtype, device=opts.device,
                               dim_multiples=dim_multiples_for(name, dims),
                               compile_shapes=_compile_shapes(name, profiles, opts) if opts.compile_torch else None)
@@ -347,7 +403,7 @@ def _compile_shapes(name: str, profiles: list[Profile], opts: BuildOptions) -> l
     shapes = []
     for p in profiles:
         for images in sorted({1, opts.max_batch}):
-            b = 2 * images if name in ("unet", "refiner") else images
+            b = 2 * images if contract_of(name) in ("unet", "refiner", "controlnet") else images
             if name in ("text_encoder", "text_encoder_2"):
                 shapes.append({"B": 2})  # one prompt chunk, positive and negative
                 break
@@ -365,7 +421,9 @@ def _save_weight_map(onnx_dir: Path, out: Path, loaded: Any) -> None:
         from sdxl_trt.export.wrappers import wrap_components
         from sdxl_trt.lora.weight_map import WeightMap
 
-        WeightMap(component_weight_maps(loaded[0], wrap_components(*loaded))).save(out / WEIGHT_MAP_NAME)
+        base, refiner, controlnets = loaded
+        wrapped = wrap_components(base, refiner, controlnets=controlnets)
+        WeightMap(component_weight_maps(base, wrapped)).save(out / WEIGHT_MAP_NAME)
 
 
 def _copy_assets(src_dir: Path, out: Path) -> None:
@@ -410,6 +468,14 @@ def format_manifest(manifest: Manifest) -> str:
         "",
         format_build_table(m),
     ]
+    for name, e in m.components.items():
+        cn = e.extra.get("controlnet")
+        if cn:
+            src = cn["source"]
+            cfg = cn["config"]
+            lines.insert(lines.index(""), f"ControlNet: {controlnet_names([name])[0]} from {src.get('name') or src.get('path')} "
+                         f"({src['type']}, hash {cn['identity_hash'][:12]}, channels {cfg['block_out_channels']}, "
+                         f"transformer layers {cfg['transformer_layers_per_block']})")
     for name, e in m.components.items():
         err = (e.extra.get("int8") or {}).get("error")
         if err:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
-from sdxl_trt.contracts import COMPONENT_NAMES, ComponentSpec
+from sdxl_trt.contracts import COMPONENT_NAMES, CONTROLNET, ComponentSpec, contract_of
 from sdxl_trt.engine_dir.profiles import VAE_COMPONENTS, Profile, validate_shapes
 from sdxl_trt.errors import BackendUnavailableError, BuildError, ProfileError
 from sdxl_trt.tensorrt_support import INSTALL_HINT, logger_bridge, tensorrt_status
@@ -155,7 +155,8 @@ def component_precision(component: str, requested: Precision, *, vae_fp16_safe: 
     int8 means Q/DQ nodes from calibrating the base UNet (engine/int8.py); the other components have none
     and build in fp16 (an fp32 ONNX without Q/DQ in a strongly typed network would build a slow fp32 engine).
     """
-    if component not in COMPONENT_NAMES:
+    component = contract_of(component)  # controlnet.NAME follows the UNet's precision rule
+    if component not in (*COMPONENT_NAMES, CONTROLNET):
         raise BuildError(f"unknown component {component!r}; expected one of {COMPONENT_NAMES}")
     if requested == "fp32":
         return "fp32"

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdxl_trt.contracts import ComponentSpec, Dim, ModelDims
+from sdxl_trt.contracts import ComponentSpec, Dim, ModelDims, contract_of
 from sdxl_trt.engine_dir.layout import EXTENSIONS, cache_artifacts_path
 from sdxl_trt.engine_dir.profiles import Profile
 from sdxl_trt.engine_dir.torch_program import load_program
@@ -62,7 +62,8 @@ def dim_multiples_for(component: str, dims: ModelDims) -> dict[str, int]:
     diffusers' UNet branches on ``h % 2**downsamples`` (to pass explicit upsample sizes), and torch.export
     refuses a dynamic ``h`` that some values in its range would send down the other branch.
     """
-    downsamples = {"unet": dims.unet_downsamples, "refiner": dims.refiner_downsamples}.get(component, 0)
+    downsamples = {"unet": dims.unet_downsamples, "refiner": dims.refiner_downsamples,
+                   "controlnet": dims.unet_downsamples}.get(contract_of(component), 0)
     if downsamples <= 0:
         return {}
     return {"h": 2**downsamples, "w": 2**downsamples}
@@ -169,18 +170,29 @@ def example_dims(spec: ComponentSpec, ranges: Mapping[str, ExportRange]) -> dict
     return out
 
 
-def dynamic_shapes_for(spec: ComponentSpec, dims: Mapping[str, ExportDim]) -> dict[str, dict[int, ExportDim] | None]:
+def dynamic_shapes_for(spec: ComponentSpec, dims: Mapping[str, ExportDim],
+                       multiples: Mapping[str, int] | None = None) -> dict[str, dict[int, ExportDim] | None]:
     """torch.export's ``dynamic_shapes`` (by input name): every axis with a named dimension, scaled as the
-    contract says (``Dim("h", 8)`` -> ``8 * h``); fixed axes are left out (static)."""
+    contract says (``Dim("h", 8)`` -> ``8 * h``); fixed axes are left out (static).
+
+    A divided axis (a ControlNet residual's ``h/4``) is a derived Dim of the root: with ``h = 4 * _h`` it is
+    ``_h``, ``h/2`` is ``2 * _h``. So ``multiples`` must make the dimension a multiple of every divisor."""
     out: dict[str, dict[int, ExportDim] | None] = {}
     for t in spec.inputs:
-        axes = {
-            axis: dims[d.name] if d.scale == 1 else d.scale * dims[d.name]
-            for axis, d in enumerate(t.dims)
-            if isinstance(d, Dim)
-        }
+        axes = {axis: _axis_dim(spec, t.name, d, dims[d.name], (multiples or {}).get(d.name, 1))
+                for axis, d in enumerate(t.dims) if isinstance(d, Dim)}
         out[t.name] = axes or None
     return out
+
+
+def _axis_dim(spec: ComponentSpec, tensor: str, d: Dim, dim: ExportDim, multiple: int) -> ExportDim:
+    if d.div == 1:
+        return dim if d.scale == 1 else d.scale * dim
+    if multiple % d.div:
+        raise BuildError(f"{spec.name}.{tensor}: axis {d} needs dimension {d.name} exported as a multiple of {d.div}, "
+                         f"but dim_multiples gives {multiple}; pass dim_multiples_for({spec.name!r}, model_dims)")
+    factor = d.scale * multiple // d.div
+    return dim.root if factor == 1 else factor * dim.root
 
 
 def _example_inputs(
@@ -336,7 +348,7 @@ def _export(
 ) -> tuple[torch.export.ExportedProgram, dict[str, ExportRange]]:
     """One torch.export trace with the contract's dims over the profiles' ranges."""
     ranges = export_ranges(spec, profiles, multiples, probe=probe)
-    dynamic_shapes = dynamic_shapes_for(spec, export_dims(ranges))
+    dynamic_shapes = dynamic_shapes_for(spec, export_dims(ranges), {n: r.multiple for n, r in ranges.items()})
     trace = example_dims(spec, ranges)
     described = {name: str(r) for name, r in ranges.items()}
     args = _example_inputs(spec, trace, precision, device)

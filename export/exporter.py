@@ -14,12 +14,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdxl_trt.contracts import CONTRACT_VERSION, VAE_SCALE, component_specs
+from sdxl_trt.contracts import CONTRACT_VERSION, VAE_SCALE, ModelDims, component_specs, controlnet_component
 from sdxl_trt.engine_dir.environment import current_device, library_versions, sha256_file
 from sdxl_trt.engine_dir.layout import WEIGHT_MAP_NAME
 from sdxl_trt.errors import ExportError
@@ -29,6 +30,17 @@ from sdxl_trt.lora.weight_map import WeightMap
 from sdxl_trt.presets import PRESETS
 from sdxl_trt.tables import format_table, human_bytes
 
+from .controlnet import (
+    ControlNetSpec,
+    base_unet_config,
+    check_controlnet_fits,
+    config_summary,
+    controlnet_config,
+    controlnet_identity,
+    controlnet_residuals,
+    controlnet_source,
+    load_controlnet,
+)
 from .loading import LoadedModel, load_model, model_dims
 from .lora_fusion import fuse_loras, fused_identity
 from .onnx_export import check_onnx, export_onnx, sample_inputs, verify_onnx
@@ -65,6 +77,15 @@ def read_export_manifest(out: Path) -> dict[str, Any] | None:
         return None
 
 
+RESIDUAL_INPUTS = "controlnet-residuals"
+"""Marks the identity of a UNet exported with residual inputs: never reused for a plain build, nor the reverse."""
+
+
+def _identity(identities: dict[str, str], name: str) -> str:
+    """A component's own identity (a ControlNet's, a residual UNet's), else its model's."""
+    return identities.get(name) or identities["refiner" if name == "refiner" else "base"]
+
+
 def stale_components(
     out: Path, components: Sequence[str], *, identities: dict[str, str], precision: str, vae_precision: str = "fp32"
 ) -> list[str]:
@@ -75,7 +96,7 @@ def stale_components(
     for name in components:
         e = entries.get(name)
         p = component_precision(name, precision, vae_precision)
-        identity = identities["refiner" if name == "refiner" else "base"]
+        identity = _identity(identities, name)
         if (
             e is None
             or e.get("settings") != _settings_key(name, p, identity)
@@ -99,8 +120,12 @@ def export_model(
     force: bool = False,
     loaded: tuple[LoadedModel, LoadedModel | None] | None = None,
     loras: Sequence[LoraSpec] = (),
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> dict[str, Any]:
     """Export ``model`` (a preset or a local path) to ``out``; returns the export manifest (also saved).
+
+    ``controlnets``: each is exported as ``controlnet.NAME.onnx`` (checked against the base UNet's config before
+    anything is written) and the UNet takes their residuals as inputs.
 
     ``loras`` are fused into the base model's PyTorch modules before export (``loaded`` modules too: pass
     them without LoRAs). The weight map of the exported text encoders and UNet goes to ``weight_map.json``.
@@ -108,22 +133,28 @@ def export_model(
     if precision not in PRECISIONS or vae_precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {list(PRECISIONS)}, got {precision!r}/{vae_precision!r}")
     out = Path(out)
+    cn_entries = controlnet_entries(model, model_config, controlnets)  # refuses a misfit before writing
     out.mkdir(parents=True, exist_ok=True)
     model_identity = model_identity_hash(model)
     identities = {"base": fused_identity(model_identity, loras)}
     if refiner is not None:
         identities["refiner"] = model_identity_hash(refiner)
+    if controlnets:
+        identities["unet"] = f"{identities['base']}+{RESIDUAL_INPUTS}"
+    identities.update({controlnet_component(n): e["identity_hash"] for n, e in cn_entries.items()})
     wanted = list(components) if components else [
-        "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", *(["refiner"] if refiner else [])
+        "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", *(["refiner"] if refiner else []),
+        *(controlnet_component(s.name) for s in controlnets),
     ]
     todo = wanted if force else stale_components(
         out, wanted, identities=identities, precision=precision, vae_precision=vae_precision
     )
     previous = read_export_manifest(out) or {}
     same_refiner = (previous.get("refiner") or {}).get("identity_hash") == identities.get("refiner")
+    same_controlnets = (previous.get("controlnets") or {}) == cn_entries
     weight_map = _read_weight_map(out)
     unmapped = _unmapped_components(weight_map, wanted, previous.get("components", {}), todo)
-    if not todo and not unmapped and previous and same_refiner:
+    if not todo and not unmapped and previous and same_refiner and same_controlnets:
         log.info("export: all %d components up to date in %s", len(wanted), out)
         return {**previous, "components": {k: previous["components"][k] for k in wanted}}
 
@@ -133,9 +164,12 @@ def export_model(
     else:
         base_m, ref_m = loaded
     fused = fuse_loras(base_m, loras)
-    dims = model_dims(base_m, ref_m)
-    specs = component_specs(dims)
-    modules = wrap_components(base_m, ref_m)
+    dims = with_controlnet_residuals(model_dims(base_m, ref_m), base_m.unet.config, controlnets)
+    specs = component_specs(dims, [s.name for s in controlnets])
+    cn_modules = {controlnet_component(s.name): load_controlnet(s.source, base_unet=dict(base_m.unet.config),
+                                                                 device=device)
+                  for s in controlnets if controlnet_component(s.name) in todo}
+    modules = wrap_components(base_m, ref_m, controlnets=cn_modules, unet_residuals=bool(controlnets))
     buckets = PRESETS[model].buckets if model in PRESETS else None
     verify_bucket = min(buckets, key=lambda b: b.pixels) if buckets else None
     vh, vw = verify_bucket.latent_hw if verify_bucket else (64, 64)
@@ -168,7 +202,7 @@ def export_model(
             "sha256": sha256_file(path),
             "size_bytes": path.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0),
             "precision": prec,
-            "settings": _settings_key(name, prec, identities["refiner" if name == "refiner" else "base"]),
+            "settings": _settings_key(name, prec, _identity(identities, name)),
             "export_seconds": round(t_export, 3),
             "verify_seconds": round(t_verify, 3),
             "verify_dims": ver.dims,
@@ -200,12 +234,34 @@ def export_model(
         "versions": library_versions(),
         "device": current_device(),
         "components": {k: entries[k] for k in wanted if k in entries},
+        "controlnets": cn_entries,
         "weight_map": WEIGHT_MAP,
     }
     tmp = out / (EXPORT_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / EXPORT_MANIFEST)
     return manifest
+
+
+def controlnet_entries(model: str, model_config: str | None,
+                       controlnets: Sequence[ControlNetSpec]) -> dict[str, dict[str, Any]]:
+    """Per ControlNet NAME: its source, identity and config summary, each config checked against the base UNet
+    (configs only, so a misfit is refused before anything is written or loaded)."""
+    if not controlnets:
+        return {}
+    unet = base_unet_config(model, model_config)
+    out = {}
+    for s in controlnets:
+        cfg = controlnet_config(s, unet)
+        check_controlnet_fits(s.name, cfg, unet)
+        out[s.name] = {"source": controlnet_source(s), "identity_hash": controlnet_identity(s, cfg),
+                       "config": config_summary(cfg)}
+    return out
+
+
+def with_controlnet_residuals(dims: ModelDims, unet_config: Any, controlnets: Sequence[ControlNetSpec]) -> ModelDims:
+    """``dims`` with the base UNet's residual shapes when the build has ControlNets (else unchanged)."""
+    return replace(dims, controlnet_residuals=controlnet_residuals(unet_config) if controlnets else ())
 
 
 def _model_entry(m: LoadedModel, identity: str, loras: list[dict[str, Any]] | None = None,
@@ -308,9 +364,11 @@ def _config_dir_of(source: str, model_config: str | None) -> tuple[Path, dict[st
 
 
 def model_summary(model: str, *, refiner: str | None = None, model_config: str | None = None,
-                  loras: Sequence[LoraSpec] = ()) -> dict[str, Any]:
+                  loras: Sequence[LoraSpec] = (), controlnets: Sequence[ControlNetSpec] = ()) -> dict[str, Any]:
     """Identity, widths, pipeline options and runtime assets of a model, read from configs only (``loras``:
-    recorded by file hash and scale; the torch build fuses them when it loads the weights)."""
+    recorded by file hash and scale; the torch build fuses them when it loads the weights; ``controlnets``:
+    checked against the base UNet and recorded like the export records them)."""
+    cn_entries = controlnet_entries(model, model_config, controlnets)
     base_dir, base_src = _config_dir_of(model, model_config)
     base = _config_only(base_dir, model, base_src, model_identity_hash(model))
     fused = [{"path": str(s.path.resolve()), "sha256": file_sha256(s.path), "scale": s.scale} for s in loras]
@@ -318,7 +376,7 @@ def model_summary(model: str, *, refiner: str | None = None, model_config: str |
     if refiner:
         ref_dir, ref_src = _config_dir_of(refiner, None)
         ref = _config_only(ref_dir, refiner, ref_src, model_identity_hash(refiner))
-    dims = model_dims(base, ref)
+    dims = with_controlnet_residuals(model_dims(base, ref), base.unet.config, controlnets)
     buckets = PRESETS[model].buckets if model in PRESETS else None
     assets = Path(tempfile.mkdtemp(prefix="sdxl-trt-assets-"))
     _copy_runtime_assets(base, ref, assets)
@@ -330,6 +388,7 @@ def model_summary(model: str, *, refiner: str | None = None, model_config: str |
         "pipeline": _pipeline_entry(base, ref),
         "assets_dir": str(assets),
         "components": {},
+        "controlnets": cn_entries,
     }
 
 

@@ -37,7 +37,8 @@ def sample_inputs(
     spec: ComponentSpec, dims: Mapping[str, int], precision: torch.dtype, *, seed: int = 0,
     device: str | torch.device = "cpu", vocab_size: int = 49408,
 ) -> dict[str, torch.Tensor]:
-    """Seeded random inputs in each tensor's domain (token ids, timesteps in [0, 1000), normals)."""
+    """Seeded random inputs in each tensor's domain (token ids, timesteps in [0, 1000), control images in [0, 1],
+    ControlNet scales in [0.25, 1.25), normals)."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for t in spec.inputs:
@@ -51,6 +52,10 @@ def sample_inputs(
             x = torch.randint(0, 1024, shape, generator=g).float()
         elif t.name == "images":
             x = torch.rand(shape, generator=g) * 2 - 1
+        elif t.name == "controlnet_cond":  # a control image, in [0, 1]
+            x = torch.rand(shape, generator=g)
+        elif t.name == "conditioning_scale":  # distinct per row and residual, so a mixed-up column shows
+            x = 0.25 + torch.rand(shape, generator=g)
         else:
             x = torch.randn(shape, generator=g)
         out[t.name] = x.to(device=device, dtype=dtype)

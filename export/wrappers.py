@@ -6,9 +6,15 @@ Python-side branching on values: only tensor math.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
+from sdxl_trt.contracts import ModelDims, residual_specs
+
+from .controlnet import controlnet_residuals
 from .loading import LoadedModel
 
 
@@ -63,6 +69,85 @@ class UNetWrapper(nn.Module):
         )[0]
 
 
+class ResidualUNetWrapper(nn.Module):
+    """The base UNet of a ControlNet build: its inputs (``timestep_cond`` for a guidance-distilled UNet) then the
+    residuals, positional in the contract's order, passed as ``down_block_additional_residuals`` /
+    ``mid_block_additional_residual`` (diffusers adds them in the UNet's dtype).
+
+    ``forward`` takes ``*inputs``, but each instance's class carries the contract's input names as its signature:
+    torch.export matches ``dynamic_shapes`` to the forward's parameter names."""
+
+    def __init__(self, unet: nn.Module, input_names: list[str]) -> None:
+        super().__init__()
+        self.unet = unet
+        self.input_names = list(input_names)
+        self.has_time_cond = "timestep_cond" in self.input_names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        sample, timestep, encoder_hidden_states, text_embeds, time_ids, *rest = inputs
+        timestep_cond = rest.pop(0) if self.has_time_cond else None
+        *down, mid = rest
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            down_block_additional_residuals=tuple(down),
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+
+
+class ControlNetWrapper(nn.Module):
+    """A diffusers ControlNetModel at scale 1 (no guess mode): its residuals, each multiplied by its column of
+    ``conditioning_scale`` (B x R, cast to the residual's dtype). Scale, guess mode's geometric scales and the
+    start/end window are all that data, so one engine serves them without branching."""
+
+    def __init__(self, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            controlnet_cond,
+            conditioning_scale=1.0,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            guess_mode=False,
+            return_dict=False,
+        )
+        residuals = (*down, mid)
+        return tuple(r * conditioning_scale[:, i].to(r.dtype).view(-1, 1, 1, 1) for i, r in enumerate(residuals))
+
+
+def residual_unet_wrapper(unet: nn.Module) -> ResidualUNetWrapper:
+    """A :class:`ResidualUNetWrapper` whose forward's signature names the contract's inputs."""
+    dims = ModelDims(controlnet_residuals=controlnet_residuals(unet.config))
+    names = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids",
+             *(["timestep_cond"] if getattr(unet.config, "time_cond_proj_dim", None) else []),
+             *(t.name for t in residual_specs(dims))]
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
+
+    def forward(self: ResidualUNetWrapper, *inputs: torch.Tensor) -> torch.Tensor:
+        return ResidualUNetWrapper.forward(self, *inputs)
+
+    forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    cls = type("ResidualUNetWrapper", (ResidualUNetWrapper,), {"forward": forward})
+    return cls(unet, names)
+
+
 class VaeDecoderWrapper(nn.Module):
     """Unscaled latents (already divided by the scaling factor) -> images in [-1, 1]."""
 
@@ -92,16 +177,23 @@ class VaeEncoderWrapper(nn.Module):
         return h
 
 
-def wrap_components(base: LoadedModel, refiner: LoadedModel | None = None) -> dict[str, nn.Module]:
-    """The contract's components of a model (and its refiner), wrapped for tracing."""
+def wrap_components(base: LoadedModel, refiner: LoadedModel | None = None, *,
+                    controlnets: Mapping[str, nn.Module] | None = None, unet_residuals: bool = False,
+                    ) -> dict[str, nn.Module]:
+    """The contract's components of a model (and its refiner), wrapped for tracing. ``controlnets`` (component
+    name ``controlnet.NAME`` -> diffusers ControlNetModel) are wrapped too; with them, or ``unet_residuals``,
+    the UNet takes the residual inputs."""
     assert base.text_encoder is not None
+    controlled = unet_residuals or bool(controlnets)
     out: dict[str, nn.Module] = {
         "text_encoder": TextEncoderWrapper(base.text_encoder),
         "text_encoder_2": TextEncoder2Wrapper(base.text_encoder_2),
-        "unet": UNetWrapper(base.unet),
+        "unet": residual_unet_wrapper(base.unet) if controlled else UNetWrapper(base.unet),
         "vae_decoder": VaeDecoderWrapper(base.vae),
         "vae_encoder": VaeEncoderWrapper(base.vae),
     }
     if refiner is not None:
         out["refiner"] = UNetWrapper(refiner.unet)
+    for name, controlnet in (controlnets or {}).items():
+        out[name] = ControlNetWrapper(controlnet)
     return {k: v.eval() for k, v in out.items()}

@@ -275,3 +275,50 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(name: str) -> Preset:
     return copy.deepcopy(PRESETS[name])
+
+
+# ControlNet presets: ControlNetModel.from_unet's config of a base preset's UNet, with seeded random weights
+# (including the convs diffusers initialises to zero, so a preset ControlNet changes the UNet's output).
+_FROM_UNET_KEYS = (
+    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention", "block_out_channels",
+    "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps",
+    "cross_attention_dim", "transformer_layers_per_block", "encoder_hid_dim", "encoder_hid_dim_type",
+    "attention_head_dim", "num_attention_heads", "use_linear_projection", "class_embed_type", "addition_embed_type",
+    "addition_time_embed_dim", "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim", "mid_block_type", "addition_embed_type_num_heads",
+)
+
+
+def controlnet_config_from_unet(unet: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The config ``diffusers.ControlNetModel.from_unet`` gives a UNet of this config (as a plain dict, so a
+    config can be written and hashed without diffusers), with ``overrides`` applied."""
+    cfg: dict[str, Any] = {"_class_name": "ControlNetModel", "conditioning_channels": 3,
+                           "controlnet_conditioning_channel_order": "rgb",
+                           "conditioning_embedding_out_channels": [16, 32, 96, 256], "global_pool_conditions": False}
+    cfg.update({k: copy.deepcopy(unet[k]) for k in _FROM_UNET_KEYS if k in unet})
+    cfg.update(overrides)
+    return cfg
+
+
+@dataclass(frozen=True)
+class ControlNetPreset:
+    """A named ControlNet: a config fitting one base preset plus the seed of its random weights."""
+
+    name: str
+    base: str  # the base preset whose UNet it fits
+    config: dict[str, Any]
+    seed: int = 0
+
+
+CONTROLNET_PRESETS: dict[str, ControlNetPreset] = {
+    p.name: p
+    for p in [
+        ControlNetPreset("tiny-controlnet", "tiny", controlnet_config_from_unet(TINY_UNET), seed=10),
+        # like diffusers' SDXL "small"/"mid" ControlNets: fewer transformer layers and a narrower
+        # conditioning embedding, the same residual channels as the UNet it feeds
+        ControlNetPreset("tiny-controlnet-small", "tiny", controlnet_config_from_unet(
+            TINY_UNET, transformer_layers_per_block=[1, 1, 1], conditioning_embedding_out_channels=[8, 16, 32, 32]),
+            seed=11),
+        ControlNetPreset("sdxl-controlnet", "sdxl-base-1.0", controlnet_config_from_unet(SDXL_BASE_UNET), seed=12),
+    ]
+}

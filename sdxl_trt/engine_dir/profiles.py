@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sdxl_trt.buckets import Bucket
-from sdxl_trt.contracts import TOKENS_PER_CHUNK, ComponentSpec
+from sdxl_trt.contracts import CONTROLNET, TOKENS_PER_CHUNK, ComponentSpec, contract_of
 from sdxl_trt.errors import ProfileError
 
 ProfileMode = Literal["per-bucket", "range"]
 Shape = tuple[int, ...]
 
-UNET_COMPONENTS = ("unet", "refiner")
+UNET_COMPONENTS = ("unet", "refiner", CONTROLNET)  # a ControlNet runs beside the UNet: the UNet's batch, S, buckets
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
@@ -95,14 +95,15 @@ def component_profiles(
         raise ProfileError(f"max_prompt_chunks must be at least 1, got {max_prompt_chunks}")
     if not buckets:
         raise ProfileError("no buckets requested")
-    if spec.name in TEXT_COMPONENTS:
+    contract = contract_of(spec.name)
+    if contract in TEXT_COMPONENTS:
         dims = {"B": DimRange(1, 2, 2 * max_batch * max_prompt_chunks)}
         return [_validated(spec, Profile("batch", (), dims, _shapes(spec, dims)))]  # bucket-independent
 
-    if spec.name in UNET_COMPONENTS:
+    if contract in UNET_COMPONENTS:
         batch = DimRange(1, 2, 2 * max_batch)
         extra = {"S": DimRange(TOKENS_PER_CHUNK, TOKENS_PER_CHUNK, TOKENS_PER_CHUNK * max_prompt_chunks)}
-    elif spec.name in VAE_COMPONENTS:
+    elif contract in VAE_COMPONENTS:
         batch, extra = DimRange(1, 1, max_batch), {}
     else:
         raise ProfileError(f"no profile rule for component {spec.name!r}")
@@ -150,9 +151,9 @@ def validate_shapes(spec: ComponentSpec, shapes: Mapping[str, tuple[Shape, Shape
                 if any(v != d for v in values):
                     raise ProfileError(f"{spec.name}.{t.name}: axis {axis} is fixed at {d}, profile gives {values}")
                 continue
-            if any(v % d.scale for v in values):
+            if any(v * d.div % d.scale for v in values):
                 raise ProfileError(f"{spec.name}.{t.name}: axis {axis} ({d}) must be a multiple of {d.scale}, got {values}")
-            per = tuple(v // d.scale for v in values)
+            per = tuple(v * d.div // d.scale for v in values)  # a feature map's h/4 side of 16 means h = 64
             if d.name in seen and seen[d.name][0] != per:
                 first, names = seen[d.name]
                 raise ProfileError(
