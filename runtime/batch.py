@@ -26,6 +26,7 @@ from sdxl_trt.request import GenerationRequest
 
 from .conditioning import Slot
 from .context import MAX_STATE_TENSORS, EngineContext
+from .controlnet import ControlNets
 from .denoise import Denoiser, StepBuffers
 from .images import image_to_tensor, mask_to_tensor, non_finite_error, to_uint8
 from .schedulers import SCHEDULERS, Schedule, make_schedule
@@ -64,6 +65,7 @@ class BatchRunner:
 
     def __init__(self, ctx: EngineContext, scheduler_configs: Mapping[str, Mapping[str, Any]]) -> None:
         self.ctx = ctx
+        self.controlnets = ControlNets(ctx)
         self.scheduler_configs = scheduler_configs  # per UNet ("unet", "refiner")
         self.denoisers = {n: Denoiser(ctx.engines[n], ctx.graphs) for n in ("unet", "refiner") if n in ctx.engines}
         # One set of fixed tables per (UNet, sampler), allocated at load: a captured step reads them.
@@ -166,7 +168,8 @@ class BatchRunner:
             timer.stop("vae_encode", t0)
 
         t1 = timer.start()
-        finite = {"unet": self._denoise("unet", req.scheduler, schedule, slots, bucket, latents, inpaint=inpaint)}
+        finite = {"unet": self._denoise("unet", req.scheduler, schedule, slots, bucket, latents, inpaint=inpaint,
+                                        control=(req, requests))}
         timer.stop("denoise", t1)
         steps_run = {"unet": schedule.num_steps}
 
@@ -234,7 +237,10 @@ class BatchRunner:
         return mask_buf, img_lat, noise
 
     def _denoise(self, unet: str, scheduler: str, schedule: Schedule, slots: list[Slot], bucket: Bucket,
-                 latents: torch.Tensor, *, inpaint: tuple | None) -> torch.Tensor:
+                 latents: torch.Tensor, *, inpaint: tuple | None,
+                 control: tuple[GenerationRequest, list[GenerationRequest]] | None = None) -> torch.Tensor:
+        """Run ``unet`` over the batch's latents in place (with ``control``, the batch's request and all the
+        requests: the base UNet's ControlNets); returns a device flag: all latents finite."""
         ctx = self.ctx
         m = len(slots)
         h, w = bucket.latent_hw
@@ -265,9 +271,17 @@ class BatchRunner:
             t.zero_()
         profile = select_profile(ctx.profiles[unet], dims)
         ctx.engines[unet].infer_shapes({k: tuple(v.shape) for k, v in inputs.items()}, profile)
+        signature: tuple[tuple[str, bool], ...] = ()
+        controls = []
+        if unet == "unet" and self.controlnets.unet_takes_residuals:
+            req, requests = control if control is not None else (None, [])
+            signature = req.control_signature if req is not None else ()
+            controls = self.controlnets.prepare(requests, [s.request_index for s in slots], signature, inputs,
+                                                bucket=bucket, cfg=cfg, steps=schedule.num_steps)
         buf = StepBuffers(latents=latents, unet_in=inputs, noise_pred=outputs["noise_pred"], guidance=guidance,
-                          step_index=step_index, step_noise=step_noise, state=state, inpaint=inpaint)
-        key = ("step", unet, str(bucket), m, cfg, s_len, inpaint is not None, scheduler)
+                          step_index=step_index, step_noise=step_noise, state=state, inpaint=inpaint,
+                          controls=controls)
+        key = ("step", unet, str(bucket), m, cfg, s_len, inpaint is not None, scheduler, signature)
         self.denoisers[unet].run(schedule, buf, cfg=cfg, profile=profile, key=key)
         # Checked on the device now, read on the host after the batch's final copy (no sync here).
         return torch.isfinite(latents).all()

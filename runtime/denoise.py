@@ -15,11 +15,12 @@ Rules for this module (the next engineer: keep them):
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .controlnet import ControlBuffers, run_controls
 from .engine import Engine
 from .graphs import CudaGraphs
 
@@ -36,6 +37,7 @@ class StepBuffers:
     step_noise: torch.Tensor | None  # [max_steps, M, C, h, w] float32, for ancestral / SDE schedulers
     state: dict[str, torch.Tensor]  # the scheduler's multistep state, float32
     inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # mask, image latents, initial noise
+    controls: list[ControlBuffers] = field(default_factory=list)  # ControlNets feeding the UNet's residuals
 
     def mutable(self) -> list[torch.Tensor]:
         """What a step changes in place (restored after a capture)."""
@@ -61,8 +63,10 @@ class Denoiser:
         else:
             sample.copy_(schedule.scale_model_input(x, i))
         buf.unet_in["timestep"].copy_(schedule.timestep(i).expand(sample.shape[0]))
-        self.unet.run(buf.unet_in, {"noise_pred": buf.noise_pred}, profile=profile,
-                      stream=torch.cuda.current_stream(x.device) if x.is_cuda else None)
+        stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
+        if buf.controls:
+            run_controls(buf.controls, buf.unet_in, i, stream)
+        self.unet.run(buf.unet_in, {"noise_pred": buf.noise_pred}, profile=profile, stream=stream)
         eps = buf.noise_pred.float()
         if cfg:
             uncond, text = eps[:m], eps[m:]
@@ -78,8 +82,9 @@ class Denoiser:
 
     def run(self, schedule: Any, buf: StepBuffers, *, cfg: bool, profile: int, key: Hashable) -> None:
         """All steps of ``schedule`` (bound to fixed tables): graph replay where captured, eager otherwise."""
+        graph_safe = self.unet.graph_safe and all(c.engine.graph_safe for c in buf.controls)
         graph = self.graphs.get(key, lambda: self.step(schedule, buf, cfg=cfg, profile=profile),
-                                graph_safe=self.unet.graph_safe, mutable=buf.mutable())
+                                graph_safe=graph_safe, mutable=buf.mutable())
         for _ in range(schedule.num_steps):
             if graph is not None:
                 graph.replay()

@@ -21,13 +21,24 @@ from sdxl_trt.errors import InvalidRequestError, NonFiniteOutputError
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """PIL -> ``[1, 3, H, W]`` float32 in [-1, 1]."""
+    return _rgb_unit(image, width, height, param="init_image") * 2.0 - 1.0
+
+
+def control_image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """A ControlNet's control image -> ``[1, 3, H, W]`` float32 in [0, 1] (diffusers' control image processor:
+    RGB, Lanczos-resized to the image size, not normalised)."""
+    return _rgb_unit(image, width, height, param="controlnets")
+
+
+def _rgb_unit(image: Image.Image, width: int, height: int, *, param: str) -> torch.Tensor:
+    """PIL -> RGB resized to ``width`` x ``height`` (Lanczos, as diffusers' VaeImageProcessor) -> [0, 1]."""
     if not isinstance(image, Image.Image):
-        raise InvalidRequestError(f"init image must be a PIL image, got {type(image).__name__}", param="init_image")
+        raise InvalidRequestError(f"{param} must be a PIL image, got {type(image).__name__}", param=param)
     image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.LANCZOS)
     arr = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
 def mask_to_tensor(mask: Image.Image, width: int, height: int, image_size: tuple[int, int]) -> torch.Tensor:

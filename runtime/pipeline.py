@@ -176,7 +176,13 @@ class Pipeline:
         self.runner.host_schedules(req)  # refuses what the sampler cannot take (spacing, timesteps, eta, steps)
         if req.loras:
             self.loras.check(check_lora_set(req.loras))  # unknown names, bad files, INT8 engines
+        self.runner.controlnets.check(req, self.manifest.rebuild_hint(self.directory))
         return bucket
+
+    @property
+    def controlnet_names(self) -> list[str]:
+        """The ControlNets built into these engines (``GenerationRequest.controlnets`` names them)."""
+        return list(self.runner.controlnets.names)
 
     # ------------------------------------------------------------------ the work
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -228,7 +234,7 @@ class Pipeline:
             req, bucket = resolved[s.request_index]
             key = (bucket, req.steps, req.scheduler, req.mode, req.strength, req.refiner_mode, req.refiner_start,
                    req.refiner_strength, req.refiner_steps, s.chunks, s.cfg, req.timestep_spacing, req.timesteps,
-                   req.eta)
+                   req.eta, req.control_signature)
             groups.setdefault(key, []).append(s)
         plain = [r for r, _ in resolved]
         for group in groups.values():
@@ -255,6 +261,9 @@ class Pipeline:
             p["eta"] = req.eta
         if req.loras:
             p["loras"] = [[name, scale] for name, scale in req.loras]
+        if req.controlnets:
+            p["controlnets"] = [{"name": u.name, "scale": u.scale, "start": u.start, "end": u.end,
+                                 "guess_mode": u.guess_mode} for u in req.controlnets]
         if req.mode != "txt2img":
             p["strength"] = req.strength
         if req.refiner_mode:

@@ -49,8 +49,11 @@ class ControlNetUnit:
         if not isinstance(self.name, str) or not self.name:
             raise InvalidRequestError(f"{param}.name must be the name of a built ControlNet, got {self.name!r}",
                                       param=f"{param}.name")
-        if self.image is None or not hasattr(self.image, "size"):
+        if self.image is None:
             raise InvalidRequestError(f"{param} ({self.name}) needs a control image", param=f"{param}.image")
+        if not (hasattr(self.image, "size") and hasattr(self.image, "convert")):
+            raise InvalidRequestError(f"{param}.image must be a PIL image, got {type(self.image).__name__}",
+                                      param=f"{param}.image")
         if (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale)
                 or not 0.0 <= self.scale <= MAX_CONTROL_SCALE):
             raise InvalidRequestError(f"{param}.scale must be a finite number in 0..{MAX_CONTROL_SCALE:g}, got "
