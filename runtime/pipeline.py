@@ -23,15 +23,17 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir
 from sdxl_trt.errors import InvalidRequestError, ManifestError
-from sdxl_trt.request import GenerationRequest, GenerationResult
+from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
 
 from .batch import BatchRunner, StageTimer
 from .conditioning import Conditioner, Slot, resolve_bucket
@@ -113,7 +115,7 @@ class Pipeline:
     # ------------------------------------------------------------------ public API
     def warmup(self, *, buckets: Sequence[str | Bucket] | None = None, batch_sizes: Sequence[int] | None = None,
                steps: int = 2, scheduler: str = "euler", guidance_scale: float = 5.0,
-               refiner: bool | None = None) -> float:
+               refiner: bool | None = None, controlnets: Sequence[str] | None = None) -> float:
         """Run each bucket (default: every built one) at each batch size (default: 1 and max_batch) once,
         capturing CUDA graphs; then forbid capture. Returns the seconds spent.
 
@@ -121,6 +123,8 @@ class Pipeline:
         capture, and shapes first seen after warm-up run eagerly instead. One captured step serves every
         step count and strength of a scheduler, so a short warm-up (``steps``) captures everything.
         ``refiner`` (default: when there is one) runs the ensemble too, capturing the refiner's step.
+        ``controlnets`` (default: every built one) also captures the step with each ControlNet alone; other
+        ControlNet sets (two at once, guess mode) are captured on first use, or run eagerly after warm-up.
         """
         use_refiner = self.has_refiner if refiner is None else refiner and self.has_refiner
         if use_refiner:
@@ -137,6 +141,9 @@ class Pipeline:
                                         scheduler=scheduler, guidance_scale=guidance_scale, seed=0, num_images=n,
                                         refiner_mode="ensemble" if use_refiner else None)
                 self.generate(req)
+                for name in self.controlnet_names if controlnets is None else controlnets:
+                    blank = Image.new("RGB", (bucket.width, bucket.height))
+                    self.generate(replace(req, refiner_mode=None, controlnets=(ControlNetUnit(name, blank),)))
         self.ctx.graphs.forbid_capture()
         stats = self.cuda_graph_stats()
         log.info("warm-up done in %.1f s: %d CUDA graphs, pool %.1f MB", time.perf_counter() - t0, stats["graphs"],
