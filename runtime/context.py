@@ -5,6 +5,7 @@ buffer arena, the device and its CUDA graphs. Built once by ``Pipeline.load``; r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
@@ -67,12 +68,15 @@ class EngineContext:
         h, w = largest.latent_hw
         # Views are flat, so one buffer sized for the largest h*w serves every bucket.
         base = {"h": h * w, "w": 1, "S": TOKENS_PER_CHUNK * self.max_chunks}
+        sides = [b.latent_hw for b in self.buckets]
         for name in self.engines:
             spec = self.specs[name]
             max_b = max(p.dims["B"].max for p in self.profiles[name])
             for t in spec.tensors:
                 dtype = torch.int64 if t.dtype == "int64" else torch.float32 if t.dtype == "float32" else self.dtypes[name]
-                self.arena.reserve(f"{name}.{t.name}", t.shape({**base, "B": max_b}), dtype)
+                # The largest bucket by elements of this tensor (feature maps h/f x w/f round per bucket).
+                numel = max(math.prod(t.shape({**base, "B": max_b, "h": bh, "w": bw})) for bh, bw in sides)
+                self.arena.reserve(f"{name}.{t.name}", (numel,), dtype)
         lat = (self.max_batch, self.dims.latent_channels, base["h"], 1)
         for name in ("latents", "init_noise", "image_latents", "mask",
                      *(f"state.{k}" for k in range(MAX_STATE_TENSORS))):

@@ -54,18 +54,30 @@ def check_input_shapes(spec: ComponentSpec, profiles: Sequence[Any], input_shape
         shape = tuple(input_shapes[t.name])
         if len(shape) != len(t.dims):
             raise InvalidRequestError(f"{spec.name}.{t.name}: shape {shape} has rank {len(shape)}, expected {len(t.dims)}")
-        for axis, d in enumerate(t.dims):
-            v = shape[axis]
-            if isinstance(d, int):
-                if v != d:
-                    raise InvalidRequestError(f"{spec.name}.{t.name}: axis {axis} must be {d}, got {v}")
-                continue
-            if v % d.scale:
-                raise InvalidRequestError(f"{spec.name}.{t.name}: axis {axis} ({d}) must be a multiple of {d.scale}, got {v}")
-            if values.setdefault(d.name, v // d.scale) != v // d.scale:
-                raise InvalidRequestError(
-                    f"{spec.name}.{t.name}: dimension {d.name} is {v // d.scale} here but {values[d.name]} in another input"
-                )
+    # Named dimensions are read off whole-size axes first; a feature map's side (``h/4``) is then checked
+    # against them, since it cannot name h alone.
+    for whole in (True, False):
+        for t in spec.inputs:
+            shape = tuple(input_shapes[t.name])
+            for axis, d in enumerate(t.dims):
+                v = shape[axis]
+                if isinstance(d, int):
+                    if v != d:
+                        raise InvalidRequestError(f"{spec.name}.{t.name}: axis {axis} must be {d}, got {v}")
+                    continue
+                if (d.div == 1) != whole:
+                    continue
+                if not whole:
+                    if d.name in values and d.of(values[d.name]) != v:
+                        raise InvalidRequestError(f"{spec.name}.{t.name}: axis {axis} ({d}) is {v}, but {d.name} is "
+                                                  f"{values[d.name]} in another input")
+                    continue
+                if v % d.scale:
+                    raise InvalidRequestError(f"{spec.name}.{t.name}: axis {axis} ({d}) must be a multiple of {d.scale}, got {v}")
+                if values.setdefault(d.name, v // d.scale) != v // d.scale:
+                    raise InvalidRequestError(
+                        f"{spec.name}.{t.name}: dimension {d.name} is {v // d.scale} here but {values[d.name]} in another input"
+                    )
     if not 0 <= profile < len(profiles):
         raise InvalidRequestError(f"{spec.name}: profile {profile} does not exist ({len(profiles)} built)")
     p = profiles[profile]
