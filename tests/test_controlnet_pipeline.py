@@ -13,7 +13,7 @@ from PIL import Image
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest
 
-from .test_pipeline import assert_close, generators
+from test_pipeline import assert_close, generators
 
 
 def control_image(seed: int, size: tuple[int, int] = (200, 168)) -> Image.Image:
@@ -33,7 +33,7 @@ def cn_pipeline(tiny_controlnet_engines):
 
 @pytest.fixture(scope="module")
 def controlnet_modules():
-    from tests.support.controlnet_files import load_tiny_controlnet
+    from support.controlnet_files import load_tiny_controlnet
 
     return {"edges": load_tiny_controlnet("tiny-controlnet"), "depth": load_tiny_controlnet("tiny-controlnet-small")}
 
