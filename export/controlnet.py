@@ -56,12 +56,18 @@ class ControlNetSpec:
         """``PATH[:NAME]`` or ``PRESET[:NAME]``. The suffix after the last ``:`` is a NAME only when the whole
         string is not a preset or an existing path (a path may hold ``:``). Without NAME: the preset's name,
         or the directory's name / the file's stem."""
+        def known(s: str) -> bool:
+            return s in CONTROLNET_PRESETS or Path(s).expanduser().exists()
+
         source, name = text, None
-        if text not in CONTROLNET_PRESETS and not Path(text).expanduser().exists() and ":" in text:
+        if not known(text) and ":" in text:
             head, tail = text.rsplit(":", 1)
-            if _NAME.match(tail):
+            if _NAME.match(tail) or known(head):
                 source, name = head, tail
-        if source not in CONTROLNET_PRESETS and not Path(source).expanduser().exists():
+        if name is not None and not _NAME.match(name):
+            raise BuildError(f"--controlnet {text!r}: {name!r} is not a valid ControlNet name "
+                             f"({CONTROLNET_NAME_PATTERN}: letters, digits, '_' and '-')")
+        if not known(source):
             raise BuildError(
                 f"--controlnet {text!r}: {source!r} is neither a ControlNet preset ({', '.join(CONTROLNET_PRESETS)}) "
                 "nor an existing path (a diffusers-format ControlNet directory or a .safetensors file)"

@@ -49,3 +49,25 @@ def tiny_pipeline(tiny_engines: Path):
     from sdxl_trt.runtime.pipeline import Pipeline
 
     return Pipeline.load(tiny_engines, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tiny-controlnet-small written as a diffusers-format directory (the build reads it like a user's)."""
+    from support.controlnet_files import write_controlnet_dir
+
+    d = tmp_path_factory.mktemp("controlnets")
+    return {"depth": write_controlnet_dir("tiny-controlnet-small", d / "tiny-controlnet-small")}
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_engines(tmp_path_factory: pytest.TempPathFactory, tiny_controlnet_files: dict[str, Path]) -> Path:
+    """ONNX Runtime fp32 engines of tiny (no refiner) with ControlNets ``edges`` (preset tiny-controlnet) and
+    ``depth`` (tiny-controlnet-small from a diffusers directory), all tiny buckets, up to 2 images per batch."""
+    from sdxl_trt.engine.build import BuildOptions, build_engines
+
+    logging.getLogger("sdxl_trt").setLevel(logging.WARNING)
+    out = tmp_path_factory.mktemp("engines") / "tiny-controlnet"
+    build_engines(BuildOptions(model="tiny", out=out, backend="onnxruntime", precision="fp32", max_batch=2,
+                               controlnets=("tiny-controlnet:edges", f"{tiny_controlnet_files['depth']}:depth")))
+    return out

@@ -13,7 +13,7 @@ from sdxl_trt.presets import CONTROLNET_PRESETS, TINY_UNET, controlnet_config_fr
 def load_tiny_controlnet(name_or_path: str | Path) -> Any:
     """The PyTorch ``diffusers.ControlNetModel`` of a preset or a written directory/file (fp32, CPU): the same
     weights the engines were built from, for diffusers' ControlNet pipelines."""
-    from export.controlnet import load_controlnet
+    from sdxl_trt.export.controlnet import load_controlnet
 
     return load_controlnet(str(name_or_path), base_unet=dict(TINY_UNET))
 
