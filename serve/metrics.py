@@ -2,7 +2,8 @@
 
 ``sdxl_trt_requests_total{endpoint,outcome}`` and ``sdxl_trt_request_seconds{endpoint}`` come from the
 ASGI middleware below (every answer counts, refusals included); batch sizes, stage times and images from
-the AsyncPipeline's per-batch report; the queue depth and the CUDA graph count and pool
+the AsyncPipeline's per-batch report; ``sdxl_trt_controlnet_requests_total{controlnet}`` per answered request
+that used each ControlNet; the queue depth and the CUDA graph count and pool
 size are read at scrape time.
 """
 

@@ -136,10 +136,20 @@ def test_openai_one_controlnet_equals_pipeline(client: Client, direct) -> None:
     assert np.abs(got.astype(int) - plain.astype(int)).max() > 2, "the ControlNet changed nothing"
 
 
-def test_a1111_controlnet_extension_shape_equals_pipeline(client: Client, direct) -> None:
+def _webuiapi_unit() -> dict[str, Any]:
+    """What ``webuiapi.ControlNetUnit`` sends (its defaults: "Resize and Fill", thresholds 64, hr_option "Both")."""
+    import webuiapi
+
+    return webuiapi.ControlNetUnit(image=edges_image(), model="edges", weight=0.7, module="none").to_dict()
+
+
+@pytest.mark.parametrize("shape", ["extension", "webuiapi"])
+def test_a1111_controlnet_extension_shape_equals_pipeline(client: Client, direct, shape: str) -> None:
     unit = {"image": "data:image/png;base64," + png_b64(edges_image()), "model": "edges [0a1b2c3d]", "weight": 0.7,
             "guidance_start": 0.0, "guidance_end": 1.0, "control_mode": "Balanced", "module": "none",
             "resize_mode": "Crop and Resize", "processor_res": 512, "pixel_perfect": False, "low_vram": False}
+    if shape == "webuiapi":
+        unit = _webuiapi_unit()
     r = _a1111(client, [unit, {"enabled": False, "model": "depth", "image": ""}])
     assert r.status_code == 200, r.text
     body = r.json()
