@@ -320,9 +320,8 @@ def _build_tensorrt(name: str, precision: str, specs: dict, profiles: list[Profi
 
 def _torch_model_info(opts: BuildOptions) -> dict[str, Any]:
     """What the torch backend records without exporting ONNX: identity, widths, assets."""
-    from sdxl_trt.export.exporter import model_summary
-
     from sdxl_trt.export.controlnet import parse_controlnets
+    from sdxl_trt.export.exporter import model_summary
 
     return model_summary(opts.model, refiner=opts.refiner, model_config=opts.model_config,
                          loras=[LoraSpec.parse(s) for s in opts.loras],

@@ -28,7 +28,13 @@ from typing import Any
 from sdxl_trt.contracts import CONTROLNET_NAME_PATTERN
 from sdxl_trt.errors import BuildError, ModelLoadError
 from sdxl_trt.identity import file_sha256, hash_model_files
-from sdxl_trt.presets import CONTROLNET_PRESETS, PRESETS, SDXL_BASE_UNET, ControlNetPreset, controlnet_config_from_unet
+from sdxl_trt.presets import (
+    CONTROLNET_PRESETS,
+    PRESETS,
+    SDXL_BASE_UNET,
+    ControlNetPreset,
+    controlnet_config_from_unet,
+)
 
 log = logging.getLogger(__name__)
 

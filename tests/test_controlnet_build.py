@@ -28,7 +28,12 @@ from sdxl_trt.engine.build import BuildOptions, build_engines, format_manifest
 from sdxl_trt.engine_dir.layout import WEIGHT_MAP_NAME
 from sdxl_trt.engine_dir.manifest import Manifest
 from sdxl_trt.errors import BuildError, ModelLoadError
-from sdxl_trt.export.controlnet import ControlNetSpec, controlnet_residuals, load_controlnet, parse_controlnets
+from sdxl_trt.export.controlnet import (
+    ControlNetSpec,
+    controlnet_residuals,
+    load_controlnet,
+    parse_controlnets,
+)
 from sdxl_trt.export.onnx_export import sample_inputs
 from sdxl_trt.presets import CONTROLNET_PRESETS, TINY_UNET
 
