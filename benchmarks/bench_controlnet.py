@@ -65,8 +65,9 @@ def ours(args: argparse.Namespace, root: Path, size: tuple[int, int]) -> dict[st
 
     common = dict(model=args.model, backend=args.backend, precision=args.precision, buckets=args.size, max_batch=1,
                   device=args.device)
-    plain_dir, cn_dir = root / "plain", root / "controlnet"
-    build_engines(BuildOptions(out=plain_dir, **common))
+    plain_dir, cn_dir = Path(args.plain_engines) if args.plain_engines else root / "plain", root / "controlnet"
+    if not args.plain_engines:
+        build_engines(BuildOptions(out=plain_dir, **common))
     build_engines(BuildOptions(out=cn_dir, controlnets=(f"{args.controlnet}:a", f"{args.controlnet}:b"), **common))
     images = control_images(size)
     base = dict(prompt=PROMPT, width=size[0], height=size[1], steps=args.steps, guidance_scale=5.0, seed=0)
@@ -134,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--baseline", default="diffusers", choices=["diffusers", "none"])
+    p.add_argument("--plain-engines", help="an engine directory of the same model without ControlNets (else built)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", help="report file name (default controlnet-<model>-<backend>-<precision>-<device>)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("sdxl_trt").setLevel(logging.WARNING)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               "precision": args.precision, "device": args.device, "size": args.size, "steps": args.steps,
               "runs": args.runs, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average": round(os.getloadavg()[0], 1), "rows": rows}
-    name = f"controlnet-{args.model}-{args.backend}-{args.precision}-{args.device}"
+    name = args.name or f"controlnet-{args.model}-{args.backend}-{args.precision}-{args.device}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))

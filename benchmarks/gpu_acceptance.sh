@@ -2,7 +2,7 @@
 # GPU acceptance in one command, for a bare GPU machine given this tree and a folder of wheels (.whl/).
 #
 #   bash benchmarks/gpu_acceptance.sh [--refiner] [--compile] [--sizes 1024x1024,...] [--steps N] [--runs N]
-#                                     [--budget-s S] [--skip-tests] [--dry-run]
+#                                     [--budget-s S] [--skip-tests] [--controlnet] [--dry-run]
 # (--refiner or --compile: add --skip-tests or a larger --budget-s; both need more than 8 minutes together)
 #
 # Phases, each under its own `timeout` so one slow phase cannot eat the rest (the script keeps going and
@@ -13,6 +13,8 @@
 #   3. build     full-size sdxl-base-1.0 (seeded random weights) with the torch backend, fp16, on the GPU
 #   4. bench     sdxl-trt bench: 1024x1024, 30 steps, batch 1, 3 runs, diffusers baseline + fp32 reference
 #   5. compiled  (--compile) the same engines loaded with Inductor, no baseline
+#   5b. controlnet (--controlnet) benchmarks/bench_controlnet.py: none, one and two full-size ControlNets
+#                (sdxl-controlnet, random weights) per step, against the build of phase 3 without them
 #   6. summary   one screen, printed last
 # Everything lands in $OUT (default benchmarks/results/acceptance-<UTC time>): acceptance.log, summary.md,
 # gpu-tests.xml, headline.{json,md,png}, compiled.{json,md} -- at most 8 files, what the device tool returns.
@@ -25,7 +27,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 DRY=${SDXL_TRT_ACCEPTANCE_DRY_RUN:-0}
-REFINER=0; COMPILE=0; SKIP_TESTS=0
+REFINER=0; COMPILE=0; SKIP_TESTS=0; CONTROLNET=0
 SIZES=""; STEPS=""; RUNS=""
 BUDGET=${ACCEPTANCE_BUDGET_S:-}   # seconds for the whole script, install to summary (default below)
 while [ $# -gt 0 ]; do
@@ -34,6 +36,7 @@ while [ $# -gt 0 ]; do
     --refiner) REFINER=1 ;;
     --compile) COMPILE=1 ;;
     --skip-tests) SKIP_TESTS=1 ;;
+    --controlnet) CONTROLNET=1 ;;
     --sizes) SIZES=$2; shift ;;
     --steps) STEPS=$2; shift ;;
     --runs) RUNS=$2; shift ;;
@@ -58,12 +61,14 @@ if [ "$DRY" = 1 ]; then
   MODEL=tiny; REF_MODEL=tiny-refiner; DEVICE=cpu; PRECISION=fp32; BACKEND=${DRY_BACKEND:-onnxruntime}
   SIZES=${SIZES:-256x256}; STEPS=${STEPS:-4}; RUNS=${RUNS:-2}
   # About a minute of CPU time in all; the limits only guard against a hang on a busy shared machine.
-  B_INSTALL=0; B_TESTS=240; B_BUILD=300; B_COMPILED=120; BUDGET=${BUDGET:-900}
+  B_INSTALL=0; B_TESTS=240; B_BUILD=300; B_COMPILED=120; B_CONTROLNET=300; BUDGET=${BUDGET:-900}
+  CN_MODEL=tiny-controlnet
 else
   PY=${PYTHON:-python3}
   MODEL=sdxl-base-1.0; REF_MODEL=sdxl-refiner-1.0; DEVICE=cuda; PRECISION=fp16; BACKEND=torch
   SIZES=${SIZES:-1024x1024}; STEPS=${STEPS:-30}; RUNS=${RUNS:-3}
-  B_INSTALL=90; B_TESTS=120; B_BUILD=200; B_COMPILED=150; BUDGET=${BUDGET:-470}  # 8 minutes minus a margin
+  B_INSTALL=90; B_TESTS=120; B_BUILD=200; B_COMPILED=150; B_CONTROLNET=240; BUDGET=${BUDGET:-470}  # 8 minutes minus a margin
+  CN_MODEL=sdxl-controlnet  # with --controlnet: pass --skip-tests (or a larger --budget-s) to leave it time
   # Inductor compiles each (bucket, batch) shape at build (base UNet 135-160 s on an H100), the refiner adds a
   # second 2.3 B-parameter export: with either, pass --skip-tests or a larger --budget-s (at most ~580 in a
   # 600 s call) so the benchmark still gets its time.
@@ -170,8 +175,16 @@ if [ "$COMPILE" = 1 ] && [ -f "$ENGINES/manifest.json" ]; then
     --no-reference --no-plot
 fi
 
+# 5b. ControlNet cost per step (its own engine directory with two ControlNets; phase 3's build is the plain row)
+if [ "$CONTROLNET" = 1 ] && [ -f "$ENGINES/manifest.json" ]; then
+  phase controlnet "$B_CONTROLNET" 10 "$PY" benchmarks/bench_controlnet.py --model "$MODEL" --controlnet "$CN_MODEL" \
+    --backend "$BACKEND" --precision "$PRECISION" --device "$DEVICE" --size "${SIZES%%,*}" --steps "$STEPS" \
+    --runs "$RUNS" --plain-engines "$ENGINES" --out "$WORK/reports" --name controlnet \
+    $([ "$DRY" = 1 ] && echo "--baseline diffusers" || echo "--baseline none")
+fi
+
 # 6. summary: copy the reports, print one screen
-for f in headline.json headline.md headline.png compiled.json compiled.md; do
+for f in headline.json headline.md headline.png compiled.json compiled.md controlnet.json controlnet.md controlnet.png; do
   [ -f "$WORK/reports/$f" ] && cp "$WORK/reports/$f" "$OUT/"
 done
 "$PY" - "$PHASES" "$OUT" "$(( $(date +%s) - START ))" <<'EOF' | tee "$OUT/summary.md"
