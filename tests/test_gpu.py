@@ -3,7 +3,8 @@ eager execution computes, one captured step serves every step count and strength
 allocates no device memory across requests.
 
 They run on the tiny model with torch engines (fp16) so they finish in seconds on any CUDA GPU;
-benchmarks/gpu_acceptance.sh runs them before the full-size measurements.
+benchmarks/gpu_acceptance.sh runs them before the full-size measurements. The engines carry two ControlNets,
+so every plain case also runs a ControlNet-built UNet with zero residuals.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_trt.request import GenerationRequest
+from sdxl_trt.request import ControlNetUnit, GenerationRequest
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +28,8 @@ def cuda_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("cuda") / "tiny-torch"
     build_engines(BuildOptions(model="tiny", refiner="tiny-refiner", out=out, backend="torch", precision="fp16",
-                               device="cuda", max_batch=2, buckets="256x256,384x192"))
+                               device="cuda", max_batch=2, buckets="256x256,384x192",
+                               controlnets=("tiny-controlnet:edges", "tiny-controlnet-small:depth")))
     return out
 
 
@@ -71,6 +73,13 @@ CASES = {
     "refiner_img2img": dict(scheduler="euler", steps=4, refiner_mode="img2img", refiner_strength=0.3),
     "guidance_off": dict(scheduler="unipc", steps=5, guidance_scale=1.0),
     "batch_of_two_non_square": dict(scheduler="euler_a", steps=4, num_images=2, width=384, height=192),
+    "controlnet": dict(scheduler="euler", steps=5, controlnets=(ControlNetUnit("edges", _image(3), scale=0.7),)),
+    "two_controlnets_window_and_guess_mode": dict(
+        scheduler="euler_a", steps=6, num_images=2, width=384, height=192,
+        controlnets=(ControlNetUnit("edges", _image(4), scale=0.6, start=0.2, end=0.8),
+                     ControlNetUnit("depth", _image(5), scale=1.1, guess_mode=True))),
+    "controlnet_img2img": dict(scheduler="unipc", steps=6, strength=0.6, init_image=_image(6),
+                               controlnets=(ControlNetUnit("depth", _image(7), scale=0.9),)),
 }
 
 
@@ -92,10 +101,13 @@ def test_other_step_counts_and_strengths_reuse_the_captured_step(cuda_engines: P
     pipe = Pipeline.load(cuda_engines, device="cuda")
     pipe.warmup(buckets=["256x256"], batch_sizes=[1], steps=2)
     before = pipe.cuda_graph_stats()
-    assert before["graphs"] >= 3 and before["pool_bytes"] > 0  # the step and both text encoders
+    assert before["graphs"] >= 5 and before["pool_bytes"] > 0  # plain and per-ControlNet steps, both text encoders
     for steps, strength in ((1, None), (7, None), (30, None), (10, 0.35), (6, 0.9)):
         extra = {} if strength is None else {"init_image": _image(steps), "strength": strength}
         pipe.generate(GenerationRequest(prompt="a castle", steps=steps, seed=steps, **extra))
+        # each ControlNet alone was captured at warm-up, whatever its scale, window and image
+        pipe.generate(GenerationRequest(prompt="a castle", steps=steps, seed=steps, **extra, controlnets=(
+            ControlNetUnit("edges" if steps % 2 else "depth", _image(steps + 1), scale=0.5, start=0.1, end=0.9),)))
     assert pipe.cuda_graph_stats()["graphs"] == before["graphs"]
     assert not pipe.ctx.graphs._warned, "a request ran eagerly instead of replaying the captured step"
 
