@@ -64,6 +64,9 @@ class OnnxRuntimeEngine:
                                          else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         if self._intra_op_threads:
             opts.intra_op_num_threads = self._intra_op_threads
+        # A pipeline alternates sessions (ControlNet, UNet, ControlNet...): a finished session's pool threads
+        # must not spin on the cores the next session needs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in overrides.values()]
         for name, value in zip(overrides, values, strict=True):
             opts.add_initializer(name, value)  # replaces the model's initializer of that name
