@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 PREPROCESSORS = ("none", "canny")
 """Preprocessor names accepted (the A1111 ControlNet extension's ``module`` names)."""
 
+MAX_RESOLUTION = 4096
+"""The largest processor resolution accepted (a detection map beyond this costs seconds and helps no SDXL size)."""
+
 CANNY_LOW = 100.0
 CANNY_HIGH = 200.0
 """The A1111 ControlNet extension's canny defaults (its ``threshold_a`` and ``threshold_b``)."""
@@ -37,10 +40,14 @@ def preprocessor_name(module: object, *, param: str) -> str:
     return str(name)
 
 
-def canny(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH, *, param: str = "threshold"
-          ) -> Image.Image:
+def canny(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH, *, resolution: int | None = None,
+          param: str = "threshold") -> Image.Image:
     """``cv2.Canny`` of the RGB image with thresholds ``low``/``high`` in 0..255, edges as a white-on-black RGB
-    image (what a canny ControlNet was trained on and what the extension sends it)."""
+    image (what a canny ControlNet was trained on and what the extension sends it).
+
+    ``resolution`` (the A1111 extension's ``processor_res``): detect at that short side, as the extension does
+    (cubic up / area down, padded to a multiple of 64 with edge pixels, the padding cut off again), so the edges'
+    level of detail is the extension's; None detects at the image's own size."""
     from PIL import Image as PILImage
 
     for what, value in (("low", low), ("high", high)):
@@ -54,13 +61,24 @@ def canny(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH, 
         raise InvalidRequestError("the canny preprocessor needs OpenCV: pip install 'sdxl-trt[serve]' (or "
                                   "opencv-python-headless), or send a ready control image", param=param) from None
     rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
-    edges = cv2.Canny(rgb, float(low), float(high))
+    if resolution is None:
+        edges = cv2.Canny(rgb, float(low), float(high))
+    else:
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or not 64 <= resolution <= MAX_RESOLUTION:
+            raise InvalidRequestError(f"{param}: processor resolution must be an integer in 64..{MAX_RESOLUTION}, "
+                                      f"got {resolution!r}", param=param)
+        h, w = rgb.shape[:2]
+        k = resolution / min(h, w)
+        th, tw = int(np.round(h * k)), int(np.round(w * k))
+        scaled = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+        padded = np.pad(scaled, [[0, -th % 64], [0, -tw % 64], [0, 0]], mode="edge")
+        edges = np.ascontiguousarray(cv2.Canny(padded, float(low), float(high))[:th, :tw])
     return PILImage.fromarray(np.repeat(edges[:, :, None], 3, axis=2), mode="RGB")
 
 
 def preprocess(image: Image.Image, module: str, *, low: float = CANNY_LOW, high: float = CANNY_HIGH,
-               param: str = "module") -> Image.Image:
+               resolution: int | None = None, param: str = "module") -> Image.Image:
     """The control image for ``module`` (already checked by :func:`preprocessor_name`), always RGB."""
     if module == "canny":
-        return canny(image, low, high, param=param)
+        return canny(image, low, high, resolution=resolution, param=param)
     return image.convert("RGB")

@@ -13,8 +13,10 @@ is more important" (2) -> guess mode; "My prompt is more important" (1) rescales
 diffusers has no equivalent for, so it is refused. ``module`` none/canny (``threshold_a``/``threshold_b``);
 ``resize_mode`` Just Resize / Crop and Resize / Resize and Fill fit the control image to the request's size
 as the extension does (the pipeline then only scales it). ``enabled: false`` units are skipped.
-``processor_res``, ``pixel_perfect``, ``low_vram``, ``hr_option``, ``save_detected_map`` are accepted with no
-effect (canny runs at the image's own resolution); any other field must be empty.
+A preprocessor runs at the extension's ``processor_res`` (default 512) or, with ``pixel_perfect``, at the
+resolution that maps the image onto the request's size; the detected map is then fitted like any control
+image (the extension's own final resize differs from Lanczos by edge anti-aliasing). ``low_vram``,
+``hr_option``, ``save_detected_map`` are accepted with no effect; any other field must be empty.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ import numpy as np
 from fastapi import APIRouter, Request
 from PIL import Image
 
-from sdxl_trt.control_images import CANNY_HIGH, CANNY_LOW, PREPROCESSORS, preprocess, preprocessor_name
+from sdxl_trt.control_images import (
+    CANNY_HIGH,
+    CANNY_LOW,
+    MAX_RESOLUTION,
+    PREPROCESSORS,
+    preprocess,
+    preprocessor_name,
+)
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import MAX_CONTROL_SCALE, ControlNetUnit
 
@@ -43,9 +52,12 @@ router = APIRouter(prefix="/controlnet", tags=["ControlNet"])
 IMAGE_KEYS = ("image", "input_image", "mask", "mask_image", "effective_region_mask")
 """Keys of an A1111 unit that hold images: their base64 is not checked as text (it is decoded instead)."""
 
-_NO_EFFECT = {"processor_res", "pixel_perfect", "low_vram", "lowvram", "hr_option", "save_detected_map", "is_ui",
+DEFAULT_PROCESSOR_RES = 512
+"""The extension's preprocessor resolution when a request sends -1 or none."""
+
+_NO_EFFECT = {"low_vram", "lowvram", "hr_option", "save_detected_map", "is_ui",
               "input_mode"}
-_USED = {"enabled", "image", "input_image", "module", "model", "weight", "guidance_start", "guidance_end",
+_USED = {"processor_res", "pixel_perfect", "enabled", "image", "input_image", "module", "model", "weight", "guidance_start", "guidance_end",
          "control_mode", "guessmode", "resize_mode", "threshold_a", "threshold_b"}
 _CONTROL_MODES: dict[Any, str] = {0: "balanced", "balanced": "balanced", 1: "prompt",
                                   "my prompt is more important": "prompt", 2: "controlnet",
@@ -186,9 +198,25 @@ def _a1111_unit(arg: dict[str, Any], param: str, names: Sequence[str], *, max_pi
         raise InvalidRequestError(f"{param}.image is required: the control image (base64 PNG/JPEG) for "
                                   f"ControlNet {name!r}", param=f"{param}.image")
     image = decode_b64_image(data, param=f"{param}.image", max_pixels=max_pixels)
-    image = fit_control_image(preprocess(image, module, low=low, high=high, param=f"{param}.module"), size, fit)
+    resolution = _processor_res(arg, image.size, size, fit, param=param) if module != "none" else None
+    image = fit_control_image(preprocess(image, module, low=low, high=high, resolution=resolution,
+                                         param=f"{param}.module"), size, fit)
     return ControlNetUnit(name=name, image=image, scale=scale, start=start, end=end,
                           guess_mode=control == "controlnet")
+
+
+def _processor_res(arg: dict[str, Any], raw: tuple[int, int], size: tuple[int, int], fit: str, *,
+                   param: str) -> int:
+    """The short side the extension runs its preprocessor at: ``processor_res`` (-1 or absent: 512), or with
+    ``pixel_perfect`` the one that maps the image onto the request's size under its resize mode."""
+    if arg.get("pixel_perfect"):
+        (rw, rh), (w, h) = raw, size
+        k = (min if fit == "fill" else max)(h / rh, w / rw)
+        return max(64, round(k * min(rw, rh)))
+    value = arg.get("processor_res")
+    if value is None or value == -1:
+        return DEFAULT_PROCESSOR_RES
+    return int(_number(value, param=f"{param}.processor_res", low=64, high=MAX_RESOLUTION))
 
 
 def _threshold(value: object, default: float, *, param: str) -> float:

@@ -160,7 +160,7 @@ def test_a1111_controlnet_extension_shape_equals_pipeline(client: Client, direct
 
 def test_a1111_img2img_guess_mode_and_canny(client: Client, direct) -> None:
     """img2img with a canny unit in "ControlNet is more important" (guess mode), window 0.2..0.8; the canny map
-    is OpenCV's with the extension's default thresholds."""
+    is OpenCV's with the extension's default thresholds and processor resolution."""
     import cv2
 
     init = photo()
@@ -168,7 +168,11 @@ def test_a1111_img2img_guess_mode_and_canny(client: Client, direct) -> None:
             "guidance_end": 0.8, "control_mode": 2, "module": "canny", "threshold_a": -1, "threshold_b": -1}
     r = _a1111(client, [unit], path="img2img", init_images=[png_b64(init)], denoising_strength=0.9, steps=3)
     assert r.status_code == 200, r.text
-    edges = cv2.Canny(np.asarray(photo()), 100, 200)
+    # The extension detects at processor_res 512 (short side, cubic upscale; 512 needs no padding to 64).
+    raw = np.asarray(photo())
+    k = 512 / min(raw.shape[:2])
+    big = cv2.resize(raw, (round(raw.shape[1] * k), round(raw.shape[0] * k)), interpolation=cv2.INTER_CUBIC)
+    edges = cv2.Canny(big, 100, 200)
     control = Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
     want = direct(controlnets=(ControlNetUnit("depth", control, scale=0.8, start=0.2, end=0.8, guess_mode=True),),
                   init_image=init, strength=0.9, steps=3)
@@ -187,6 +191,21 @@ def test_canny_preprocessor_is_opencv_canny() -> None:
     got = np.asarray(out)
     assert (got[:, :, 0] == want).all() and (got[:, :, 1] == want).all() and (got[:, :, 2] == want).all()
     assert want.max() == 255  # it found edges
+
+
+def test_canny_at_a_processor_resolution_pads_to_64_and_cuts_the_pad() -> None:
+    """The extension's resize_image_with_pad: short side to the resolution (area down), edge-padded to a
+    multiple of 64, detected, the padding removed."""
+    import cv2
+
+    from sdxl_trt.control_images import canny
+
+    image = photo((300, 200))
+    out = canny(image, 100, 200, resolution=100)
+    assert out.size == (150, 100)
+    small = cv2.resize(np.asarray(image), (150, 100), interpolation=cv2.INTER_AREA)
+    padded = np.pad(small, [[0, 28], [0, 42], [0, 0]], mode="edge")
+    assert (np.asarray(out)[:, :, 0] == cv2.Canny(padded, 100, 200)[:100, :150]).all()
 
 
 def test_resize_modes_fit_the_request_size() -> None:
