@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_pipeline import assert_close, generators
 
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest
-
-from test_pipeline import assert_close, generators
 
 
 def control_image(seed: int, size: tuple[int, int] = (200, 168)) -> Image.Image:
