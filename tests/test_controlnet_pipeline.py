@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_lora_build import lora_files  # noqa: F401 - the module fixture of the LoRA test
 from test_pipeline import assert_close, generators
 
 from sdxl_trt.errors import InvalidRequestError
@@ -190,3 +191,35 @@ def test_bad_controlnet_requests_are_refused_and_the_next_is_fine(cn_pipeline, t
     ok = cn_pipeline.generate(GenerationRequest(prompt="x", width=256, height=256, steps=1, seed=0,
                                                 controlnets=[ControlNetUnit("edges", cond)]))
     assert ok.images[0].size == (256, 256) and ok.parameters["controlnets"][0]["name"] == "edges"
+
+
+def test_runtime_loras_with_a_controlnet_match_diffusers_with_them_fused(tiny_controlnet_engines, tiny_models,
+                                                                         controlnet_modules, request) -> None:
+    """Two stacked LoRAs switched into a ControlNet build's engines (the UNet with residual inputs, through its
+    weight map) plus a ControlNet: diffusers' ControlNet pipeline over the same modules with the LoRAs fused."""
+    import diffusers
+    from test_lora_build import SCALES, _fused_reference
+    from transformers import CLIPTokenizer
+
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    files = request.getfixturevalue("lora_files")
+    (style, _), _ = files
+    pipe = Pipeline.load(tiny_controlnet_engines, device="cpu", lora_dirs=[style.parent])
+    cond = control_image(12)
+    req = GenerationRequest(prompt="a watercolor of a harbour", width=256, height=256, steps=3, guidance_scale=5.0,
+                            seed=9, loras=(("style", SCALES[0]), ("detail", SCALES[1])),
+                            controlnets=[ControlNetUnit("edges", cond, scale=0.7)])
+    ours = pipe.generate(req).images
+    base = tiny_models[0]
+    fused = _fused_reference(base, files)
+    reference = diffusers.StableDiffusionXLControlNetPipeline(
+        vae=base.vae, text_encoder=fused["text_encoder"], text_encoder_2=fused["text_encoder_2"],
+        tokenizer=CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer_2")), unet=fused["unet"],
+        scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(str(base.config_dir / "scheduler")),
+        controlnet=controlnet_modules["edges"], add_watermarker=False)
+    reference.set_progress_bar_config(disable=True)
+    theirs = _diffusers(reference, prompt=req.prompt, width=256, height=256, steps=3, guidance=5.0, seed=9,
+                        image=cond, controlnet_conditioning_scale=0.7)
+    assert_close(ours, theirs)
