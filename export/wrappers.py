@@ -59,14 +59,23 @@ class UNetWrapper(nn.Module):
         time_ids: torch.Tensor,
         timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.unet(
-            sample,
-            timestep,
-            encoder_hidden_states,
-            timestep_cond=timestep_cond,
-            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
-            return_dict=False,
-        )[0]
+        return _predict_noise(self.unet, sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond)
+
+
+def _predict_noise(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+                   encoder_hidden_states: torch.Tensor, text_embeds: torch.Tensor, time_ids: torch.Tensor,
+                   timestep_cond: torch.Tensor | None, residuals: dict[str, object] | None = None) -> torch.Tensor:
+    """The SDXL UNet's noise prediction from the contract's inputs (``residuals``: a ControlNet's, as diffusers'
+    ``down_block_additional_residuals`` / ``mid_block_additional_residual`` keyword arguments)."""
+    return unet(
+        sample,
+        timestep,
+        encoder_hidden_states,
+        timestep_cond=timestep_cond,
+        added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+        return_dict=False,
+        **(residuals or {}),
+    )[0]
 
 
 class ResidualUNetWrapper(nn.Module):
@@ -87,16 +96,9 @@ class ResidualUNetWrapper(nn.Module):
         sample, timestep, encoder_hidden_states, text_embeds, time_ids, *rest = inputs
         timestep_cond = rest.pop(0) if self.has_time_cond else None
         *down, mid = rest
-        return self.unet(
-            sample,
-            timestep,
-            encoder_hidden_states,
-            timestep_cond=timestep_cond,
-            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
-            down_block_additional_residuals=tuple(down),
-            mid_block_additional_residual=mid,
-            return_dict=False,
-        )[0]
+        residuals = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+        return _predict_noise(self.unet, sample, timestep, encoder_hidden_states, text_embeds, time_ids,
+                              timestep_cond, residuals)
 
 
 class ControlNetWrapper(nn.Module):
