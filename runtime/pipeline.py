@@ -114,14 +114,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ public API
     def warmup(self, *, buckets: Sequence[str | Bucket] | None = None, batch_sizes: Sequence[int] | None = None,
-               steps: int = 2, scheduler: str = "euler", guidance_scale: float = 5.0,
-               refiner: bool | None = None, controlnets: Sequence[str] | None = None) -> float:
+               steps: int = 2, scheduler: str | None = None, guidance_scale: float = 5.0,
+               refiner: bool | None = None, controlnets: Sequence[str] | None = None,
+               schedulers: Sequence[str] | None = None, guidance_scales: Sequence[float] | None = None) -> float:
         """Run each bucket (default: every built one) at each batch size (default: 1 and max_batch) once,
         capturing CUDA graphs; then forbid capture. Returns the seconds spent.
 
         Call it once after ``load`` in a service, before taking traffic: afterwards no request waits behind a
         capture, and shapes first seen after warm-up run eagerly instead. One captured step serves every
         step count and strength of a scheduler, so a short warm-up (``steps``) captures everything.
+
+        A step is captured per sampler and per guidance on/off: ``schedulers`` (default: ``scheduler``, else the
+        model's own, ``lcm`` for an LCM model) and ``guidance_scales`` (default: ``guidance_scale``; one at or
+        below 1 captures the step without classifier-free guidance, as few-step recipes run).
         ``refiner`` (default: when there is one) runs the ensemble too, capturing the refiner's step.
         ``controlnets`` (default: every built one) also captures the step with each ControlNet alone; other
         ControlNet sets (two at once, guess mode) are captured on first use, or run eagerly after warm-up.
@@ -135,15 +140,24 @@ class Pipeline:
         if unknown:
             raise InvalidRequestError(f"warm-up bucket(s) {', '.join(unknown)} were not built; built: "
                                       f"{', '.join(map(str, self.buckets))}", param="warmup")
+        samplers = list(schedulers or [scheduler or self.default_scheduler])
+        unknown = [s for s in samplers if s not in SCHEDULERS]
+        if unknown:
+            raise InvalidRequestError(f"warm-up scheduler(s) {', '.join(unknown)} are unknown; choose from "
+                                      f"{', '.join(SCHEDULERS)}", param="warmup_schedulers")
+        guidances = list(guidance_scales or [guidance_scale])
         for bucket in sorted(chosen, key=lambda b: -b.pixels):  # largest first, like vLLM
             for n in batch_sizes or sorted({1, self.max_batch}, reverse=True):
-                req = GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height, steps=steps,
-                                        scheduler=scheduler, guidance_scale=guidance_scale, seed=0, num_images=n,
-                                        refiner_mode="ensemble" if use_refiner else None)
-                self.generate(req)
-                for name in self.controlnet_names if controlnets is None else controlnets:
-                    blank = Image.new("RGB", (bucket.width, bucket.height))
-                    self.generate(replace(req, refiner_mode=None, controlnets=(ControlNetUnit(name, blank),)))
+                for sampler in samplers:
+                    for guidance in guidances:
+                        req = GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height,
+                                                steps=steps, scheduler=sampler, guidance_scale=guidance, seed=0,
+                                                num_images=n, refiner_mode="ensemble" if use_refiner else None)
+                        self.generate(req)
+                        for name in self.controlnet_names if controlnets is None else controlnets:
+                            blank = Image.new("RGB", (bucket.width, bucket.height))
+                            self.generate(replace(req, refiner_mode=None,
+                                                  controlnets=(ControlNetUnit(name, blank),)))
         self.ctx.graphs.forbid_capture()
         stats = self.cuda_graph_stats()
         log.info("warm-up done in %.1f s: %d CUDA graphs, pool %.1f MB", time.perf_counter() - t0, stats["graphs"],

@@ -69,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="buckets whose CUDA graphs are captured at start, at every batch size up to --max-batch, "
                         "while /ready answers 503 (default: all built buckets); none: the first request of each "
                         "shape captures on its own path")
+    p.add_argument("--warmup-schedulers", type=_warmup_schedulers, default=d.warmup_schedulers, metavar="NAME,...",
+                   help="samplers whose steps are captured at start (default: the model's own; a step is captured "
+                        "per sampler, so list the ones clients ask for)")
+    p.add_argument("--warmup-guidance", type=_warmup_guidance, default=d.warmup_guidance, metavar="G,...",
+                   help="guidance scales captured at start (default 5; a value <= 1 captures the step without "
+                        "classifier-free guidance, as few-step recipes run: e.g. 5,0 for both)")
     p.add_argument("--ray", action="store_true",
                    help="run on Ray Serve: a local cluster, or the one in $RAY_ADDRESS (needs the ray extra)")
     p.add_argument("--replicas", type=_positive(int), default=None,
@@ -123,6 +129,29 @@ def _warmup(text: str) -> str | tuple[str, ...]:
     return tuple(buckets)
 
 
+def _warmup_schedulers(text: str) -> tuple[str, ...]:
+    """A comma-separated list of the runtime's sampler names."""
+    from sdxl_trt.runtime.schedulers import SCHEDULERS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SCHEDULERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(SCHEDULERS)}")
+    return names
+
+
+def _warmup_guidance(text: str) -> tuple[float, ...]:
+    """A comma-separated list of guidance scales in 0..100."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers; e.g. 5 or 5,0") from None
+    if not all(0.0 <= v <= 100.0 for v in values):  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"guidance scales must be numbers in 0..100, got {text!r}")
+    return values
+
+
 def _check_warmup(settings: ServeSettings, built: list[str]) -> None:
     unknown = [b for b in settings.warmup_buckets or [] if b not in built]
     if unknown:
@@ -171,6 +200,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, max_images=args.max_images,
         max_steps=args.max_steps, request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
         max_body_mb=args.max_body_mb, device=args.device, warmup=args.warmup,
+        warmup_schedulers=args.warmup_schedulers, warmup_guidance=args.warmup_guidance,
         max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout_s,
         lora_dirs=tuple(_lora_dirs(args.lora_dir)),
         body_timeout_s=args.body_timeout_s, chunk_timeout_s=args.chunk_timeout_s,

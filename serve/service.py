@@ -89,7 +89,8 @@ class Service:
         sizes = list(range(1, largest + 1))
         t0 = time.perf_counter()
         pipeline.warmup(buckets=buckets, batch_sizes=sizes, steps=s.warmup_steps,
-                        refiner=bool(getattr(pipeline, "has_refiner", False)))
+                        refiner=bool(getattr(pipeline, "has_refiner", False)), schedulers=s.warmup_schedulers,
+                        guidance_scales=s.warmup_guidance)
         stats = pipeline.cuda_graph_stats()
         log.info("warm-up of %s at batch sizes 1..%d took %.2f s: %d CUDA graphs, pool %.1f MB",
                  "every built bucket" if buckets is None else ", ".join(buckets), largest,

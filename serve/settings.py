@@ -38,6 +38,10 @@ class ServeSettings:
     # Buckets captured at start, before /ready turns 200: "all" built buckets, "none", or a tuple of "WxH".
     warmup: str | tuple[str, ...] = "all"
     warmup_steps: int = 2  # steps per warm-up generation: the captured step serves any step count
+    # Samplers and guidance scales captured at start (a step is captured per sampler and per guidance on/off):
+    # None: the model's own sampler; guidance <= 1 captures the step without classifier-free guidance.
+    warmup_schedulers: tuple[str, ...] | None = None
+    warmup_guidance: tuple[float, ...] = (5.0,)
 
     @property
     def max_body_bytes(self) -> int:

@@ -166,3 +166,19 @@ def test_explicit_device_index_and_bf16_vae(cuda_engines: Path) -> None:
     assert result.images[0].size == (256, 256)
     if torch.cuda.is_bf16_supported():
         assert pipe.ctx.dtypes["vae_decoder"] == torch.bfloat16
+
+
+def test_warmup_captures_each_sampler_and_guidance_setting(cuda_engines: Path) -> None:
+    """warmup(schedulers=, guidance_scales=): requests with those samplers, guided or not, replay captured steps."""
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(cuda_engines, device="cuda")
+    pipe.warmup(buckets=["256x256"], batch_sizes=[1], steps=2, refiner=False, controlnets=[],
+                schedulers=["unipc", "dpmpp_2m"], guidance_scales=[5.0, 0.0])
+    before = pipe.cuda_graph_stats()["graphs"]
+    for sampler in ("unipc", "dpmpp_2m"):
+        for guidance in (7.0, 1.0):
+            pipe.generate(GenerationRequest(prompt="a harbour", steps=4, seed=2, scheduler=sampler,
+                                            guidance_scale=guidance))
+    assert pipe.cuda_graph_stats()["graphs"] == before
+    assert not pipe.ctx.graphs._warned, "a request ran eagerly instead of replaying the captured step"

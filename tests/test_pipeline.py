@@ -295,3 +295,19 @@ def test_concurrent_threads_get_the_images_they_would_get_alone(tiny_pipeline):
         together = list(pool.map(lambda r: to_uint8(tiny_pipeline.generate(r).images), reqs))
     for a, b in zip(alone, together, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_warmup_runs_each_sampler_and_guidance_it_is_given(tiny_pipeline, monkeypatch) -> None:
+    """On the CPU nothing is captured, but warm-up must still ask for every (sampler, guidance) combination it
+    was given (each is its own captured step on a GPU), the model's own sampler by default, and refuse unknown ones."""
+    seen = []
+    monkeypatch.setattr(tiny_pipeline, "generate", lambda req: seen.append((req.scheduler, req.guidance_scale)))
+    tiny_pipeline.warmup(buckets=["256x256"], batch_sizes=[1], refiner=False, schedulers=["unipc", "lcm"],
+                         guidance_scales=[5.0, 0.0])
+    assert seen == [("unipc", 5.0), ("unipc", 0.0), ("lcm", 5.0), ("lcm", 0.0)]
+    seen.clear()
+    tiny_pipeline.warmup(buckets=["256x256"], batch_sizes=[1], refiner=False)
+    assert seen == [(tiny_pipeline.default_scheduler, 5.0)]
+    with pytest.raises(InvalidRequestError, match="warm-up scheduler.*heun3"):
+        tiny_pipeline.warmup(buckets=["256x256"], schedulers=["heun3"])
+    tiny_pipeline.ctx.graphs.capture_allowed = True  # the session's pipeline: leave it as it was

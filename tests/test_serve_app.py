@@ -100,6 +100,7 @@ def test_warm_up_runs_before_ready_for_each_bucket_and_batch_size() -> None:
         assert "sdxl_trt_cuda_graphs 4.0" in metrics and "sdxl_trt_graph_pool_bytes 4096.0" in metrics
 
     asyncio.run(_with_app(_settings(warmup=("256x256", "384x192"), max_batch=2), lambda s: fake, body))
+    assert fake.warm_samplers == (None, (5.0,))  # the model's own sampler, guidance on
     none = GatedPipeline(open_gate=True)
 
     async def skipped(client: httpx.AsyncClient, app: Any) -> None:
@@ -266,3 +267,26 @@ def test_every_api_path_needs_the_key_but_probes_do_not(path: str) -> None:
             assert (await client.get(probe, headers=anon)).status_code == 200
 
     asyncio.run(_with_app(_settings(), lambda s: fake, body))
+
+
+def test_warmup_sampler_and_guidance_flags_reach_the_pipeline() -> None:
+    """--warmup-schedulers / --warmup-guidance are parsed, checked and handed to Pipeline.warmup."""
+    from sdxl_trt.cli import build_parser
+    from sdxl_trt.serve.cli import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--engines", "e", "--warmup-schedulers", "euler,unipc",
+                                      "--warmup-guidance", "5,0"])
+    settings = settings_from_args(args)
+    assert settings.warmup_schedulers == ("euler", "unipc") and settings.warmup_guidance == (5.0, 0.0)
+    for bad in (["--warmup-schedulers", "euler,heun3"], ["--warmup-guidance", "five"], ["--warmup-guidance", "nan"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["serve", "--engines", "e", *bad])
+        assert exc.value.code == 2
+    fake = GatedPipeline(open_gate=True)
+
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        await app.state.service.wait_loaded()
+
+    asyncio.run(_with_app(_settings(warmup="all", warmup_schedulers=("lcm",), warmup_guidance=(0.0,)),
+                          lambda s: fake, body))
+    assert fake.warm_samplers == (("lcm",), (0.0,))

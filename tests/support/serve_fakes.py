@@ -30,8 +30,10 @@ class GatedPipeline:
         self.warmed: list[tuple[str | None, int]] = []  # (bucket or None for all, batch size) per warm-up call
 
     def warmup(self, *, buckets: Sequence[str] | None, batch_sizes: Sequence[int], steps: int,
-               refiner: bool) -> float:
+               refiner: bool, schedulers: Sequence[str] | None = None,
+               guidance_scales: Sequence[float] | None = None) -> float:
         self.warmed += [(b, n) for b in (buckets if buckets is not None else [None]) for n in batch_sizes]
+        self.warm_samplers = (schedulers, guidance_scales)
         return 0.0
 
     def cuda_graph_stats(self) -> dict[str, int]:
