@@ -67,7 +67,7 @@ class BatchRunner:
         self.ctx = ctx
         self.controlnets = ControlNets(ctx)
         self.scheduler_configs = scheduler_configs  # per UNet ("unet", "refiner")
-        self.denoisers = {n: Denoiser(ctx.engines[n], ctx.graphs) for n in ("unet", "refiner") if n in ctx.engines}
+        self.denoisers: dict[str, Denoiser] = {n: Denoiser(ctx.engines[n], ctx.graphs) for n in ("unet", "refiner") if n in ctx.engines}
         # One set of fixed tables per (UNet, sampler), allocated at load: a captured step reads them.
         self.tables: dict[tuple[str, str], FixedTables] = {}
         for unet in self.denoisers:
@@ -156,7 +156,9 @@ class BatchRunner:
             params = {}
             for s in slots:
                 if s.request_index not in params:
-                    image = image_to_tensor(requests[s.request_index].init_image, bucket.width, bucket.height)
+                    init_image = requests[s.request_index].init_image
+                    assert init_image is not None  # an img2img or inpainting request (its mode says so)
+                    image = image_to_tensor(init_image, bucket.width, bucket.height)
                     params[s.request_index] = self._vae_encode(image.to(ctx.device), bucket)
             if mode == "img2img":
                 init = torch.cat([self._posterior_sample(params[s.request_index], s.generator) for s in slots])
@@ -215,6 +217,7 @@ class BatchRunner:
                 sample = self._posterior_sample(params[s.request_index], s.generator)
                 first[s.request_index] = (sample * self.vae_scaling_factor).to(dt).float()
             image_latents.append(first[s.request_index])
+            assert r.mask_image is not None and r.init_image is not None  # an inpainting request
             mask = mask_to_tensor(r.mask_image, bucket.width, bucket.height, r.init_image.size)
             masks.append(torch.nn.functional.interpolate(mask, size=(h, w)).to(device=ctx.device))
         for s in slots:
@@ -250,8 +253,8 @@ class BatchRunner:
         dims = {"B": 2 * m if cfg else m, "h": h, "w": w, "S": s_len}
         inputs, outputs = ctx.io_views(unet, dims)
         order = (["neg"] if cfg else []) + ["pos"]
-        for key, tensor in (("embeds", "encoder_hidden_states"), ("pooled", "text_embeds"), ("time_ids", "time_ids")):
-            inputs[tensor].copy_(torch.cat([s.cond[f"{unet}.{side}.{key}"] for side in order for s in slots]))
+        for part, tensor in (("embeds", "encoder_hidden_states"), ("pooled", "text_embeds"), ("time_ids", "time_ids")):
+            inputs[tensor].copy_(torch.cat([s.cond[f"{unet}.{side}.{part}"] for side in order for s in slots]))
         if "timestep_cond" in inputs:  # a guidance-distilled UNet: its guidance embedding, never a CFG batch
             inputs["timestep_cond"].copy_(torch.cat([s.cond[f"{unet}.pos.timestep_cond"] for s in slots]))
         guidance = ctx.arena.view("guidance", (m, 1, 1, 1))

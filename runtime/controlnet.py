@@ -118,6 +118,7 @@ class ControlNets:
             per_image = []
             for ri, unit in zip(request_indices, units, strict=True):
                 if (ri, name) not in images:
+                    assert unit.image is not None  # ControlNetUnit.validate refused a unit without one
                     images[(ri, name)] = control_image_to_tensor(unit.image, bucket.width, bucket.height)
                 per_image.append(images[(ri, name)])
             cond = torch.cat(per_image)
