@@ -634,3 +634,44 @@ def test_plan_with_other_profiles_is_refused(fake_trt: FakeTensorRT, tmp_path: P
         TensorRTEngine.load(plan, SPECS["text_encoder"], profiles * 2, device="cpu")
     with pytest.raises(ManifestError, match="contract says"):
         TensorRTEngine.load(plan, SPECS["text_encoder_2"], profiles, device="cpu")
+
+
+def test_controlnet_and_residual_unet_plans_with_fake_tensorrt(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+    """A --controlnet build on TensorRT: the ControlNet follows the UNet's precision rule, its profiles set every
+    residual's feature-map shape (h/f of each bucket), and at run time its outputs and the residual UNet's inputs
+    are bound at those shapes."""
+    from sdxl_trt.export.controlnet import controlnet_residuals
+    from sdxl_trt.presets import SDXL_BASE_UNET
+    from sdxl_trt.runtime.tensorrt_engine import SharedDeviceMemory, TensorRTEngine
+
+    specs = component_specs(ModelDims(controlnet_residuals=controlnet_residuals(SDXL_BASE_UNET)), ["edges"])
+    assert tb.component_precision("controlnet.edges", "fp16") == "fp16"
+    assert tb.component_precision("controlnet.edges", "int8") == "fp16"  # never calibrated
+    for name in ("controlnet.edges", "unet"):
+        spec = specs[name]
+        profiles = component_profiles(spec, buckets=BUCKETS, max_batch=1)
+        by_name = {n: (lo, opt, hi) for n, lo, opt, hi in tb.profile_shapes(spec, profiles[1])}  # 1152x896
+        if name == "unet":  # the residuals are the residual UNet's inputs, at each bucket's feature-map sides
+            assert by_name["down_block_res_0"] == ([1, 320, 112, 144], [2, 320, 112, 144], [2, 320, 112, 144])
+            assert by_name["mid_block_res"][2] == [2, 1280, 28, 36]
+        else:
+            assert by_name["controlnet_cond"][2] == [2, 3, 896, 1152]
+            assert by_name["conditioning_scale"][2] == [2, 10]
+        path = tmp_path / f"{name}.onnx"
+        path.write_text(json.dumps({"inputs": {t.name: "FLOAT" for t in spec.inputs}, "outputs": spec.output_names,
+                                    "errors": []}))
+        plan = tmp_path / f"{name}.plan"
+        tb.build_engine(path, plan, spec=spec, profiles=profiles, config=tb.TensorRTBuildConfig())
+        shared = SharedDeviceMemory("cpu")
+        engine = TensorRTEngine.load(plan, spec, profiles, device_memory=shared, device="cpu")
+        shared.allocate()
+        shapes = {t.name: t.shape({"B": 2, "S": 77, "h": 112, "w": 144}) for t in spec.inputs}
+        out_shapes = engine.infer_shapes(shapes, profile=1)
+        assert out_shapes == {t.name: t.shape({"B": 2, "h": 112, "w": 144}) for t in spec.outputs}
+        fake_trt.calls.clear()
+        engine.run({n: torch.zeros(s) for n, s in shapes.items()}, {n: torch.zeros(s) for n, s in out_shapes.items()},
+                   profile=1)
+        assert [c[1] for c in fake_trt.calls if c[0] == "set_input_shape"] == spec.input_names
+        wrong = {**shapes, spec.input_names[-1]: (2, 1280, 29, 36) if name == "unet" else (2, 11)}
+        with pytest.raises(InvalidRequestError):
+            engine.infer_shapes(wrong, profile=1)
