@@ -239,6 +239,11 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
                      or label.lower() == (body.scheduler or "automatic").lower()), "Automatic")
     model_name = (model or {}).get("name", "")
     steps = result_params.get("steps")
+    # The ControlNet extension's infotext entries, one per unit used.
+    extra = {f"ControlNet {i}": (f"Model: {u['name']}, Weight: {u['scale']:g}, Guidance Start: {u['start']:g}, "
+                                 f"Guidance End: {u['end']:g}, Control Mode: "
+                                 f"{'ControlNet is more important' if u['guess_mode'] else 'Balanced'}")
+             for i, u in enumerate(result_params.get("controlnets", []))}
 
     def infotext(seed: int) -> str:
         lines = [body.prompt]
@@ -246,7 +251,7 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
             lines.append(f"Negative prompt: {body.negative_prompt}")
         lines.append(f"Steps: {steps}, Sampler: {sampler.name}, Schedule type: {schedule}, CFG scale: "
                      f"{body.cfg_scale:g}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}, Version: sdxl-trt "
-                     f"{__version__}")
+                     f"{__version__}" + "".join(f', {k}: "{v}"' for k, v in extra.items()))
         return "\n".join(lines)
 
     info: dict[str, Any] = {
@@ -256,7 +261,7 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
         "sampler_name": sampler.name, "scheduler": schedule, "cfg_scale": body.cfg_scale, "steps": steps,
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": (model or {}).get("hash"), "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1, "denoising_strength": result_params.get("strength"), "extra_generation_params": {},
+        "seed_resize_from_h": -1, "denoising_strength": result_params.get("strength"), "extra_generation_params": extra,
         "index_of_first_image": 0, "infotexts": [infotext(s) for s in seeds], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "scheduler_name": result_params.get("scheduler"), "backend": result_params.get("backend"),

@@ -154,6 +154,10 @@ def test_a1111_controlnet_extension_shape_equals_pipeline(client: Client, direct
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["parameters"]["alwayson_scripts"]["controlnet"]["args"][0]["image"] is None  # not echoed back
+    info = json.loads(body["info"])
+    entry = "Model: edges, Weight: 0.7, Guidance Start: 0, Guidance End: 1, Control Mode: Balanced"
+    assert info["extra_generation_params"] == {"ControlNet 0": entry}  # the extension's infotext entry
+    assert info["infotexts"][0].endswith(f'ControlNet 0: "{entry}"')
     want = direct(controlnets=(ControlNetUnit("edges", edges_image(), scale=0.7),))
     assert_close([Image.fromarray(decode_png(body["images"][0]))], [Image.fromarray(want)])
 
