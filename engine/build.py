@@ -165,7 +165,7 @@ def build_engines(opts: BuildOptions) -> Manifest:
                                       max_prompt_chunks=opts.max_prompt_chunks)
         comp_precision = _component_precision(name, precision, backend, opts.device)
         source_hash = _source_hash(backend, name, export_info, onnx_dir, comp_precision, bool(cn_specs))
-        key = {"source_hash": source_hash, "precision": comp_precision, "profiles": [p.to_json() for p in profiles]}
+        key: dict[str, Any] = {"source_hash": source_hash, "precision": comp_precision, "profiles": [p.to_json() for p in profiles]}
         if _fresh(prev, out, name, key, backend):
             log.info("[%d/%d] %s: up to date", i, len(components), name)
             assert prev is not None

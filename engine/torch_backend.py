@@ -381,7 +381,7 @@ def _fresh_cache_artifacts() -> Iterator[None]:
     try:
         from torch.compiler._cache import CacheArtifactManager
 
-        ctx = CacheArtifactManager.with_fresh_cache()
+        ctx: contextlib.AbstractContextManager[None] = CacheArtifactManager.with_fresh_cache()
     except (ImportError, AttributeError):  # older torch: the blob may also hold earlier compiles
         ctx = contextlib.nullcontext()
     with ctx:

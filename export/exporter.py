@@ -268,7 +268,7 @@ def _model_entry(m: LoadedModel, identity: str, loras: list[dict[str, Any]] | No
                  fused: str | None = None) -> dict[str, Any]:
     """``identity_hash`` is the model's own (the load check compares it with the files); with LoRAs fused,
     ``loras`` lists them and ``fused_identity`` is what staleness is decided on."""
-    entry = {"name": m.name, "kind": m.kind, "source": m.source, "identity_hash": identity}
+    entry: dict[str, Any] = {"name": m.name, "kind": m.kind, "source": m.source, "identity_hash": identity}
     if loras:
         entry.update(loras=loras, fused_identity=fused)
     return entry

@@ -36,7 +36,7 @@ def _rgb_unit(image: Image.Image, width: int, height: int, *, param: str) -> tor
         raise InvalidRequestError(f"{param} must be a PIL image, got {type(image).__name__}", param=param)
     image = image.convert("RGB")
     if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     arr = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
@@ -53,7 +53,7 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int, image_size: tuple
         )
     mask = mask.convert("L")
     if mask.size != (width, height):
-        mask = mask.resize((width, height), resample=Image.LANCZOS)
+        mask = mask.resize((width, height), resample=Image.Resampling.LANCZOS)
     arr = np.asarray(mask, dtype=np.float32) / 255.0
     t = torch.from_numpy(arr)[None, None]
     return (t >= 0.5).to(torch.float32)

@@ -48,7 +48,7 @@ class TorchEngine:
         compiled: bool,
     ) -> None:
         self.spec = spec
-        self.profiles = list(profiles)
+        self.profiles: Sequence[Any] = list(profiles)
         self.device = device
         self.input_dtypes = dict(input_dtypes)
         self.output_dtypes = dict(output_dtypes)

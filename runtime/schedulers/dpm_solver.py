@@ -108,9 +108,9 @@ def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *,
          order: int = 2, timesteps: Sequence[int] | None = None, device: torch.device | str,
          dtype: torch.dtype) -> DPMSolverSchedule:
     cfg = NoiseConfig.parse(config)
-    timesteps, sigmas = multistep_sigmas(cfg, num_inference_steps, karras=karras, custom=timesteps)
-    begin, count = window.select(timesteps, cfg.num_train_timesteps)
-    n = len(timesteps)
+    steps, sigmas = multistep_sigmas(cfg, num_inference_steps, karras=karras, custom=timesteps)
+    begin, count = window.select(steps, cfg.num_train_timesteps)
+    n = len(steps)
     lam = [log_snr(float(s)) for s in sigmas]
     coefs = []
     for k, g in enumerate(range(begin, begin + count)):
@@ -132,7 +132,7 @@ def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *,
         c_noise = sigma_t * math.sqrt(-math.expm1(-2.0 * h)) if sde else 0.0
         coefs.append((x0_x, x0_m, c_x, c_x0, c_prev, c_prev2, c_noise))
     return DPMSolverSchedule(
-        order=order, sde=sde, timesteps=timesteps[begin:begin + count], coefs=np.array(coefs), input_scale=None,
+        order=order, sde=sde, timesteps=steps[begin:begin + count], coefs=np.array(coefs), input_scale=None,
         noise_levels=vp_noise_levels(torch.from_numpy(sigmas[begin:begin + count])),
         init_noise_sigma=1.0, device=device, dtype=dtype,
     )

@@ -76,12 +76,12 @@ class EulerSchedule(Schedule):
 def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *, karras: bool,
          timesteps: Sequence[int] | None = None, device: torch.device | str, dtype: torch.dtype) -> EulerSchedule:
     cfg = NoiseConfig.parse(config)
-    timesteps, sigmas = sigma_schedule(cfg, num_inference_steps, karras=karras, custom=timesteps)
-    begin, count = window.select(timesteps, cfg.num_train_timesteps)
+    steps, sigmas = sigma_schedule(cfg, num_inference_steps, karras=karras, custom=timesteps)
+    begin, count = window.select(steps, cfg.num_train_timesteps)
     coefs = []
     for g in range(begin, begin + count):
         sigma, dt = float(sigmas[g]), float(sigmas[g + 1]) - float(sigmas[g])
         p, q = derivative_coefs(cfg.prediction_type, sigma)
         coefs.append((1.0 + p * dt, q * dt))
     return EulerSchedule(coefs=np.array(coefs), device=device, dtype=dtype,
-                         **sigma_space_tables(cfg, timesteps, sigmas, begin, count))
+                         **sigma_space_tables(cfg, steps, sigmas, begin, count))
