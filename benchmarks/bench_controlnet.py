@@ -23,9 +23,7 @@ import json
 import logging
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +45,24 @@ def control_images(size: tuple[int, int]) -> list[Any]:
     return [Image.fromarray(edges), Image.fromarray(ramp)]
 
 
-def timed(fn: Any, runs: int) -> dict[str, float]:
-    """Median and best seconds of ``fn`` over ``runs`` calls after one warm-up call."""
+CASES = ("0 ControlNets", "1 ControlNet", "2 ControlNets")
+"""Row names by the number of ControlNets a request uses."""
+
+
+def timed(fn: Any, runs: int, device: str) -> dict[str, Any]:
+    """Latency summary (``p50_s``, ``min_s``, ...) of ``fn`` over ``runs`` calls after one warm-up call, timed
+    as ``sdxl-trt bench`` times (synchronised at both ends, CUDA events on a GPU)."""
+    import torch
+
+    from sdxl_trt.bench.measure import latency_summary
+    from sdxl_trt.bench.measure import timed as timed_once
+
     fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"p50_s": statistics.median(times), "min_s": min(times)}
+    dev = torch.device(device)
+    return latency_summary([timed_once(fn, dev)[0] for _ in range(runs)])
 
 
-def ours(args: argparse.Namespace, root: Path, size: tuple[int, int]) -> dict[str, dict[str, float]]:
+def ours(args: argparse.Namespace, root: Path, size: tuple[int, int]) -> dict[str, dict[str, Any]]:
     from sdxl_trt.engine.build import BuildOptions, build_engines
     from sdxl_trt.request import ControlNetUnit, GenerationRequest
     from sdxl_trt.runtime.pipeline import Pipeline
@@ -73,18 +77,19 @@ def ours(args: argparse.Namespace, root: Path, size: tuple[int, int]) -> dict[st
     base = dict(prompt=PROMPT, width=size[0], height=size[1], steps=args.steps, guidance_scale=5.0, seed=0)
     out = {}
     plain = Pipeline.load(plain_dir, device=args.device)
-    out["plain engines, no ControlNet"] = timed(lambda p=plain: p.generate(GenerationRequest(**base)), args.runs)
+    out["plain engines, no ControlNet"] = timed(lambda p=plain: p.generate(GenerationRequest(**base)), args.runs,
+                                                args.device)
     del plain  # its engines' memory, before the ControlNet build's load
     pipe = Pipeline.load(cn_dir, device=args.device)
     for k in (0, 1, 2):
         units = tuple(ControlNetUnit(n, im, scale=0.8) for n, im in zip("ab", images, strict=True))[:k]
         req = GenerationRequest(**base, controlnets=units)
-        out[f"{k} ControlNet{'s' if k != 1 else ''}"] = timed(lambda r=req: pipe.generate(r), args.runs)
-        log.info("ours, %d ControlNets: %.3f s", k, out[f"{k} ControlNet{'s' if k != 1 else ''}"]["p50_s"])
+        out[CASES[k]] = timed(lambda r=req: pipe.generate(r), args.runs, args.device)
+        log.info("ours, %s: %.3f s", CASES[k], out[CASES[k]]["p50_s"])
     return out
 
 
-def diffusers_baseline(args: argparse.Namespace, size: tuple[int, int]) -> dict[str, dict[str, float]]:
+def diffusers_baseline(args: argparse.Namespace, size: tuple[int, int]) -> dict[str, dict[str, Any]]:
     """diffusers' StableDiffusionXLPipeline and StableDiffusionXLControlNetPipeline (one and two ControlNets) on
     the same PyTorch weights, eager."""
     import diffusers
@@ -110,17 +115,18 @@ def diffusers_baseline(args: argparse.Namespace, size: tuple[int, int]) -> dict[
     with torch.no_grad():
         plain = diffusers.StableDiffusionXLPipeline(**common)
         plain.set_progress_bar_config(disable=True)
-        out["0 ControlNets"] = timed(lambda: plain(**call, generator=torch.Generator().manual_seed(0)), args.runs)
+        out[CASES[0]] = timed(lambda: plain(**call, generator=torch.Generator().manual_seed(0)), args.runs,
+                              args.device)
         for k in (1, 2):
             net = nets[0] if k == 1 else diffusers.models.controlnets.MultiControlNetModel(nets)
             pipe = diffusers.StableDiffusionXLControlNetPipeline(controlnet=net, **common)
             pipe.set_progress_bar_config(disable=True)
             image = images[0] if k == 1 else images
             scale = 0.8 if k == 1 else [0.8, 0.8]
-            out[f"{k} ControlNet{'s' if k != 1 else ''}"] = timed(
-                lambda p=pipe, i=image, s=scale: p(**call, image=i, controlnet_conditioning_scale=s,
-                                                   generator=torch.Generator().manual_seed(0)), args.runs)
-            log.info("diffusers, %d ControlNets: %.3f s", k, out[f"{k} ControlNet{'s' if k != 1 else ''}"]["p50_s"])
+            out[CASES[k]] = timed(lambda p=pipe, i=image, s=scale: p(**call, image=i, controlnet_conditioning_scale=s,
+                                                                  generator=torch.Generator().manual_seed(0)),
+                                  args.runs, args.device)
+            log.info("diffusers, %s: %.3f s", CASES[k], out[CASES[k]]["p50_s"])
     return out
 
 
@@ -161,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def per_step_ms(row: dict[str, dict[str, float]], key: str, steps: int) -> float | None:
+def per_step_ms(row: dict[str, dict[str, Any]], key: str, steps: int) -> float | None:
     """Milliseconds each step pays for ``key``'s ControlNets over the same run without any."""
-    if key not in row or "0 ControlNets" not in row or key == "0 ControlNets":
+    if key not in row or CASES[0] not in row or key == CASES[0]:
         return None
-    return 1000 * (row[key]["p50_s"] - row["0 ControlNets"]["p50_s"]) / steps
+    return 1000 * (row[key]["p50_s"] - row[CASES[0]]["p50_s"]) / steps
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -197,7 +203,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = ["0 ControlNets", "1 ControlNet", "2 ControlNets"]
+    cases = list(CASES)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(report["rows"])
     for i, (impl, row) in enumerate(report["rows"].items()):

@@ -171,7 +171,7 @@ class BatchRunner:
 
         t1 = timer.start()
         finite = {"unet": self._denoise("unet", req.scheduler, schedule, slots, bucket, latents, inpaint=inpaint,
-                                        control=(req, requests))}
+                                        requests=requests)}
         timer.stop("denoise", t1)
         steps_run = {"unet": schedule.num_steps}
 
@@ -182,7 +182,7 @@ class BatchRunner:
                 noise = torch.cat([self._randn(g, (1, c, h, w), ctx.dtypes["refiner"]) for g in gens]).float()
                 latents.copy_(rschedule.add_noise(latents, noise, 0))
             finite["refiner"] = self._denoise("refiner", req.scheduler, rschedule, slots, bucket, latents,
-                                              inpaint=None)
+                                              inpaint=None, requests=requests)
             timer.stop("refiner", t2)
             steps_run["refiner"] = rschedule.num_steps
 
@@ -241,9 +241,9 @@ class BatchRunner:
 
     def _denoise(self, unet: str, scheduler: str, schedule: Schedule, slots: list[Slot], bucket: Bucket,
                  latents: torch.Tensor, *, inpaint: tuple | None,
-                 control: tuple[GenerationRequest, list[GenerationRequest]] | None = None) -> torch.Tensor:
-        """Run ``unet`` over the batch's latents in place (with ``control``, the batch's request and all the
-        requests: the base UNet's ControlNets); returns a device flag: all latents finite."""
+                 requests: list[GenerationRequest]) -> torch.Tensor:
+        """Run ``unet`` over the batch's latents in place (``requests``, the slots' requests: the base UNet's
+        ControlNets, which every slot of a batch shares); returns a device flag: all latents finite."""
         ctx = self.ctx
         m = len(slots)
         h, w = bucket.latent_hw
@@ -277,8 +277,7 @@ class BatchRunner:
         signature: tuple[tuple[str, bool], ...] = ()
         controls = []
         if unet == "unet" and self.controlnets.unet_takes_residuals:
-            req, requests = control if control is not None else (None, [])
-            signature = req.control_signature if req is not None else ()
+            signature = requests[slots[0].request_index].control_signature
             controls = self.controlnets.prepare(requests, [s.request_index for s in slots], signature, inputs,
                                                 bucket=bucket, cfg=cfg, steps=schedule.num_steps)
         buf = StepBuffers(latents=latents, unet_in=inputs, noise_pred=outputs["noise_pred"], guidance=guidance,

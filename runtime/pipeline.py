@@ -16,6 +16,7 @@ Thread safety: ``generate``/``generate_batch`` hold one lock; engines, buffers a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -146,18 +147,17 @@ class Pipeline:
             raise InvalidRequestError(f"warm-up scheduler(s) {', '.join(unknown)} are unknown; choose from "
                                       f"{', '.join(SCHEDULERS)}", param="warmup_schedulers")
         guidances = list(guidance_scales or [guidance_scale])
-        for bucket in sorted(chosen, key=lambda b: -b.pixels):  # largest first, like vLLM
-            for n in batch_sizes or sorted({1, self.max_batch}, reverse=True):
-                for sampler in samplers:
-                    for guidance in guidances:
-                        req = GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height,
-                                                steps=steps, scheduler=sampler, guidance_scale=guidance, seed=0,
-                                                num_images=n, refiner_mode="ensemble" if use_refiner else None)
-                        self.generate(req)
-                        for name in self.controlnet_names if controlnets is None else controlnets:
-                            blank = Image.new("RGB", (bucket.width, bucket.height))
-                            self.generate(replace(req, refiner_mode=None,
-                                                  controlnets=(ControlNetUnit(name, blank),)))
+        sizes = batch_sizes or sorted({1, self.max_batch}, reverse=True)
+        largest_first = sorted(chosen, key=lambda b: -b.pixels)  # like vLLM
+        control_names = self.controlnet_names if controlnets is None else controlnets
+        for bucket, n, sampler, guidance in itertools.product(largest_first, sizes, samplers, guidances):
+            req = GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height, steps=steps,
+                                    scheduler=sampler, guidance_scale=guidance, seed=0, num_images=n,
+                                    refiner_mode="ensemble" if use_refiner else None)
+            self.generate(req)
+            blank = Image.new("RGB", (bucket.width, bucket.height))
+            for name in control_names:
+                self.generate(replace(req, refiner_mode=None, controlnets=(ControlNetUnit(name, blank),)))
         self.ctx.graphs.forbid_capture()
         stats = self.cuda_graph_stats()
         log.info("warm-up done in %.1f s: %d CUDA graphs, pool %.1f MB", time.perf_counter() - t0, stats["graphs"],
