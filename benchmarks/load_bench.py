@@ -66,6 +66,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_report beside this file, also when loaded by path
 from load_report import (  # noqa: E402
     ENDPOINT,
+    Level,
+    Shot,
     _fmt,
     _slug,
     device_label,
@@ -102,17 +104,6 @@ class RequestSpec:
     def body(self, i: int) -> dict[str, Any]:
         return {"prompt": self.prompt, "size": self.size, "n": self.n, "steps": self.steps,
                 "seed": self.seed + i, "guidance_scale": self.guidance_scale, "response_format": "b64_json"}
-
-
-@dataclass
-class Shot:
-    """One request as the client saw it."""
-
-    start: float
-    end: float
-    outcome: str  # "ok", "429", "503", "504", "http_<code>", "invalid_image", or a transport error's class
-    images: int = 0
-    detail: str = ""
 
 
 def classify(status: int) -> str:
@@ -189,18 +180,6 @@ async def watch_queue(client: httpx.AsyncClient, url: str, interval_s: float, sa
 
 
 # --------------------------------------------------------------------------------------------- one level
-@dataclass(frozen=True)
-class Level:
-    """A load level: ``concurrency`` closed-loop clients, or open-loop arrivals at ``rate`` requests/s."""
-
-    concurrency: int | None = None
-    rate: float | None = None
-
-    @property
-    def label(self) -> str:
-        return f"c={self.concurrency}" if self.concurrency is not None else f"rate={self.rate:g}/s"
-
-
 @dataclass
 class Budget:
     duration_s: float

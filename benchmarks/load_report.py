@@ -15,15 +15,36 @@ import platform
 import statistics
 import subprocess
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
-if TYPE_CHECKING:
-    from load_bench import Level, Shot
-
 ENDPOINT = "/v1/images/generations"
+
+
+@dataclass
+class Shot:
+    """One request as the client saw it."""
+
+    start: float
+    end: float
+    outcome: str  # "ok", "429", "503", "504", "http_<code>", "invalid_image", or a transport error's class
+    images: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Level:
+    """A load level: ``concurrency`` closed-loop clients, or open-loop arrivals at ``rate`` requests/s."""
+
+    concurrency: int | None = None
+    rate: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"c={self.concurrency}" if self.concurrency is not None else f"rate={self.rate:g}/s"
 
 
 def is_transport_error(outcome: str) -> bool:

@@ -26,7 +26,7 @@ from sdxl_trt.engine_dir.profiles import Profile, component_profiles
 from sdxl_trt.errors import BackendUnavailableError, BuildError
 from sdxl_trt.identity import model_identity_hash
 from sdxl_trt.lora import LoraSpec
-from sdxl_trt.tables import format_table, human_bytes
+from sdxl_trt.tables import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def _build_onnxruntime(name: str, precision: str, onnx_dir: Path, out: Path, opt
 
 
 def _quantize_unet(onnx_dir: Path, opts: BuildOptions) -> tuple[Path, dict[str, Any]]:
-    """Explicit INT8 (Q/DQ) UNet from calibration on the shipped prompt set (engine/int8.py).
+    """Explicit INT8 (Q/DQ) UNet from calibration on the shipped prompt set (engine/int8/__init__.py).
 
     The model is loaded inside the INT8 step and dropped before the Q/DQ file is written, so the build's peak
     host memory is the larger of the two, not their sum."""
@@ -435,53 +435,5 @@ def _copy_assets(src_dir: Path, out: Path) -> None:
             shutil.copytree(src, dst)
 
 
-
-
-def format_build_table(manifest: Manifest) -> str:
-    rows = [("component", "backend", "precision", "profiles", "size", "build s", "export rel. error")]
-    for name, e in manifest.components.items():
-        err = max(e.export_error.values()) if e.export_error else float("nan")
-        rows.append((name, manifest.backend, e.precision, str(len(e.profiles)), human_bytes(e.size_bytes),
-                     f"{e.build_seconds:.1f}", f"{err:.2e}"))
-    return format_table(rows)
-
-
-def format_manifest(manifest: Manifest) -> str:
-    """``sdxl-trt info``: the manifest as a person reads it."""
-    m = manifest
-    dev = m.device
-    lines = [
-        f"model:      {m.model.get('name')} ({m.model.get('kind')}, hash {str(m.model.get('identity_hash'))[:12]})",
-        *([f"refiner:    {m.refiner.get('name')} (hash {str(m.refiner.get('identity_hash'))[:12]})"] if m.refiner else []),
-        *[f"LoRA:       {lo['path']} (scale {lo['scale']:g}, sha256 {lo['sha256'][:12]}"
-          + (f", {lo['format']}, " + ", ".join(f"{c} {n} layers" for c, n in lo['layers'].items()) if 'layers' in lo else "")
-          + ")" for lo in m.model.get("loras", [])],
-        f"backend:    {m.backend}   precision: {m.precision}   profiles: {m.profile_mode}",
-        f"buckets:    {', '.join(m.buckets)}",
-        f"max batch:  {m.max_batch} images   prompt chunks: {m.max_prompt_chunks} (x 75 tokens)",
-        f"built on:   {dev.get('name')} ({dev.get('type')}"
-        + (f", compute capability {dev['compute_capability']})" if dev.get("compute_capability") else ")"),
-        f"versions:   {json.dumps(m.versions)}",
-        f"created:    {m.created}",
-        f"command:    {m.build_command}",
-        "",
-        format_build_table(m),
-    ]
-    for name, e in m.components.items():
-        cn = e.extra.get("controlnet")
-        if cn:
-            src = cn["source"]
-            cfg = cn["config"]
-            lines.insert(lines.index(""), f"ControlNet: {controlnet_names([name])[0]} from {src.get('name') or src.get('path')} "
-                         f"({src['type']}, hash {cn['identity_hash'][:12]}, channels {cfg['block_out_channels']}, "
-                         f"transformer layers {cfg['transformer_layers_per_block']})")
-    for name, e in m.components.items():
-        err = (e.extra.get("int8") or {}).get("error")
-        if err:
-            lines.append(f"\n{name} int8 vs fp32 (held-out prompts): noise_pred relative L2 {err['relative_l2_mean']:.4f} "
-                         f"(max {err['relative_l2_max']:.4f}), cosine {err['cosine_mean']:.5f}")
-    return "\n".join(lines)
-
-
-__all__ = ["BuildOptions", "build_engines", "resolve_backend", "format_build_table", "format_manifest",
+__all__ = ["BuildOptions", "build_engines", "resolve_backend",
            "BackendUnavailableError", "model_identity_hash"]

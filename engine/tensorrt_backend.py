@@ -56,7 +56,7 @@ class TensorRTBuildConfig:
     precision: Precision = "fp16"
     """fp16: FP16 kernels on tensor cores, about 2x fp32's speed and half its plan size (the VAE stays fp32,
     see :func:`component_precision`). int8: explicit quantization only: the ONNX must carry Q/DQ nodes from
-    calibration (engine/int8.py); built weakly typed with FP16 and INT8 allowed, so the layers calibration
+    calibration (engine/int8/__init__.py); built weakly typed with FP16 and INT8 allowed, so the layers calibration
     left unquantized (norms, attention, embeddings: fp32 in that ONNX) run in fp16 rather than fp32.
     Applies to the base UNet; the others fall back to fp16.
     fp32: the slowest; reference numerics."""
@@ -152,7 +152,7 @@ def component_precision(component: str, requested: Precision, *, vae_fp16_safe: 
     """The precision one component is built in when ``requested`` is asked for the model.
 
     The SDXL VAE overflows in fp16 (NaN images), so it is built in fp32 unless its ONNX is fp16-safe.
-    int8 means Q/DQ nodes from calibrating the base UNet (engine/int8.py); the other components have none
+    int8 means Q/DQ nodes from calibrating the base UNet (engine/int8/__init__.py); the other components have none
     and build in fp16 (an fp32 ONNX without Q/DQ in a strongly typed network would build a slow fp32 engine).
     """
     component = contract_of(component)  # controlnet.NAME follows the UNet's precision rule

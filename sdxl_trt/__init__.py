@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Pipeline": ("sdxl_trt.runtime.pipeline", "Pipeline"),
-    "AsyncPipeline": ("sdxl_trt.serve.async_pipeline", "AsyncPipeline"),
+    "AsyncPipeline": ("sdxl_trt.serve.core.async_pipeline", "AsyncPipeline"),
     "BuildOptions": ("sdxl_trt.engine.build", "BuildOptions"),
     "build_engines": ("sdxl_trt.engine.build", "build_engines"),
     "export_model": ("sdxl_trt.export.exporter", "export_model"),

@@ -11,8 +11,8 @@ Importing this package imports no web library; only the HTTP modules need the ``
 
 from __future__ import annotations
 
-from .async_pipeline import AsyncPipeline, AsyncPipelineStats, BatchReport
-from .errors import DeadlineExceededError, NotReadyError, OverloadedError, ServeError, ShuttingDownError
+from .core.async_pipeline import AsyncPipeline, AsyncPipelineStats, BatchReport
+from .core.errors import DeadlineExceededError, NotReadyError, OverloadedError, ServeError, ShuttingDownError
 
 __all__ = ["AsyncPipeline", "AsyncPipelineStats", "BatchReport", "DeadlineExceededError", "NotReadyError",
            "OverloadedError", "ServeError", "ShuttingDownError"]

@@ -286,7 +286,8 @@ def test_int8_build_writes_a_qdq_unet_and_reports_its_error(tmp_path: Path, tiny
     manifest and in `sdxl-trt info`, and the pipeline runs it."""
     import onnx
 
-    from sdxl_trt.engine.build import BuildOptions, build_engines, format_manifest
+    from sdxl_trt.engine.build import BuildOptions, build_engines
+    from sdxl_trt.engine_dir.describe import format_manifest
     from sdxl_trt.request import GenerationRequest
     from sdxl_trt.runtime.pipeline import Pipeline
 

@@ -24,7 +24,8 @@ from support.controlnet_files import (
 )
 
 from sdxl_trt.contracts import ModelDims, component_specs
-from sdxl_trt.engine.build import BuildOptions, build_engines, format_manifest
+from sdxl_trt.engine.build import BuildOptions, build_engines
+from sdxl_trt.engine_dir.describe import format_manifest
 from sdxl_trt.engine_dir.layout import WEIGHT_MAP_NAME
 from sdxl_trt.engine_dir.manifest import Manifest
 from sdxl_trt.errors import BuildError, ModelLoadError

@@ -26,8 +26,8 @@ from support.serve_server import decode_png, metric, png_b64
 from test_pipeline import assert_close
 
 from sdxl_trt.request import ControlNetUnit, GenerationRequest
-from sdxl_trt.serve.app import create_app
-from sdxl_trt.serve.settings import ServeSettings
+from sdxl_trt.serve.core.settings import ServeSettings
+from sdxl_trt.serve.http.app import create_app
 
 STEPS = 2
 SEED = 11
@@ -213,7 +213,7 @@ def test_canny_at_a_processor_resolution_pads_to_64_and_cuts_the_pad() -> None:
 
 
 def test_resize_modes_fit_the_request_size() -> None:
-    from sdxl_trt.serve.controlnet import fit_control_image
+    from sdxl_trt.serve.apis.controlnet import fit_control_image
 
     wide = photo((512, 256))
     assert fit_control_image(wide, (256, 256), "just") is wide

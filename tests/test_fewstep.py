@@ -278,7 +278,7 @@ def test_engines_built_before_the_guidance_embedding_are_refused(tiny_lcm, tiny_
 def test_run_flags_reach_the_request():
     """sdxl-trt run --timestep-spacing/--timesteps/--eta become the request's fields; a malformed list stops argparse."""
     from sdxl_trt.cli import build_parser
-    from sdxl_trt.runtime.cli_run import request_from_args
+    from sdxl_trt.cli.run import request_from_args
 
     base = ["run", "--engines", "e", "--prompt", "p", "--out", "o.png"]
     args = build_parser().parse_args([*base, "--scheduler", "lcm", "--timesteps", "999,749,499,249", "--eta", "0.3"])
@@ -300,7 +300,7 @@ def test_run_defaults_to_the_models_own_scheduler(tiny_lcm, tmp_path, capsys):
     from PIL import Image
 
     from sdxl_trt.cli import build_parser
-    from sdxl_trt.runtime.cli_run import run_from_args
+    from sdxl_trt.cli.run import run_from_args
 
     engines = tmp_path / "engines"
     shutil.copytree(tiny_lcm[0].directory, engines)

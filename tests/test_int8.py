@@ -22,7 +22,10 @@ import torch
 from onnx import numpy_helper
 
 from sdxl_trt.contracts import component_specs
-from sdxl_trt.engine import int8, int8_calibration, int8_ranges, int8_writer
+from sdxl_trt.engine import int8
+from sdxl_trt.engine.int8 import calibration as int8_calibration
+from sdxl_trt.engine.int8 import ranges as int8_ranges
+from sdxl_trt.engine.int8 import writer as int8_writer
 from sdxl_trt.errors import BuildError
 from sdxl_trt.export.loading import load_model, model_dims
 from sdxl_trt.export.onnx_export import export_onnx, sample_inputs

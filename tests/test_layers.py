@@ -120,8 +120,8 @@ def test_a_service_never_imports_export_or_engine(tiny_engines: Path) -> None:
         import json, sys
         import httpx, anyio
         from sdxl_trt.cli import build_parser
-        from sdxl_trt.serve.cli import settings_from_args
-        from sdxl_trt.serve.app import create_app
+        from sdxl_trt.cli.serve import settings_from_args
+        from sdxl_trt.serve.http.app import create_app
 
         args = build_parser().parse_args(["serve", "--engines", {str(tiny_engines)!r}, "--device", "cpu"])
         app = create_app(settings_from_args(args))
@@ -146,7 +146,91 @@ def test_a_service_never_imports_export_or_engine(tiny_engines: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     modules = seen["project"]
-    assert "sdxl_trt.runtime.pipeline" in modules and "sdxl_trt.serve.app" in modules  # it did serve
+    assert "sdxl_trt.runtime.pipeline" in modules and "sdxl_trt.serve.http.app" in modules  # it did serve
     assert [m for m in modules if _layer(m) in ("export", "engine")] == []
     # diffusers and the exporter's graph tools stay out too (transformers comes in for CLIPTokenizer only).
     assert seen["heavy"] == []
+
+
+def _module_level_imports(path: Path, module: str) -> list[str]:
+    """What ``path`` imports when it is imported (statements outside functions; ``TYPE_CHECKING`` blocks count,
+    since a type checker follows them), as absolute names; ``from pkg import sub`` names the submodule."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: list[str] = []
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(node, ast.Import):
+                out.extend(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    name = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    name = node.module or ""
+                out.append(name)
+                out.extend(f"{name}.{a.name}" for a in node.names)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list) and not isinstance(node, ast.ClassDef):
+                    visit([n for n in inner if isinstance(n, ast.stmt)] +
+                          [s for h in inner if isinstance(h, ast.ExceptHandler) for s in h.body])
+    visit(ast.parse(path.read_text(), str(path)).body)
+    return out
+
+
+def _import_cycles(modules: dict[str, Path]) -> list[list[str]]:
+    """Strongly connected groups of more than one module in the module-level import graph (Tarjan)."""
+    graph = {m: sorted({n for n in _module_level_imports(p, m) if n in modules and n != m}) for m, p in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            strong(v)
+    return cycles
+
+
+def _project_modules() -> dict[str, Path]:
+    modules = {_module_name(p): p for p in _project_files()}
+    modules.update({p.stem: p for p in sorted((ROOT / "benchmarks").glob("*.py"))})  # imported by bare name
+    return modules
+
+
+def test_no_import_circle() -> None:
+    """No module imports itself through others when loaded (a circle makes import order matter)."""
+    assert _import_cycles(_project_modules()) == []
+
+
+def test_the_circle_check_sees_a_circle(tmp_path: Path) -> None:
+    """The check can fail: two modules that import each other at module level (one under TYPE_CHECKING) form a
+    circle; a lazy import inside a function does not."""
+    (tmp_path / "a.py").write_text("from b import x\n")
+    (tmp_path / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from a import y\n")
+    (tmp_path / "c.py").write_text("import a\n")
+    (tmp_path / "d.py").write_text("def f():\n    import c\n")
+    found = _import_cycles({n: tmp_path / f"{n}.py" for n in "abcd"})
+    assert found == [["a", "b"]]

@@ -16,9 +16,9 @@ import pytest
 from support.serve_fakes import GatedPipeline
 
 from sdxl_trt.errors import ManifestError
-from sdxl_trt.serve.app import create_app
-from sdxl_trt.serve.auth import key_matches
-from sdxl_trt.serve.settings import ServeSettings
+from sdxl_trt.serve.core.settings import ServeSettings
+from sdxl_trt.serve.http.app import create_app
+from sdxl_trt.serve.http.auth import key_matches
 
 KEY = "k3y"
 GEN = {"prompt": "x", "size": "256x256", "steps": 2}
@@ -188,7 +188,8 @@ def test_images_are_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) 
 
     from PIL import Image
 
-    from sdxl_trt.serve import a1111_routes, images_io, openai_routes
+    from sdxl_trt.serve.apis import a1111_routes, openai_routes
+    from sdxl_trt.serve.http import images_io
 
     fake = GatedPipeline(open_gate=True)
     threads: list[int] = []
@@ -272,7 +273,7 @@ def test_every_api_path_needs_the_key_but_probes_do_not(path: str) -> None:
 def test_warmup_sampler_and_guidance_flags_reach_the_pipeline() -> None:
     """--warmup-schedulers / --warmup-guidance are parsed, checked and handed to Pipeline.warmup."""
     from sdxl_trt.cli import build_parser
-    from sdxl_trt.serve.cli import settings_from_args
+    from sdxl_trt.cli.serve import settings_from_args
 
     args = build_parser().parse_args(["serve", "--engines", "e", "--warmup-schedulers", "euler,unipc",
                                       "--warmup-guidance", "5,0"])

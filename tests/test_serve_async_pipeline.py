@@ -11,8 +11,8 @@ from support.serve_fakes import GatedPipeline
 
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest, GenerationResult
-from sdxl_trt.serve.async_pipeline import AsyncPipeline
-from sdxl_trt.serve.errors import DeadlineExceededError, OverloadedError, ShuttingDownError
+from sdxl_trt.serve.core.async_pipeline import AsyncPipeline
+from sdxl_trt.serve.core.errors import DeadlineExceededError, OverloadedError, ShuttingDownError
 
 TOLERANCE = 1  # uint8 levels: a batch of 2 may round differently from a batch of 1, by at most one level
 

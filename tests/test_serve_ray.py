@@ -29,14 +29,14 @@ from support.serve_server import decode_png, free_port
 
 pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'sdxl-trt[ray]')")
 
-from sdxl_trt.serve.ray_app import (  # noqa: E402 - after the skip
+from sdxl_trt.serve.core.settings import ServeSettings  # noqa: E402
+from sdxl_trt.serve.deploy.ray_app import (  # noqa: E402 - after the skip
     PID_HEADER,
     REPLICA_HEADER,
     RayOptions,
     deployment_options,
     parse_autoscale,
 )
-from sdxl_trt.serve.settings import ServeSettings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)

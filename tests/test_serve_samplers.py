@@ -6,7 +6,7 @@ import pytest
 
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.runtime.schedulers import SCHEDULERS
-from sdxl_trt.serve import samplers
+from sdxl_trt.serve.apis import samplers
 
 
 @pytest.mark.parametrize(("sampler", "schedule", "ours"), [

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for ``su
 
 from PIL import Image  # noqa: E402
 
+from sdxl_trt.cli.serve import register, run_server, settings_from_args  # noqa: E402
 from sdxl_trt.request import GenerationRequest, GenerationResult  # noqa: E402
-from sdxl_trt.serve.cli import register, run_server, settings_from_args  # noqa: E402
 from support.serve_fakes import GatedPipeline  # noqa: E402
 
 HANG_S = 8.0

@@ -20,14 +20,14 @@ from starlette.responses import JSONResponse, Response
 from sdxl_trt import __version__
 from sdxl_trt.errors import SdxlTrtError
 
-from . import a1111_routes, controlnet, openai_routes
+from ..apis import a1111_routes, controlnet, openai_routes
+from ..core.service import PipelineFactory, Service, load_pipeline
+from ..core.settings import ServeSettings
 from .auth import ApiKeyMiddleware
 from .endpoint import ClientGone
-from .http_errors import ApiError, ErrorGuardMiddleware, from_exception, from_validation, render
+from .errors import ApiError, ErrorGuardMiddleware, from_exception, from_validation, render
 from .limits import BodyLimitMiddleware, BodyStats
 from .metrics import CLIENT_CLOSED, MetricsMiddleware, ServeMetrics
-from .service import PipelineFactory, Service, load_pipeline
-from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 

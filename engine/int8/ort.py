@@ -25,8 +25,8 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from sdxl_trt.errors import BuildError
 
-from .int8_calibration import check_samples
-from .int8_qdq import (
+from .calibration import check_samples
+from .qdq import (
     EXCLUDED_NAME_PATTERNS,
     QUANTIZED_OP_TYPES,
     check_tensorrt_qdq,
@@ -36,7 +36,7 @@ from .int8_qdq import (
     restrict_dq_to,
     weighted_nodes,
 )
-from .int8_report import QuantizationReport, measure_error
+from .report import QuantizationReport, measure_error
 
 log = logging.getLogger(__name__)
 

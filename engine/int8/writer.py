@@ -1,7 +1,7 @@
 """Write the Q/DQ UNet from measured ranges, one weight at a time: no calibrator, no whole model in memory.
 
-Given the activation ranges (:mod:`.int8_ranges`) and the nodes to quantize (:mod:`.int8_qdq`'s placement), this
-inserts exactly what ONNX Runtime's ``quantize_static`` produces in the TensorRT configuration of :mod:`.int8_ort`:
+Given the activation ranges (:mod:`.ranges`) and the nodes to quantize (:mod:`.qdq`'s placement), this
+inserts exactly what ONNX Runtime's ``quantize_static`` produces in the TensorRT configuration of :mod:`.ort`:
 
 * per activation tensor, one ``QuantizeLinear -> DequantizeLinear`` pair (INT8, zero-point 0, scale
   ``amax / 127``), read only by the nodes to quantize (other consumers keep the float tensor);
@@ -29,8 +29,8 @@ from onnx.external_data_helper import uses_external_data
 
 from sdxl_trt.errors import BuildError
 
-from .int8_qdq import QUANTIZED_OP_TYPES, check_tensorrt_qdq, initializer_names, quantized_counts, weight_axis
-from .int8_report import QuantizationReport, measure_error
+from .qdq import QUANTIZED_OP_TYPES, check_tensorrt_qdq, initializer_names, quantized_counts, weight_axis
+from .report import QuantizationReport, measure_error
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def quantize_unet_from_ranges(
     providers: Sequence[str] | None = None,
 ) -> QuantizationReport:
     """Write the Q/DQ UNet from measured ranges, check it as TensorRT will read it, and report (with the error on
-    ``eval_inputs`` when given): the range-based counterpart of :func:`.int8_ort.quantize_unet`."""
+    ``eval_inputs`` when given): the range-based counterpart of :func:`.ort.quantize_unet`."""
     fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
     if fp32_onnx.resolve() == out_onnx.resolve():
         raise BuildError(f"out_onnx {out_onnx} would overwrite the FP32 input; choose another path")

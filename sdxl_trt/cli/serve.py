@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.errors import InvalidRequestError, SdxlTrtError
-
-from .settings import API_KEY_ENV, ServeSettings
+from sdxl_trt.serve.core.settings import API_KEY_ENV, ServeSettings
 
 if TYPE_CHECKING:
-    from .service import PipelineFactory
+    from sdxl_trt.serve.core.service import PipelineFactory
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ def _check_warmup(settings: ServeSettings, built: list[str]) -> None:
 
 
 def _autoscale(text: str) -> tuple[int, int]:
-    from .ray_app import parse_autoscale
+    from sdxl_trt.serve.deploy.ray_app import parse_autoscale
 
     try:
         return parse_autoscale(text)
@@ -227,9 +226,9 @@ def run_server(settings: ServeSettings, pipeline_factory: PipelineFactory | None
     try:
         import uvicorn
 
-        from .app import create_app
-        from .edge import header_deadline_protocol
-        from .server import DrainingServer
+        from sdxl_trt.serve.http.app import create_app
+        from sdxl_trt.serve.http.edge import header_deadline_protocol
+        from sdxl_trt.serve.http.server import DrainingServer
     except ImportError as e:
         raise SdxlTrtError(f"sdxl-trt serve needs the serve extra ({e.name} is missing): "
                            "pip install 'sdxl-trt[serve]'") from None
@@ -254,8 +253,7 @@ def run_server(settings: ServeSettings, pipeline_factory: PipelineFactory | None
 
 def _cmd_serve_ray(args: argparse.Namespace) -> int:
     from sdxl_trt.engine_dir.manifest import open_engine_dir
-
-    from .ray_app import RayOptions, serve_on_ray
+    from sdxl_trt.serve.deploy.ray_app import RayOptions, serve_on_ray
 
     if args.replicas is not None and args.autoscale is not None:
         raise SdxlTrtError("give --replicas or --autoscale, not both")

@@ -16,7 +16,7 @@ Field policy (the models in ``a1111_api`` declare them all):
 * refused with a 400 naming the field when set to anything but its default: enable_hr, restore_faces, tiling,
   styles, subseed_strength, seed_resize_from_*, s_churn, s_noise, s_min_uncond, override_settings (other
   than the loaded checkpoint), script_name / script_args, active alwayson_scripts other than the ControlNet
-  extension's (``controlnet``: see ``serve/controlnet.py``), save_images, infotext,
+  extension's (``controlnet``: see ``serve/apis/controlnet.py``), save_images, infotext,
   resize_mode, mask_round, inpainting_fill 2 or 3, initial_noise_multiplier, latent_mask,
   include_init_images, and any unknown field that is not empty.
 """
@@ -35,7 +35,12 @@ from sdxl_trt import __version__
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest
 
-from . import endpoint, samplers
+from ..core.async_pipeline import PipelineLike
+from ..core.settings import ServeSettings
+from ..http import endpoint
+from ..http.images_io import decode_b64_image, gray8
+from ..http.inputs import check_texts
+from . import samplers
 from .a1111_api import (
     GenerationResponse,
     Img2ImgRequest,
@@ -45,12 +50,8 @@ from .a1111_api import (
     SDModel,
     Txt2ImgRequest,
 )
-from .async_pipeline import PipelineLike
 from .controlnet import IMAGE_KEYS, a1111_script, a1111_units, strip_images
 from .extras import available_loras, few_step_fields, lora_set, strip_a1111_loras
-from .images_io import decode_b64_image, gray8
-from .inputs import check_texts
-from .settings import ServeSettings
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"], route_class=endpoint.FastJsonRoute)
 

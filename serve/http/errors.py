@@ -15,8 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdxl_trt.errors import InvalidRequestError, NonFiniteOutputError
 
-from . import a1111_api, openai_api
-from .errors import DeadlineExceededError, NotReadyError, OverloadedError, ShuttingDownError
+from ..apis import a1111_api, openai_api
+from ..core.errors import DeadlineExceededError, NotReadyError, OverloadedError, ShuttingDownError
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from sdxl_trt.errors import SdxlTrtError
 
-from .service import PipelineFactory, Service, load_pipeline
-from .settings import ServeSettings
+from ..core.service import PipelineFactory, Service, load_pipeline
+from ..core.settings import ServeSettings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -151,7 +151,7 @@ class ReplicaApp:
 
 
 def build_replica_app(settings: ServeSettings, pipeline_factory: PipelineFactory, *, replica_id: str) -> ReplicaApp:
-    from .app import create_app
+    from ..http.app import create_app
 
     app = create_app(settings, pipeline_factory)
     return ReplicaApp(app, app.state.service, replica_id=replica_id)

@@ -15,7 +15,7 @@ from typing import Any
 
 from sdxl_trt.errors import InvalidRequestError
 
-from .async_pipeline import PipelineLike
+from ..core.async_pipeline import PipelineLike
 
 MAX_LORAS = 8
 MAX_ABS_SCALE = 10.0

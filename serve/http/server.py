@@ -20,7 +20,7 @@ from types import FrameType
 
 import uvicorn
 
-from .service import Service
+from ..core.service import Service
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .http_errors import ApiError, render
+from .errors import ApiError, render
 
 log = logging.getLogger(__name__)
 

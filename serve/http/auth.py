@@ -15,7 +15,7 @@ from collections.abc import Collection
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .http_errors import ApiError, render
+from .errors import ApiError, render
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,11 @@ from sdxl_trt.control_images import (
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import MAX_CONTROL_SCALE, ControlNetUnit
 
-from . import endpoint
-from .images_io import decode_b64_image
+from ..http import endpoint
+from ..http.images_io import decode_b64_image
 
 if TYPE_CHECKING:
-    from .async_pipeline import PipelineLike
+    from ..core.async_pipeline import PipelineLike
     from .openai_api import ControlNetRef
 
 router = APIRouter(prefix="/controlnet", tags=["ControlNet"])

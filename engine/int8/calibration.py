@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS_FILE = Path(__file__).parent / "data" / "calibration_prompts.txt"
+DEFAULT_PROMPTS_FILE = Path(__file__).parents[1] / "data" / "calibration_prompts.txt"
 """Shipped calibration prompts: varied subjects, styles and lengths, one per line."""
 
 UNET_INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
@@ -344,7 +344,7 @@ def _check_contract_names() -> None:
 
     names = tuple(component_specs(ModelDims())["unet"].input_names)
     if names != UNET_INPUT_NAMES:  # pragma: no cover - a contract change must update this module
-        raise ImportError(f"engine/int8_calibration.py records UNet inputs {UNET_INPUT_NAMES}, the contract now says {names}")
+        raise ImportError(f"engine/int8/calibration.py records UNet inputs {UNET_INPUT_NAMES}, the contract now says {names}")
 
 
 _check_contract_names()

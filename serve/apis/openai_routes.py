@@ -15,14 +15,14 @@ from starlette.datastructures import UploadFile
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
 
-from . import endpoint
-from .async_pipeline import PipelineLike
+from ..core.async_pipeline import PipelineLike
+from ..core.settings import ServeSettings
+from ..http import endpoint
+from ..http.images_io import gray8, open_image
+from ..http.inputs import check_texts, parse_size
 from .controlnet import openai_units
 from .extras import few_step_fields, lora_set
-from .images_io import gray8, open_image
-from .inputs import check_texts, parse_size
 from .openai_api import UNSUPPORTED, ImageData, ImageEditRequest, ImageGenerationRequest, ImagesResponse
-from .settings import ServeSettings
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI Images"], route_class=endpoint.FastJsonRoute)
 

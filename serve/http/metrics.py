@@ -22,7 +22,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .async_pipeline import BatchReport
+from ..core.async_pipeline import BatchReport
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)

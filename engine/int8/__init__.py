@@ -4,14 +4,14 @@ TensorRT builds INT8 engines from ONNX files that carry QuantizeLinear/Dequantiz
 quantization"): the Q/DQ nodes say exactly which tensors are INT8, and TensorRT fuses each DQ -> Conv/MatMul
 into an INT8 kernel. :func:`build_int8_unet` is the one call the build makes; the work is in these modules:
 
-* :mod:`.int8_calibration`: diffusers' pipeline denoising real prompts, the UNet calls picked as samples (and
+* :mod:`.calibration`: diffusers' pipeline denoising real prompts, the UNet calls picked as samples (and
   their inputs recorded, for held-out errors and the ONNX Runtime path), progress with an ETA;
-* :mod:`.int8_qdq`: which layers are quantized and which stay high precision, and TensorRT's placement checks;
-* :mod:`.int8_ranges` + :mod:`.int8_writer` (default): ranges measured by PyTorch forward hooks during the
+* :mod:`.qdq`: which layers are quantized and which stay high precision, and TensorRT's placement checks;
+* :mod:`.ranges` + :mod:`.writer` (default): ranges measured by PyTorch forward hooks during the
   denoising, then the Q/DQ file written weight by weight; memory does not grow with samples or activations;
-* :mod:`.int8_ort` (``backend="onnxruntime"``): calibration and Q/DQ insertion with ONNX Runtime's
+* :mod:`.ort` (``backend="onnxruntime"``): calibration and Q/DQ insertion with ONNX Runtime's
   ``quantize_static`` on recorded inputs, kept for comparison and for the percentile/entropy methods;
-* :mod:`.int8_report`: the report stored in the manifest and the error against FP32 on held-out inputs.
+* :mod:`.report`: the report stored in the manifest and the error against FP32 on held-out inputs.
 
 The names below are re-exported so ``from sdxl_trt.engine import int8`` reaches the whole API.
 """
@@ -31,15 +31,15 @@ import onnx
 
 from sdxl_trt.errors import BuildError
 
-from .int8_calibration import (
+from .calibration import (
     DEFAULT_PROMPTS_FILE,
     UNET_INPUT_NAMES,
     collect_calibration_inputs,
     encode_prompts,
     read_prompts,
 )
-from .int8_ort import EXTERNAL_DATA_BYTES, CalibrateMethod, quantize_unet
-from .int8_qdq import (
+from .ort import EXTERNAL_DATA_BYTES, CalibrateMethod, quantize_unet
+from .qdq import (
     EXCLUDED_NAME_PATTERNS,
     QUANTIZED_OP_TYPES,
     check_tensorrt_qdq,
@@ -47,9 +47,9 @@ from .int8_qdq import (
     quantized_node_names,
     weighted_nodes,
 )
-from .int8_ranges import collect_activation_ranges
-from .int8_report import QuantizationReport, measure_error
-from .int8_writer import quantize_unet_from_ranges
+from .ranges import collect_activation_ranges
+from .report import QuantizationReport, measure_error
+from .writer import quantize_unet_from_ranges
 
 if TYPE_CHECKING:
     from sdxl_trt.export.loading import LoadedModel
@@ -92,8 +92,8 @@ def build_int8_unet(
 
     ``backend``: ``"torch"`` (default) measures the ranges with forward hooks in PyTorch, on the model's device,
     while the prompts are denoised (memory: the model plus one step's activations, whatever the sample count), then
-    writes the Q/DQ file one weight at a time (:mod:`.int8_ranges`, :mod:`.int8_writer`); ``"onnxruntime"`` records
-    the UNet's inputs and calibrates the FP32 ONNX file with ONNX Runtime (:mod:`.int8_ort`; every calibration
+    writes the Q/DQ file one weight at a time (:mod:`.ranges`, :mod:`.writer`); ``"onnxruntime"`` records
+    the UNet's inputs and calibrates the FP32 ONNX file with ONNX Runtime (:mod:`.ort`; every calibration
     method, but host memory grows with a forward pass's activations: 14.8 GB for tiny at 1024x1024). Both quantize
     the same nodes. ``model`` may be a loader: it is then called once and the model dropped before the Q/DQ file is
     written, so the two peaks do not add up."""

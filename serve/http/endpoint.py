@@ -18,10 +18,10 @@ from starlette.responses import Response
 from sdxl_trt.errors import SdxlTrtError
 from sdxl_trt.request import GenerationRequest, GenerationResult
 
-from .http_errors import from_exception
+from ..core.service import Service
+from ..core.settings import ServeSettings
+from .errors import from_exception
 from .images_io import png_b64
-from .service import Service
-from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 

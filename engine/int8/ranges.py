@@ -7,7 +7,7 @@ quantizes is the range of its module's forward input. :func:`observation_plan` m
 that feeds a quantized node to the modules that read it, and :func:`collect_activation_ranges` puts a forward
 pre-hook on each: at the picked UNet calls it folds ``max(|x|)`` into one running scalar per tensor, on the
 model's device, without a host sync. Nothing is kept per sample, so memory is the model plus one step's
-activations whatever the number of samples (ONNX Runtime's calibrator, :mod:`.int8_ort`, holds a whole forward
+activations whatever the number of samples (ONNX Runtime's calibrator, :mod:`.ort`, holds a whole forward
 pass's augmented outputs on the host instead).
 
 The statistic is the symmetric max-abs range, what ``minmax`` calibration computes (ONNX Runtime's MinMax with
@@ -25,7 +25,7 @@ import onnx
 
 from sdxl_trt.errors import BuildError
 
-from .int8_calibration import Sampling, run_calibration_prompts
+from .calibration import Sampling, run_calibration_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -146,7 +146,7 @@ def collect_activation_ranges(
     embeddings: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Max-abs ranges of the activations feeding ``nodes`` (of ``graph``), measured at the same picked UNet calls
-    :func:`.int8_calibration.collect_calibration_inputs` would record. Returns (ranges by tensor name, samples)."""
+    :func:`.calibration.collect_calibration_inputs` would record. Returns (ranges by tensor name, samples)."""
     plan = observation_plan(graph, nodes, model.unet)
     observer = AmaxObserver(model.unet, plan)
     log.info("calibration: observing %d activations through %d module hooks", len(plan),

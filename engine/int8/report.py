@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .int8_calibration import check_samples
+from .calibration import check_samples
 
 
 @dataclass
