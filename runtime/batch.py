@@ -29,6 +29,7 @@ from .context import MAX_STATE_TENSORS, EngineContext
 from .controlnet import ControlNets
 from .denoise import Denoiser, StepBuffers
 from .images import image_to_tensor, mask_to_tensor, non_finite_error, to_uint8
+from .progress import StepProgress
 from .schedulers import SCHEDULERS, Schedule, make_schedule
 from .schedulers._base import FixedTables
 
@@ -67,7 +68,9 @@ class BatchRunner:
         self.ctx = ctx
         self.controlnets = ControlNets(ctx)
         self.scheduler_configs = scheduler_configs  # per UNet ("unet", "refiner")
-        self.denoisers: dict[str, Denoiser] = {n: Denoiser(ctx.engines[n], ctx.graphs) for n in ("unet", "refiner") if n in ctx.engines}
+        self.progress = StepProgress(ctx.device, capacity=2 * ctx.max_steps)  # base + refiner steps of a batch
+        self.denoisers: dict[str, Denoiser] = {n: Denoiser(ctx.engines[n], ctx.graphs, self.progress)
+                                               for n in ("unet", "refiner") if n in ctx.engines}
         # One set of fixed tables per (UNet, sampler), allocated at load: a captured step reads them.
         self.tables: dict[tuple[str, str], FixedTables] = {}
         for unet in self.denoisers:
@@ -147,6 +150,7 @@ class BatchRunner:
         schedule = self.bound("unet", req.scheduler, base_host)
         inpaint = None
         timer = StageTimer(ctx.device)
+        self.progress.begin(schedule.num_steps + (refiner_host.num_steps if refiner_host is not None else 0))
 
         if mode == "txt2img":
             noise = torch.cat([self._randn(g, (1, c, h, w), dt) for g in gens]).float()
@@ -194,6 +198,7 @@ class BatchRunner:
             if not bool(ok):
                 raise non_finite_error(what if what == "decoded image" else f"{what} latents after denoising")
         timer.add_to(timings)
+        self.progress.end()
         return pil, steps_run
 
     @property

@@ -23,6 +23,7 @@ import torch
 from .controlnet import ControlBuffers, run_controls
 from .engine import Engine
 from .graphs import CudaGraphs
+from .progress import StepProgress
 
 
 @dataclass
@@ -47,9 +48,10 @@ class StepBuffers:
 class Denoiser:
     """Runs a UNet engine through a schedule with classifier-free guidance; graphs the step on CUDA."""
 
-    def __init__(self, unet: Engine, graphs: CudaGraphs) -> None:
+    def __init__(self, unet: Engine, graphs: CudaGraphs, progress: StepProgress | None = None) -> None:
         self.unet = unet
         self.graphs = graphs
+        self.progress = progress
 
     def step(self, schedule: Any, buf: StepBuffers, *, cfg: bool, profile: int) -> None:
         """One guided step at ``buf.step_index`` (then the index is advanced)."""
@@ -90,3 +92,5 @@ class Denoiser:
                 graph.replay()
             else:
                 self.step(schedule, buf, cfg=cfg, profile=profile)
+            if self.progress is not None:
+                self.progress.mark()  # between steps, outside any capture: an event record or a count

@@ -64,6 +64,7 @@ class Pipeline:
             self.runner = BatchRunner(self.ctx, self._scheduler_configs())
             self.loras = LoraSwitcher(self.ctx, self.directory, lora_dirs)
         self.buckets = self.ctx.buckets
+        self.progress = self.runner.progress  # the running batch's steps, for progress endpoints (any thread)
         self.max_batch = manifest.max_batch
         self.has_refiner = "refiner" in engines
         self._lock = threading.Lock()

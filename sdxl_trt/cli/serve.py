@@ -74,6 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-guidance", type=_warmup_guidance, default=d.warmup_guidance, metavar="G,...",
                    help="guidance scales captured at start (default 5; a value <= 1 captures the step without "
                         "classifier-free guidance, as few-step recipes run: e.g. 5,0 for both)")
+    p.add_argument("--no-ui", action="store_true",
+                   help="serve no playground page on / and no OpenAPI page on /docs (the APIs are unchanged)")
     p.add_argument("--ray", action="store_true",
                    help="run on Ray Serve: a local cluster, or the one in $RAY_ADDRESS (needs the ray extra)")
     p.add_argument("--replicas", type=_positive(int), default=None,
@@ -203,7 +205,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout_s,
         lora_dirs=tuple(_lora_dirs(args.lora_dir)),
         body_timeout_s=args.body_timeout_s, chunk_timeout_s=args.chunk_timeout_s,
-        limit_concurrency=args.limit_concurrency,
+        limit_concurrency=args.limit_concurrency, ui=not args.no_ui,
     )
 
 

@@ -232,8 +232,10 @@ def binary_mask(mask: Image.Image) -> Image.Image:
 
 
 def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler, result_params: dict[str, Any],
-          seeds: list[int], model: dict[str, str] | None) -> str:
-    """A1111's ``info``: a JSON string with ``seed``, ``all_seeds`` and the settings used."""
+          seeds: list[int], model: dict[str, str] | None, timings: dict[str, float] | None = None,
+          steps_run: dict[str, int] | None = None) -> str:
+    """A1111's ``info``: a JSON string with ``seed``, ``all_seeds`` and the settings used; ours added: ``timings``
+    (seconds per stage of the request's batch, and its own ``queue_wait``) and ``steps_run`` (steps per UNet)."""
     n = len(seeds)
     w, h = result_params.get("width"), result_params.get("height")
     schedule = next((label for name, label in samplers.SCHEDULES if name == (body.scheduler or "automatic").lower()
@@ -266,7 +268,7 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
         "index_of_first_image": 0, "infotexts": [infotext(s) for s in seeds], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "scheduler_name": result_params.get("scheduler"), "backend": result_params.get("backend"),
-        "version": f"sdxl-trt {__version__}",
+        "version": f"sdxl-trt {__version__}", "timings": timings or {}, "steps_run": steps_run or {},
     }
     return json.dumps(info)
 
@@ -289,7 +291,8 @@ async def _generate(request: Request, body: Txt2ImgRequest | Img2ImgRequest) -> 
     if isinstance(body, Img2ImgRequest):
         parameters.update(init_images=None, mask=None)
     return GenerationResponse(images=images, parameters=parameters,
-                              info=_info(body, sampler, result.parameters, result.seeds, model_info(pipeline)))
+                              info=_info(body, sampler, result.parameters, result.seeds, model_info(pipeline),
+                                         result.timings, result.steps_run))
 
 
 @router.post("/txt2img", response_model=GenerationResponse)
@@ -345,12 +348,16 @@ async def get_options(request: Request) -> dict[str, Any]:
 
 @router.get("/progress", response_model=Progress)
 async def get_progress(request: Request) -> Progress:
+    """The running batch's denoising steps (base and refiner as one run, counted on the device) and the requests
+    waiting or running; all zeros when idle."""
     service = endpoint.service_of(request)
     stats = service.async_pipeline.stats() if service.async_pipeline is not None else None
     jobs = (stats.queue_depth + stats.running_requests) if stats is not None else 0
-    return Progress(progress=0.0, eta_relative=0.0, state={
+    tracker = getattr(service.pipeline, "progress", None)
+    snap = tracker.snapshot() if tracker is not None and stats is not None and stats.running_requests else None
+    return Progress(progress=snap.fraction if snap else 0.0, eta_relative=snap.eta_s if snap else 0.0, state={
         "skipped": False, "interrupted": False, "job": "", "job_count": jobs, "job_timestamp": "0", "job_no": 0,
-        "sampling_step": 0, "sampling_steps": 0})
+        "sampling_step": snap.step if snap else 0, "sampling_steps": snap.steps if snap else 0})
 
 
 @router.get("/scripts")

@@ -386,6 +386,7 @@ class AsyncPipeline:
             s.completed += 1
             s.images += len(outcome.images)
             timings = timings or dict(outcome.timings)
+            outcome.timings["queue_wait"] = t0 - it.enqueued  # this request's own wait (after the metrics' copy)
             if not it.future.done():
                 it.future.set_result(outcome)
         log.debug("batch of %d requests (%d images) in %.3f s", len(batch), images, seconds)

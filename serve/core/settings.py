@@ -42,6 +42,7 @@ class ServeSettings:
     # None: the model's own sampler; guidance <= 1 captures the step without classifier-free guidance.
     warmup_schedulers: tuple[str, ...] | None = None
     warmup_guidance: tuple[float, ...] = (5.0,)
+    ui: bool = True  # the playground on / and the OpenAPI page on /docs; --no-ui turns both off
 
     @property
     def max_body_bytes(self) -> int:

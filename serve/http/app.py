@@ -3,7 +3,8 @@ and a Ray Serve deployment serve the same app.
 
 Layers, outermost first: error guard (any exception -> a JSON error, the connection kept) -> metrics (counts
 every answer) -> API key (before any body is read) -> body limits (size, deadline, per-chunk timeout) -> FastAPI
-routes (OpenAI, A1111, probes, metrics). Each API's errors keep that API's shape (``http_errors``).
+routes (OpenAI, A1111, ControlNet, engine facts, probes, metrics; then, unless ``--no-ui``, the playground and
+/docs, which need no key). Each API's errors keep that API's shape (``http_errors``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from starlette.responses import JSONResponse, Response
 from sdxl_trt import __version__
 from sdxl_trt.errors import SdxlTrtError
 
-from ..apis import a1111_routes, controlnet, openai_routes
+from ..apis import a1111_routes, controlnet, engine_info, openai_routes
 from ..core.service import PipelineFactory, Service, load_pipeline
 from ..core.settings import ServeSettings
+from ..ui import page
 from .auth import ApiKeyMiddleware
 from .endpoint import ClientGone
 from .errors import ApiError, ErrorGuardMiddleware, from_exception, from_validation, render
@@ -59,14 +61,19 @@ def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load
     app.include_router(openai_routes.router)
     app.include_router(a1111_routes.router)
     app.include_router(controlnet.router)
+    app.include_router(engine_info.router)
     _add_probes(app, service, metrics)
+    if settings.ui:  # last: an API request never reaches these routes (the first match wins)
+        page.mount(app, bearer_auth=settings.api_key is not None)
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
                        chunk_timeout_s=settings.chunk_timeout_s, stats=body_stats, text_paths=TEXT_ONLY_PATHS,
                        text_max_bytes=settings.max_text_body_bytes,
                        text_only=lambda: not controlnet.controlnet_names(service.pipeline))
-    app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=OPEN_PATHS)
-    routes = [*openai_routes.router.routes, *a1111_routes.router.routes, *controlnet.router.routes, *app.routes]
+    open_paths = (*OPEN_PATHS, *page.paths()) if settings.ui else OPEN_PATHS  # the pages carry no secret
+    app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=open_paths)
+    routes = [*openai_routes.router.routes, *a1111_routes.router.routes, *controlnet.router.routes,
+              *engine_info.router.routes, *app.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints={getattr(r, "path", "") for r in routes})
     app.add_middleware(ErrorGuardMiddleware)
     return app
