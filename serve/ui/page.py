@@ -56,7 +56,7 @@ def paths() -> tuple[str, ...]:
 
 
 def _read(name: str) -> _File:
-    body = resources.files(__package__).joinpath("static", name).read_bytes()
+    body = (resources.files("sdxl_trt.serve.ui") / "static" / name).read_bytes()
     return _File(body, _TYPES[Path(name).suffix])
 
 
