@@ -44,6 +44,8 @@ class ProgressSnapshot:
 
 
 class StepProgress:
+    """Steps of the running batch: ``begin``/``mark``/``end`` from the worker thread, ``snapshot`` from any."""
+
     def __init__(self, device: torch.device, capacity: int) -> None:
         self.capacity = capacity
         self._events: list[Any] = ([torch.cuda.Event() for _ in range(capacity)]

@@ -224,6 +224,17 @@ def _downloads(page: Any, folder: Path) -> list[bytes]:
     return out
 
 
+def _set(page: Any, values: dict[str, str | bool]) -> None:
+    """Set form controls as a person would: a checkbox checked or not, a select's option, text typed."""
+    for selector, value in values.items():
+        if isinstance(value, bool):
+            page.set_checked(selector, value)
+        elif page.eval_on_selector(selector, "e => e.tagName") == "SELECT":
+            page.select_option(selector, value)
+        else:
+            page.fill(selector, value)
+
+
 def _generate(page: Any) -> tuple[dict[str, Any], httpx.Response | Any]:
     """Click Generate; the body the page sent and the page's response."""
     with page.expect_response(lambda r: r.url.endswith("/sdapi/v1/txt2img"), timeout=180_000) as answer:
@@ -256,19 +267,10 @@ def test_playground_in_chromium(server: ServerProcess, browser: Any, tmp_path: P
     assert page.is_visible("#refiner") and not page.is_visible("#controlnet") and not page.is_visible("#cache")
 
     # 2. A generation: two images, fixed seed, a LoRA, the refiner, a non-default sampler and schedule.
-    page.fill("#prompt", HTML_PROMPT)
-    page.fill("#negative_prompt", "blurry")
-    page.select_option("#size", "256x256")
-    page.fill("#steps", str(STEPS))
-    page.fill("#cfg_scale", "6")
-    page.fill("#batch_size", "2")
-    page.select_option("#sampler_name", "DPM++ 2M")
-    page.select_option("#scheduler", "karras")
-    page.fill("#seed", "1234")
-    page.check("#lora-1")  # style
-    page.fill("#lora-weight-1", "0.7")
-    page.check("#refiner-enabled")
-    page.fill("#refiner_switch_at", "0.75")
+    _set(page, {"#prompt": HTML_PROMPT, "#negative_prompt": "blurry", "#size": "256x256", "#steps": str(STEPS),
+                "#cfg_scale": "6", "#batch_size": "2", "#sampler_name": "DPM++ 2M", "#scheduler": "karras",
+                "#seed": "1234", "#lora-1": True, "#lora-weight-1": "0.7", "#refiner-enabled": True,
+                "#refiner_switch_at": "0.75"})  # lora-1: style
     page.evaluate("""() => { window.__progress = []; const bar = document.getElementById('progress');
         new MutationObserver(() => window.__progress.push(bar.value)).observe(bar, {attributes: true}); }""")
     sent, response = _generate(page)
@@ -409,16 +411,9 @@ def test_controlnet_in_chromium(controlnet_server: ServerProcess, browser: Any, 
     image = Image.new("RGB", (256, 256), "black")
     image.paste((255, 255, 255), (64, 64, 192, 192))
     image.save(control)
-    page.fill("#steps", "4")
-    page.fill("#seed", "7")
-    page.check("#cn-enabled")
-    page.select_option("#cn-model", "edges")
-    page.select_option("#cn-module", "canny")
     page.set_input_files("#cn-image", str(control))
-    page.fill("#cn-weight", "0.8")
-    page.fill("#cn-start", "0.1")
-    page.fill("#cn-end", "0.9")
-    page.select_option("#cn-mode", "2")
+    _set(page, {"#steps": "4", "#seed": "7", "#cn-enabled": True, "#cn-model": "edges", "#cn-module": "canny",
+                "#cn-weight": "0.8", "#cn-start": "0.1", "#cn-end": "0.9", "#cn-mode": "2"})
     sent, response = _generate(page)
     page.wait_for_selector(".result img.generated")
     assert response.status == 200
