@@ -23,6 +23,7 @@ from sdxl_trt.contracts import TOKENS_PER_CHUNK
 from sdxl_trt.engine_dir.profiles import select_profile
 from sdxl_trt.errors import SdxlTrtError
 from sdxl_trt.request import GenerationRequest
+from sdxl_trt.samplers import SCHEDULERS
 
 from .conditioning import Slot
 from .context import MAX_STATE_TENSORS, EngineContext
@@ -30,7 +31,7 @@ from .controlnet import ControlNets
 from .denoise import Denoiser, StepBuffers
 from .images import image_to_tensor, mask_to_tensor, non_finite_error, to_uint8
 from .progress import StepProgress
-from .schedulers import SCHEDULERS, Schedule, make_schedule
+from .schedulers import Schedule, make_schedule
 from .schedulers._base import FixedTables
 
 

@@ -35,6 +35,7 @@ from sdxl_trt.buckets import Bucket
 from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir
 from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
+from sdxl_trt.samplers import SCHEDULERS, scheduler_for_config
 
 from .batch import BatchRunner, StageTimer
 from .conditioning import Conditioner, Slot, resolve_bucket
@@ -43,7 +44,6 @@ from .engine import Engine
 from .graphs import CudaGraphs
 from .loader import load_engines, resolve_device
 from .lora import LoraSet, LoraSwitcher, check_lora_set
-from .schedulers import SCHEDULERS, scheduler_for_config
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InvalidRequestError
+from .samplers import SPACINGS as TIMESTEP_SPACINGS
 
 if TYPE_CHECKING:
     from PIL import Image
 
 RefinerMode = Literal["ensemble", "img2img"]
 Mode = Literal["txt2img", "img2img", "inpaint"]
-
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
-"""diffusers' ``timestep_spacing`` values a request may choose."""
 
 MAX_CONTROL_SCALE = 10.0
 """A ControlNet scale's bound (users stay within 0..2; beyond 10 the residuals swamp the UNet)."""

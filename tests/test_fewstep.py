@@ -16,16 +16,19 @@ from test_pipeline import assert_close, generators, init_image, to_uint8
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.presets import SCHEDULER_CONFIG
 from sdxl_trt.request import GenerationRequest
+from sdxl_trt.samplers import sampler
 
 PROMPT = "a red fox in the snow, photograph"
 
 diffusers_pipes = test_pipeline.reference  # the fixture (diffusers' SDXL pipelines over tiny), under this name here
 
 
-def _scheduler(cls: str, **kwargs: Any) -> Any:
+def _scheduler(name: str, **kwargs: Any) -> Any:
+    """diffusers' scheduler for our sampler ``name`` (its record's class and kwargs), plus ``kwargs``."""
     import diffusers
 
-    return getattr(diffusers, cls).from_config(SCHEDULER_CONFIG, **kwargs)
+    record = sampler(name)
+    return getattr(diffusers, record.diffusers_class).from_config(SCHEDULER_CONFIG, **record.kwargs, **kwargs)
 
 
 def _txt2img(pipe: Any, scheduler: Any, *, seed: int, steps: int | None, guidance: float, n: int = 1,
@@ -40,7 +43,7 @@ def test_lcm_4_steps_guidance_0(tiny_pipeline, diffusers_pipes):
     req = GenerationRequest(prompt=PROMPT, width=256, height=256, steps=4, guidance_scale=0.0, scheduler="lcm", seed=3)
     ours = tiny_pipeline.generate(req)
     assert ours.steps_run == {"unet": 4}
-    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("LCMScheduler"), seed=3, steps=4, guidance=0.0)
+    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("lcm"), seed=3, steps=4, guidance=0.0)
     assert_close(ours.images, theirs)
 
 
@@ -50,7 +53,7 @@ def test_euler_trailing(tiny_pipeline, diffusers_pipes, steps):
     req = GenerationRequest(prompt=PROMPT, width=256, height=256, steps=steps, guidance_scale=0.0, seed=steps,
                             timestep_spacing="trailing")
     ours = tiny_pipeline.generate(req)
-    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("EulerDiscreteScheduler", timestep_spacing="trailing"),
+    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("euler", timestep_spacing="trailing"),
                       seed=steps, steps=steps, guidance=0.0)
     assert_close(ours.images, theirs)
     assert ours.parameters["timestep_spacing"] == "trailing"
@@ -64,7 +67,7 @@ def test_tcd_4_steps_eta(tiny_pipeline, diffusers_pipes):
     req = GenerationRequest(prompt=PROMPT, width=256, height=256, steps=4, guidance_scale=0.0, scheduler="tcd", seed=5,
                             eta=0.3)
     ours = tiny_pipeline.generate(req)
-    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("TCDScheduler"), seed=5, steps=4, guidance=0.0, eta=0.3)
+    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("tcd"), seed=5, steps=4, guidance=0.0, eta=0.3)
     assert_close(ours.images, theirs)
     # eta is per request and reaches the step: another eta, another image; the default is 0.3
     other = tiny_pipeline.generate(GenerationRequest(prompt=PROMPT, width=256, height=256, steps=4,
@@ -82,7 +85,7 @@ def test_lcm_explicit_timesteps(tiny_pipeline, diffusers_pipes):
     assert req.steps == 4
     ours = tiny_pipeline.generate(req)
     assert ours.steps_run == {"unet": 4} and ours.parameters["timesteps"] == [999, 749, 499, 249]
-    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("LCMScheduler"), seed=6, steps=None, guidance=0.0,
+    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("lcm"), seed=6, steps=None, guidance=0.0,
                       timesteps=[999, 749, 499, 249])
     assert_close(ours.images, theirs)
 
@@ -94,7 +97,7 @@ def test_img2img_lcm_4_steps(tiny_pipeline, diffusers_pipes):
     ours = tiny_pipeline.generate(req)
     assert ours.steps_run == {"unet": 3}  # int(4 * 0.75)
     pipe = diffusers_pipes["img2img"]
-    pipe.scheduler = _scheduler("LCMScheduler")
+    pipe.scheduler = _scheduler("lcm")
     theirs = pipe(prompt=req.prompt, image=image, strength=0.75, num_inference_steps=4, guidance_scale=0.0,
                   generator=generators(13, 1), output_type="np").images
     assert_close(ours.images, theirs)
@@ -109,7 +112,7 @@ def test_step_counts_and_etas_share_the_fixed_tables(tiny_pipeline, diffusers_pi
                                 scheduler="tcd", eta=eta, seed=steps)
         ours = tiny_pipeline.generate(req)
         assert ours.steps_run == {"unet": steps}
-        theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("TCDScheduler"), seed=steps, steps=steps,
+        theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("tcd"), seed=steps, steps=steps,
                           guidance=0.0, eta=eta, prompt="a lighthouse")
         assert_close(ours.images, theirs)
 
@@ -142,7 +145,7 @@ def test_guidance_off_runs_the_unet_on_the_images_only(tiny_pipeline, diffusers_
         ours = tiny_pipeline.generate(req)
     assert recorder.batches == [2, 2, 2]
     assert "negative prompt is ignored" in caplog.text
-    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("EulerDiscreteScheduler"), seed=21, steps=3, guidance=guidance,
+    theirs = _txt2img(diffusers_pipes["txt2img"], _scheduler("euler"), seed=21, steps=3, guidance=guidance,
                       n=2, negative=req.negative_prompt)
     assert_close(ours.images, theirs)
     recorder.batches.clear()
@@ -225,7 +228,7 @@ def lcm_reference(tiny_lcm):
         vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
         tokenizer=CLIPTokenizer.from_pretrained(str(model.config_dir / "tokenizer")),
         tokenizer_2=CLIPTokenizer.from_pretrained(str(model.config_dir / "tokenizer_2")), unet=model.unet,
-        scheduler=_scheduler("LCMScheduler"), force_zeros_for_empty_prompt=True, add_watermarker=False)
+        scheduler=_scheduler("lcm"), force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -243,7 +246,7 @@ def test_guidance_distilled_unet_takes_the_embedding_not_a_cfg_batch(tiny_lcm, l
                             guidance_scale=7.0, scheduler="lcm", seed=17, num_images=2)
     ours = pipe.generate(req)
     assert recorder.batches == [2, 2, 2, 2]  # M, never 2M, at guidance 7
-    theirs = _txt2img(lcm_reference, _scheduler("LCMScheduler"), seed=17, steps=4, guidance=7.0, n=2,
+    theirs = _txt2img(lcm_reference, _scheduler("lcm"), seed=17, steps=4, guidance=7.0, n=2,
                       negative="blurry")
     assert_close(ours.images, theirs)
     # the embedding reaches the UNet: another guidance scale gives another image

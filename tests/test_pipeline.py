@@ -15,15 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_trt.bench.baseline import DIFFUSERS_SCHEDULERS as BENCH_SCHEDULERS
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest
+from sdxl_trt.samplers import OWN_TIMESTEPS, SCHEDULERS, sampler
 
 MAX_LEVELS = 2
 MEAN_LEVELS = 0.05
 
-# Our scheduler names as diffusers classes: the table the benchmark's diffusers baseline uses too.
-DIFFUSERS_SCHEDULERS = {n: v for n, v in BENCH_SCHEDULERS.items() if n not in ("lcm", "tcd")}  # few-step: test_fewstep
+# Our samplers, each against diffusers' class from its record (sdxl_trt.samplers); those that choose their own
+# timesteps (LCM, TCD: few-step samplers) are test_fewstep's.
+PIPELINE_SAMPLERS = [name for name in SCHEDULERS if name not in OWN_TIMESTEPS]
 
 
 def diffusers_scheduler(name: str, _config=None):
@@ -33,8 +34,8 @@ def diffusers_scheduler(name: str, _config=None):
 
     from sdxl_trt.presets import SCHEDULER_CONFIG
 
-    cls, extra = DIFFUSERS_SCHEDULERS[name]
-    return getattr(diffusers, cls).from_config(SCHEDULER_CONFIG, **extra)
+    record = sampler(name)
+    return getattr(diffusers, record.diffusers_class).from_config(SCHEDULER_CONFIG, **record.kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def run_diffusers_txt2img(pipe, sched_name: str, *, prompt, negative, width, hei
                 num_images_per_prompt=n, output_type="np", **kw).images
 
 
-@pytest.mark.parametrize("scheduler", list(DIFFUSERS_SCHEDULERS))
+@pytest.mark.parametrize("scheduler", PIPELINE_SAMPLERS)
 def test_txt2img_matches_diffusers_for_every_scheduler(tiny_pipeline, reference, scheduler):
     """Every scheduler runs from the fixed max_steps tables (what a captured step reads) and equals diffusers."""
     req = GenerationRequest(prompt="a red fox in the snow, photograph", width=256, height=256, steps=6,

@@ -9,60 +9,41 @@ the capturable loop: the step index is a device tensor incremented in place, and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import types
 from collections.abc import Iterator
 from typing import Any
 
+import diffusers
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
     StableDiffusionXLImg2ImgPipeline,
 )
-from diffusers.schedulers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LCMScheduler,
-    TCDScheduler,
-    UniPCMultistepScheduler,
-)
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdxl_trt.errors import InvalidRequestError, ModelLoadError
 from sdxl_trt.presets import SCHEDULER_CONFIG
-from sdxl_trt.runtime.schedulers import (
+from sdxl_trt.runtime.schedulers import make_schedule
+from sdxl_trt.samplers import (
     CUSTOM_TIMESTEPS,
+    DIFFUSERS_DEFAULTS,
     OWN_TIMESTEPS,
+    SAMPLERS,
     SCHEDULERS,
-    make_schedule,
+    sampler,
     scheduler_for_config,
 )
 
-# name -> (diffusers class, from_config kwargs that select the same sampler)
-DIFFUSERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "euler": (EulerDiscreteScheduler, {"use_karras_sigmas": False}),
-    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler,
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler,
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "dpmpp_3m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
-    "dpmpp_3m_sde_karras": (DPMSolverMultistepScheduler,
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
-    "ddim": (DDIMScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "lcm": (LCMScheduler, {}),
-    "tcd": (TCDScheduler, {}),
-}
+# name -> (diffusers class, from_config kwargs that select the same sampler): each record's, so every test
+# here that compares with diffusers checks the registry too.
+DIFFUSERS: dict[str, tuple[type, dict[str, Any]]] = {s.name: (getattr(diffusers, s.diffusers_class), s.kwargs)
+                                                     for s in SAMPLERS}
 # The eta each sampler runs at by default (diffusers' SDXL pipelines pass eta=0.0 to step(); TCD's
 # recommended and our default gamma is 0.3, which a diffusers user passes as the pipeline's eta).
-DEFAULT_ETA: dict[str, float] = {"tcd": 0.3}
+DEFAULT_ETA: dict[str, float] = {s.name: s.eta.default for s in SAMPLERS if s.eta is not None}
 
 SHAPE = (2, 4, 8, 8)  # two images, each with its own generator
 SEEDS = (1234, 99)
@@ -242,9 +223,55 @@ def run_ours(name: str, steps: int, monkeypatch: pytest.MonkeyPatch, *, mode: st
     return s.timesteps, latents
 
 
-def test_every_name_has_a_reference() -> None:
-    assert set(SCHEDULERS) == set(DIFFUSERS)
+def test_the_common_samplers_are_provided() -> None:
     assert {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"} <= set(SCHEDULERS)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_records_kwargs_are_what_diffusers_constructs(name: str) -> None:
+    """Each record's kwargs are constructor settings of its class that diffusers keeps (none silently
+    ignored), so the class and kwargs the other tests build from the record are the sampler it names."""
+    cls, kwargs = DIFFUSERS[name]
+    params = inspect.signature(cls.__init__).parameters
+    assert set(kwargs) <= set(params), f"{name}: {cls.__name__} takes no {set(kwargs) - set(params)}"
+    config = cls.from_config(SCHEDULER_CONFIG, **kwargs).config
+    assert {k: config[k] for k in kwargs} == kwargs
+
+
+@pytest.mark.parametrize("cls_name", list(DIFFUSERS_DEFAULTS))
+def test_diffusers_defaults_are_diffusers(cls_name: str) -> None:
+    """What `scheduler_for_config` reads for a setting a model's config leaves out is the class's default."""
+    params = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
+    assert {k: params[k].default for k in DIFFUSERS_DEFAULTS[cls_name]} == dict(DIFFUSERS_DEFAULTS[cls_name])
+
+
+def _diffusers_takes_timesteps(cls: type, kwargs: dict[str, Any]) -> bool:
+    sched = cls.from_config(SCHEDULER_CONFIG, **kwargs)
+    if "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
+        return False
+    try:
+        sched.set_timesteps(timesteps=[999, 749, 499, 249], device="cpu")
+    except ValueError:  # e.g. "Cannot set `timesteps` with `config.use_karras_sigmas = True`"
+        return False
+    return True
+
+
+def _diffusers_timesteps(cls: type, kwargs: dict[str, Any], spacing: str) -> list[float]:
+    sched = cls.from_config(SCHEDULER_CONFIG, **kwargs, timestep_spacing=spacing)
+    sched.set_timesteps(4, device="cpu")
+    return sched.timesteps.tolist()
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_records_timestep_controls_are_diffusers(name: str) -> None:
+    """A record takes explicit timesteps where diffusers' class does, spacing where diffusers' class reads it
+    (LCM and TCD choose their own timesteps whatever the spacing; DPM-Solver's Karras sigmas span the whole
+    trained range whatever the spacing, which it accepts), and eta where diffusers' step takes it."""
+    record, (cls, kwargs) = sampler(name), DIFFUSERS[name]
+    assert _diffusers_takes_timesteps(cls, kwargs) == record.timesteps
+    spaced = _diffusers_timesteps(cls, kwargs, "leading") != _diffusers_timesteps(cls, kwargs, "trailing")
+    assert spaced == record.spacing or (record.spacing and record.karras)
+    assert ("eta" in inspect.signature(cls.step).parameters) == (record.eta is not None)
 
 
 def _applies(name: str, case: dict[str, Any]) -> bool:
@@ -303,7 +330,31 @@ def test_replay_with_reused_tables_and_state(name: str, monkeypatch: pytest.Monk
     assert torch.equal(results[0], results[1])
 
 
-NOISY = [name for name in SCHEDULERS if make_schedule(name, 2, config=SCHEDULER_CONFIG).needs_noise]
+NOISY = [s.name for s in SAMPLERS if s.noise]
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_records_noise_is_ours_and_diffusers(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record draws noise exactly where our schedule and diffusers' step do."""
+    cls, kwargs = DIFFUSERS[name]
+    assert make_schedule(name, 2, config=SCHEDULER_CONFIG).needs_noise == sampler(name).noise
+    if sampler(name).noise:
+        return  # what it draws: test_step_noise_is_what_diffusers_draws_for_a_float16_unet
+    sched = cls.from_config(SCHEDULER_CONFIG, **kwargs)
+    sched.set_timesteps(6)
+    module = sys.modules[cls.__module__]
+
+    def forbidden(*args: Any, **kw: Any) -> torch.Tensor:
+        raise AssertionError(f"{name} drew noise")
+
+    monkeypatch.setattr(module, "randn_tensor", forbidden, raising=False)
+    monkeypatch.setattr(torch, "randn", forbidden)
+    takes_generator = "generator" in inspect.signature(sched.step).parameters  # UniPC's step has none to draw with
+    extra = {"generator": _generators(SEEDS)} if takes_generator else {}
+    latents = torch.ones(SHAPE)
+    for t in sched.timesteps:
+        latents = sched.step(torch.zeros(SHAPE), t, sched.scale_model_input(latents, t), **extra,
+                             return_dict=False)[0]
 
 
 @pytest.mark.parametrize("name", NOISY)
@@ -355,7 +406,7 @@ def test_noise_rows_are_per_step_noise(name: str) -> None:
 def test_deterministic_samplers_draw_nothing() -> None:
     gen = torch.Generator().manual_seed(3)
     before = gen.get_state()
-    for name in ("euler", "dpmpp_2m", "ddim", "unipc"):
+    for name in (r.name for r in SAMPLERS if not r.noise):
         s = make_schedule(name, 10, config=SCHEDULER_CONFIG)
         assert not s.needs_noise
         assert s.draw_step_noise(SHAPE, [gen, gen], torch.float32).shape == (0, *SHAPE)
@@ -468,6 +519,20 @@ def test_a_models_own_scheduler_config_names_its_sampler(name: str) -> None:
     cls, kwargs = DIFFUSERS[name]
     config = dict(cls.from_config(SCHEDULER_CONFIG, **kwargs).config)
     config["_class_name"] = cls.__name__
+    assert scheduler_for_config(config) == name
+
+
+@pytest.mark.parametrize(("config", "name"), [
+    ({"_class_name": "DPMSolverMultistepScheduler"}, "dpmpp_2m"),  # a setting left out reads as diffusers' default
+    ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+      "use_karras_sigmas": True}, "dpmpp_3m_sde_karras"),
+    ({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": None}, "euler"),
+    ({"_class_name": "UniPCMultistepScheduler"}, "unipc"),
+    ({"_class_name": "UniPCMultistepScheduler", "solver_type": "bh1"}, None),
+    ({"_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True}, None),
+    ({"_class_name": "LCMScheduler", "timestep_spacing": "trailing"}, "lcm"),  # the noise schedule is the config's
+])
+def test_hand_written_configs_name_their_sampler(config: dict[str, Any], name: str | None) -> None:
     assert scheduler_for_config(config) == name
 
 

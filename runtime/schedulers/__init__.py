@@ -23,11 +23,13 @@ A loop (``s = make_schedule(...)``; tables, state and noise on the device)::
         latents = s.step(eps, latents, idx, state, step_noise)
         idx += 1
 
-The sampler name fixes the algorithm (diffusers class and the kwargs below); the config gives the noise
-schedule: betas (linear, scaled_linear), timestep spacing (leading, linspace, trailing), steps_offset,
-prediction type (epsilon, v_prediction), rescale_betas_zero_snr. Config keys that choose an algorithm
-(``use_karras_sigmas``, ``algorithm_type``, ``solver_order``, ``solver_type``, ...) are therefore ignored,
-and config values whose math is not implemented (thresholding, DDIM clip_sample, trained_betas,
+The sampler name fixes the algorithm: its record in `sdxl_trt.samplers` (the diffusers class and kwargs,
+the timestep controls it takes, its eta) is the one statement of what each name is; this package holds the
+math and the name -> factory map, checked against the records at import (`check_factories`). The config gives
+the noise schedule: betas (linear, scaled_linear), timestep spacing (leading, linspace, trailing),
+steps_offset, prediction type (epsilon, v_prediction), rescale_betas_zero_snr. Config keys that choose an
+algorithm (``use_karras_sigmas``, ``algorithm_type``, ``solver_order``, ``solver_type``, ...) are therefore
+ignored, and config values whose math is not implemented (thresholding, DDIM clip_sample, trained_betas,
 squaredcos_cap_v2, exponential/beta/flow sigmas, ...) are refused with `ModelLoadError`.
 
 Numerics: timesteps and sigmas are built with diffusers' own numpy/float32 arithmetic (bit-identical);
@@ -35,32 +37,10 @@ each step's coefficients are computed in float64 from them and rounded once, so 
 least as accurate as diffusers' operation-by-operation float32 (tests/test_schedulers.py: within 2e-5 of
 the sample's scale of diffusers over whole loops, typically 5e-7).
 
-| name | diffusers |
-|---|---|
-| euler | EulerDiscreteScheduler |
-| euler_karras | EulerDiscreteScheduler(use_karras_sigmas=True) |
-| euler_a | EulerAncestralDiscreteScheduler |
-| dpmpp_2m | DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2) |
-| dpmpp_2m_karras | the same with use_karras_sigmas=True |
-| dpmpp_2m_sde | DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2) |
-| dpmpp_2m_sde_karras | the same with use_karras_sigmas=True |
-| dpmpp_3m_sde | DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3) |
-| dpmpp_3m_sde_karras | the same with use_karras_sigmas=True |
-| ddim | DDIMScheduler (eta 0) |
-| unipc | UniPCMultistepScheduler (solver_order 2, bh2) |
-| lcm | LCMScheduler (original_inference_steps from the config, default 50) |
-| tcd | TCDScheduler, with ``eta`` (gamma, default 0.3) |
-
-Per-request options (what few-step recipes set), each where diffusers' class takes it, refused elsewhere:
-
-- ``timestep_spacing`` (leading, linspace, trailing) overrides the config's, for every sampler but lcm and
-  tcd (which choose their own timesteps);
-- ``timesteps``, an explicit descending list, for the classes whose ``set_timesteps`` takes ``timesteps``:
-  euler, the non-Karras dpmpp_* samplers, lcm, tcd (`CUSTOM_TIMESTEPS`);
-- ``eta`` for tcd (``ddim`` takes it too, at 0 only: DDIM with eta > 0 is not provided).
-
-Not provided: Heun, DPM2, DPM2 ancestral, DPM++ 2S ancestral and DPM++ SDE (DPMSolverSDEScheduler): two
-UNet calls per step, so not one captured step. DDIM with eta > 0 is not provided either.
+Per-request options (what few-step recipes set), each where the record says diffusers' class takes it,
+refused elsewhere with what would work (`_options`): ``timestep_spacing`` (records with ``spacing``),
+``timesteps``, an explicit descending list (records with ``timesteps``), ``eta`` within the record's values
+(TCD's gamma; DDIM's 0 only).
 """
 
 from __future__ import annotations
@@ -71,13 +51,13 @@ from typing import Any
 
 import torch
 
+from sdxl_trt import samplers
 from sdxl_trt.errors import InvalidRequestError
 
 from . import ddim, dpm_solver, euler, euler_ancestral, lcm, tcd, unipc
 from ._base import Schedule, Window
 
-__all__ = ["CUSTOM_TIMESTEPS", "ETA", "OWN_TIMESTEPS", "SCHEDULERS", "SPACINGS", "Schedule", "make_schedule",
-           "scheduler_for_config"]
+__all__ = ["Schedule", "check_factories", "make_schedule"]
 
 _FACTORIES: dict[str, Callable[..., Schedule]] = {
     "euler": functools.partial(euler.make, karras=False),
@@ -94,45 +74,21 @@ _FACTORIES: dict[str, Callable[..., Schedule]] = {
     "lcm": lcm.make,
     "tcd": tcd.make,
 }
-
-SCHEDULERS: tuple[str, ...] = tuple(_FACTORIES)
-"""The scheduler names `make_schedule` accepts."""
-
-SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
-"""The timestep spacings a request may choose (diffusers' ``timestep_spacing``)."""
-
-CUSTOM_TIMESTEPS: tuple[str, ...] = ("euler", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "tcd")
-"""Samplers that take an explicit ``timesteps`` list (diffusers' class takes ``timesteps``, without Karras sigmas)."""
-
-OWN_TIMESTEPS: tuple[str, ...] = ("lcm", "tcd")
-"""Samplers that choose their own timesteps: ``timestep_spacing`` does not apply to them."""
-
-ETA: tuple[str, ...] = ("tcd", "ddim")
-"""Samplers whose diffusers step takes ``eta`` (ddim at 0 only here)."""
+"""Each sampler's table maker (its record in `sdxl_trt.samplers` says what it must equal)."""
 
 
-def scheduler_for_config(config: Mapping[str, Any]) -> str | None:
-    """The sampler name equal to a diffusers scheduler config's own class and settings (an LCM-distilled model
-    ships an LCMScheduler config, SDXL an EulerDiscreteScheduler one); None when no sampler here is that one.
+def check_factories(names: Sequence[str], factories: Mapping[str, object]) -> None:
+    """Refuse a sampler record without a factory here, or a factory without a record (run at import)."""
+    missing = [n for n in names if n not in factories]
+    unknown = [n for n in factories if n not in names]
+    if missing or unknown:
+        raise RuntimeError(
+            "the sampler registry (sdxl_trt/samplers.py) and the factories (runtime/schedulers/__init__.py) "
+            "disagree:" + (f" no factory for {', '.join(missing)} (add one to _FACTORIES);" if missing else "")
+            + (f" no record for {', '.join(unknown)} (add one to SAMPLERS);" if unknown else ""))
 
-    What a pipeline runs when a request does not name a sampler, as diffusers' pipeline would."""
-    cls = config.get("_class_name")
-    karras = "_karras" if config.get("use_karras_sigmas") else ""
-    if cls == "EulerDiscreteScheduler":
-        return "euler" + karras
-    if cls == "DPMSolverMultistepScheduler":
-        algorithm, order = config.get("algorithm_type", "dpmsolver++"), int(config.get("solver_order", 2))
-        name = {("dpmsolver++", 2): "dpmpp_2m", ("sde-dpmsolver++", 2): "dpmpp_2m_sde",
-                ("sde-dpmsolver++", 3): "dpmpp_3m_sde"}.get((algorithm, order))
-        return None if name is None else name + karras
-    simple = {"EulerAncestralDiscreteScheduler": "euler_a", "DDIMScheduler": "ddim", "LCMScheduler": "lcm",
-              "TCDScheduler": "tcd"}
-    if cls in simple and not karras:
-        return simple[cls]
-    if cls == "UniPCMultistepScheduler" and not karras and int(config.get("solver_order", 2)) == 2 and \
-            config.get("solver_type", "bh2") == "bh2":
-        return "unipc"
-    return None
+
+check_factories(samplers.SCHEDULERS, _FACTORIES)
 
 
 def _check_fraction(value: float | None, param: str) -> None:
@@ -165,14 +121,11 @@ def make_schedule(
     denoising_end: the base half: stop before the timesteps below (1 - denoising_end) * num_train_timesteps.
     timestep_spacing: overrides the config's (None: the config's), where the sampler's class reads it.
     timesteps: an explicit descending schedule (then `num_inference_steps` must equal its length).
-    eta: TCD's gamma (None: 0.3); DDIM's eta (0 only).
+    eta: where the sampler's record takes it (TCD's gamma, DDIM's 0); None: the record's default.
     dtype: of the coefficient tables (keep float32: diffusers steps in float32 even for fp16 UNets);
         timesteps are always float32.
     """
-    factory = _FACTORIES.get(name)
-    if factory is None:
-        raise InvalidRequestError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}",
-                                  param="scheduler")
+    record = samplers.sampler(name)  # an unknown name is refused with the list
     num_train = int(config.get("num_train_timesteps", 1000))
     if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train:
         raise InvalidRequestError(f"num_inference_steps must be an integer from 1 to {num_train} but is "
@@ -185,27 +138,27 @@ def make_schedule(
         raise InvalidRequestError(f"denoising_start ({denoising_start}) must be below denoising_end "
                                   f"({denoising_end})", param="denoising_start")
     window = Window(strength=strength, denoising_start=denoising_start, denoising_end=denoising_end)
-    options = _options(name, num_inference_steps, timestep_spacing=timestep_spacing, timesteps=timesteps, eta=eta)
+    options = _options(record, num_inference_steps, timestep_spacing=timestep_spacing, timesteps=timesteps, eta=eta)
     if timestep_spacing is not None:
         config = {**config, "timestep_spacing": timestep_spacing}
-    return factory(config, num_inference_steps, window, device=device, dtype=dtype, **options)
+    return _FACTORIES[name](config, num_inference_steps, window, device=device, dtype=dtype, **options)
 
 
-def _options(name: str, steps: int, *, timestep_spacing: str | None, timesteps: Sequence[int] | None,
-             eta: float | None) -> dict[str, Any]:
-    """The per-request options `name`'s factory takes; refuses those its diffusers class does not take."""
-    options: dict[str, Any] = {}
+def _options(record: samplers.Sampler, steps: int, *, timestep_spacing: str | None,
+             timesteps: Sequence[int] | None, eta: float | None) -> dict[str, Any]:
+    """The per-request options ``record``'s factory takes; refuses those its diffusers class does not take."""
+    name, options = record.name, {}
     if timestep_spacing is not None:
-        if timestep_spacing not in SPACINGS:
+        if timestep_spacing not in samplers.SPACINGS:
             raise InvalidRequestError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of: "
-                                      f"{', '.join(SPACINGS)}", param="timestep_spacing")
-        if name in OWN_TIMESTEPS:
+                                      f"{', '.join(samplers.SPACINGS)}", param="timestep_spacing")
+        if not record.spacing:
             raise InvalidRequestError(f"scheduler {name!r} chooses its own timesteps, so timestep_spacing does not "
                                       "apply; leave it unset (or give explicit timesteps)", param="timestep_spacing")
     if timesteps is not None:
-        if name not in CUSTOM_TIMESTEPS:
+        if not record.timesteps:
             raise InvalidRequestError(f"scheduler {name!r} does not take explicit timesteps (diffusers' class does "
-                                      f"not); use one of: {', '.join(CUSTOM_TIMESTEPS)}", param="timesteps")
+                                      f"not); use one of: {', '.join(samplers.CUSTOM_TIMESTEPS)}", param="timesteps")
         if timestep_spacing is not None:
             raise InvalidRequestError("give timesteps or timestep_spacing, not both (explicit timesteps replace the "
                                       "spacing)", param="timestep_spacing")
@@ -214,14 +167,18 @@ def _options(name: str, steps: int, *, timestep_spacing: str | None, timesteps: 
                                       "of timesteps", param="timesteps")
         options["timesteps"] = tuple(timesteps)
     if eta is not None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise InvalidRequestError(f"eta must be a number in [0, 1], got {eta!r}", param="eta")
-        if name not in ETA:
+        low, high = samplers.eta_range()
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not low <= eta <= high:
+            raise InvalidRequestError(f"eta must be a number in [{low:g}, {high:g}], got {eta!r}", param="eta")
+        if record.eta is None:
             raise InvalidRequestError(f"scheduler {name!r} does not take eta (diffusers' step ignores it); "
-                                      f"eta applies to: {', '.join(ETA)}", param="eta")
-        if name == "ddim" and eta != 0.0:
-            raise InvalidRequestError(f"ddim runs with eta 0 only (DDIM with eta > 0 is not provided), got {eta}; "
-                                      "use tcd for a stochastic consistency sampler", param="eta")
-        if name == "tcd":
-            options["eta"] = float(eta)
+                                      f"eta applies to: {', '.join(samplers.ETA)}", param="eta")
+        if not record.eta.low <= eta <= record.eta.high:
+            others = [s.name for s in samplers.SAMPLERS if s.eta is not None and s.eta.low <= eta <= s.eta.high]
+            allowed = (f"eta {record.eta.low:g} only" if not record.eta.per_request
+                       else f"eta in [{record.eta.low:g}, {record.eta.high:g}]")
+            raise InvalidRequestError(f"{name} runs with {allowed} here, got {eta:g}; eta {eta:g} is taken by: "
+                                      f"{', '.join(others)}", param="eta")
+    if record.eta is not None and record.eta.per_request:
+        options["eta"] = float(record.eta.default if eta is None else eta)
     return options

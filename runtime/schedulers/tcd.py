@@ -17,13 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdxl_trt.errors import InvalidRequestError
-
 from ._base import NoiseConfig, NoisyLinearSchedule, Window, x0_coefs
 from .lcm import CONSISTENCY_DEFAULTS, consistency_timesteps, ddpm_noise_levels, eps_coefs
-
-DEFAULT_ETA = 0.3
-"""TCD's recommended gamma (diffusers' TCDScheduler.step default)."""
 
 
 class TCDSchedule(NoisyLinearSchedule):
@@ -33,11 +28,8 @@ class TCDSchedule(NoisyLinearSchedule):
 
 
 def make(config: Mapping[str, Any], num_inference_steps: int, window: Window, *, timesteps: Sequence[int] | None = None,
-         eta: float | None = None, device: torch.device | str, dtype: torch.dtype) -> TCDSchedule:
-    eta = DEFAULT_ETA if eta is None else eta
-    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-        raise InvalidRequestError(f"eta (TCD's gamma) must be in [0, 1], got {eta!r}; 0.3 is the usual value",
-                                  param="eta")
+         eta: float, device: torch.device | str, dtype: torch.dtype) -> TCDSchedule:
+    """``eta``: the gamma, checked against (and defaulted from) TCD's record in `sdxl_trt.samplers`."""
     cfg = NoiseConfig.parse(config, defaults=CONSISTENCY_DEFAULTS)
     full = consistency_timesteps(config, cfg, num_inference_steps, timesteps, sampler="tcd")
     n = len(full)

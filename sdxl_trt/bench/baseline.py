@@ -15,36 +15,17 @@ import numpy as np
 import torch
 
 from sdxl_trt.buckets import Bucket
+from sdxl_trt.samplers import sampler
 
 log = logging.getLogger(__name__)
 
-# Our scheduler names as diffusers classes and constructor overrides (the runtime's scheduler docstring table).
-DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
-    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
-    "dpmpp_3m_sde_karras": ("DPMSolverMultistepScheduler",
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "tcd": ("TCDScheduler", {}),
-}
-
-
 def _scheduler(config_dir: Any, name: str) -> Any:
+    """diffusers' scheduler for our sampler ``name`` (its record's class and kwargs) over the model's config."""
     import diffusers
 
-    cls_name, kwargs = DIFFUSERS_SCHEDULERS[name]
-    cls = getattr(diffusers, cls_name)
-    return cls.from_config(cls.load_config(str(config_dir / "scheduler")), **kwargs)
+    record = sampler(name)
+    cls = getattr(diffusers, record.diffusers_class)
+    return cls.from_config(cls.load_config(str(config_dir / "scheduler")), **record.kwargs)
 
 
 @dataclass

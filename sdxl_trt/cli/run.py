@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest
+from sdxl_trt.samplers import CUSTOM_TIMESTEPS, OWN_TIMESTEPS, SAMPLERS, SCHEDULERS, SPACINGS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -52,8 +53,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snap-to-bucket", action="store_true", help="use the nearest built bucket instead of refusing")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--scheduler", default=None, help="default: the model's scheduler config's sampler (euler for SDXL, "
-                   "lcm for an LCM-distilled model)")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help=f"one of {', '.join(SCHEDULERS)}; default: the model's scheduler config's sampler (euler for "
+                   "SDXL, lcm for an LCM-distilled model)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
@@ -62,11 +64,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-mode", choices=["ensemble", "img2img"], default=None)
     p.add_argument("--refiner-start", type=float, default=0.8, help="ensemble: fraction of the schedule the base runs")
     p.add_argument("--refiner-strength", type=float, default=0.3, help="img2img refiner: how much to re-noise")
-    p.add_argument("--timestep-spacing", choices=["leading", "linspace", "trailing"], default=None,
-                   help="override the model's scheduler spacing (trailing: the SDXL-Lightning/Turbo recipe)")
+    p.add_argument("--timestep-spacing", choices=SPACINGS, default=None,
+                   help="override the model's scheduler spacing (trailing: the SDXL-Lightning/Turbo recipe); not "
+                   f"for {', '.join(OWN_TIMESTEPS)}, which choose their own timesteps")
     p.add_argument("--timesteps", type=_timestep_list, default=None, metavar="T1,T2,...",
-                   help="explicit descending timesteps (DMD2: 999,749,499,249); --steps becomes their count")
-    p.add_argument("--eta", type=float, default=None, help="tcd: gamma in [0, 1] (default 0.3)")
+                   help="explicit descending timesteps (DMD2: 999,749,499,249); --steps becomes their count; for "
+                   f"{', '.join(CUSTOM_TIMESTEPS)}")
+    p.add_argument("--eta", type=float, default=None,
+                   help="; ".join(f"{s.name}: {s.eta.describe()}" for s in SAMPLERS if s.eta is not None))
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="apply a LoRA at run time (repeatable, stacked); the engines' weights are updated in place")
     add_controlnet_run_arguments(p)

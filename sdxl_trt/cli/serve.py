@@ -132,7 +132,7 @@ def _warmup(text: str) -> str | tuple[str, ...]:
 
 def _warmup_schedulers(text: str) -> tuple[str, ...]:
     """A comma-separated list of the runtime's sampler names."""
-    from sdxl_trt.runtime.schedulers import SCHEDULERS
+    from sdxl_trt.samplers import SCHEDULERS
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in SCHEDULERS]

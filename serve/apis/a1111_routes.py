@@ -66,7 +66,7 @@ def _refuse(field: str, why: str) -> InvalidRequestError:
 
 
 def _ours() -> tuple[str, ...]:
-    from sdxl_trt.runtime.schedulers import SCHEDULERS
+    from sdxl_trt.samplers import SCHEDULERS
 
     return SCHEDULERS
 
@@ -140,7 +140,7 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
     if body.eta is not None and sampler.eta is not None and body.eta != sampler.eta:
         raise _refuse("eta", f"{sampler.name} runs with eta {sampler.eta:g} here; got {body.eta:g}")
     few_step = few_step_fields(samplers.timestep_spacing(body.scheduler, scheduler), None,
-                               body.eta if scheduler == "tcd" else None)
+                               samplers.request_eta(scheduler, body.eta))
     prompt, tags = strip_a1111_loras(body.prompt)
     if tags:
         few_step["loras"] = lora_set(tags, pipeline, param="prompt")

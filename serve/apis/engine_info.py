@@ -32,9 +32,7 @@ async def info(request: Request) -> dict[str, Any]:
     settings = service.settings
     manifest = getattr(pipeline, "manifest", None)
     default_scheduler = getattr(pipeline, "default_scheduler", "euler")
-    from sdxl_trt.runtime.schedulers import SCHEDULERS  # as a1111_routes: the runtime only once serving
-
-    sampler = next((s.name for s in samplers.available_samplers(SCHEDULERS) if s.default == default_scheduler),
+    sampler = next((s.name for s in samplers.available_samplers() if s.default == default_scheduler),
                    "Euler a")
     facts: dict[str, Any] = {
         "version": __version__,

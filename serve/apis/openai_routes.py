@@ -70,7 +70,7 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
 
 
 def _schedulers() -> tuple[str, ...]:
-    from sdxl_trt.runtime.schedulers import SCHEDULERS
+    from sdxl_trt.samplers import SCHEDULERS
 
     return SCHEDULERS
 

@@ -3,6 +3,7 @@
 A1111 (1.9+) names a sampler (``Euler a``) and, separately, a noise schedule (``Karras``); older clients
 send one combined name (``DPM++ 2M Karras``). Names match case-insensitively, with A1111's aliases
 (``k_euler_a``). A name we do not implement is refused with the list, never swapped for another sampler.
+The names are the sampler records' (`sdxl_trt.samplers`); A1111's schedules and how names match are here.
 """
 
 from __future__ import annotations
@@ -10,17 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sdxl_trt import samplers as registry
 from sdxl_trt.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
 class A1111Sampler:
-    """One A1111 sampler: ours with the default schedule, ours with Karras sigmas, and the eta it implies.
-
-    ``eta`` is the value our implementation uses for samplers whose A1111 version reads ``eta`` (ancestral
-    and SDE samplers: 1, DDIM: 0); None where A1111 ignores ``eta``. ``automatic`` is the schedule A1111's
-    "Automatic" picks for it (Karras for DPM++ 2M since A1111 1.9).
-    """
+    """One A1111 sampler: ours with the default schedule, ours with Karras sigmas, and the eta it implies
+    (derived from the records in `sdxl_trt.samplers`, whose ``A1111Names`` says what each field means)."""
 
     name: str
     aliases: tuple[str, ...]
@@ -30,46 +28,50 @@ class A1111Sampler:
     automatic: str
 
 
-SAMPLERS: tuple[A1111Sampler, ...] = (
-    A1111Sampler("DPM++ 2M", ("k_dpmpp_2m",), "dpmpp_2m", "dpmpp_2m_karras", None, "karras"),
-    A1111Sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde", "k_dpmpp_2m_sde_ka"), "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
-                 1.0, "uniform"),
-    A1111Sampler("DPM++ 3M SDE", ("k_dpmpp_3m_sde",), "dpmpp_3m_sde", "dpmpp_3m_sde_karras", 1.0, "uniform"),
-    A1111Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), "euler_a", None, 1.0, "uniform"),
-    A1111Sampler("Euler", ("k_euler",), "euler", "euler_karras", None, "uniform"),
-    A1111Sampler("DDIM", ("ddim",), "ddim", None, 0.0, "uniform"),
-    A1111Sampler("UniPC", ("unipc",), "unipc", None, None, "uniform"),
-    A1111Sampler("LCM", ("lcm", "k_lcm"), "lcm", None, None, "uniform"),
-    A1111Sampler("TCD", ("tcd",), "tcd", None, None, "uniform"),  # its eta (gamma) is the request's, default 0.3
-)
+def _a1111(record: registry.Sampler, names: registry.A1111Names) -> A1111Sampler:
+    variant = registry.karras_variant(record)
+    return A1111Sampler(names.name, names.aliases, record.name, variant.name if variant else None, names.eta,
+                        names.automatic)
+
+
+SAMPLERS: tuple[A1111Sampler, ...] = tuple(
+    _a1111(r, a) for r, a in sorted(((r, r.a1111) for r in registry.SAMPLERS if r.a1111 is not None),
+                                    key=lambda pair: pair[1].listed))
+"""The A1111 samplers, in A1111's order."""
 
 SCHEDULES: tuple[tuple[str, str], ...] = (("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"),
                                           ("sgm_uniform", "SGM Uniform"))
 """A1111 schedule (name, label) pairs we implement. Uniform and Automatic keep the model's own timestep spacing;
-SGM Uniform is trailing spacing (the Lightning / Turbo recipe), except for LCM and TCD, which select their own
-timesteps."""
-
-OWN_TIMESTEPS = ("lcm", "tcd")
-"""Our samplers that pick their own timesteps and so take no spacing."""
+SGM Uniform is trailing spacing (the Lightning / Turbo recipe), except for samplers that select their own
+timesteps (LCM, TCD)."""
 
 
 def timestep_spacing(scheduler: str | None, ours: str) -> str | None:
     """The timestep spacing an A1111 schedule name asks of our sampler ``ours`` (None: the model's config)."""
     text = (scheduler or "").strip().lower()
-    if text in ("sgm_uniform", "sgm uniform") and ours not in OWN_TIMESTEPS:
+    if text in ("sgm_uniform", "sgm uniform") and registry.sampler(ours).spacing:
         return "trailing"
     return None
 
-_COMBINED = {"dpm++ 2m karras": ("DPM++ 2M", "karras"), "k_dpmpp_2m_ka": ("DPM++ 2M", "karras"),
-             "dpm++ 2m sde karras": ("DPM++ 2M SDE", "karras"), "dpm++ 3m sde karras": ("DPM++ 3M SDE", "karras")}
+
+def request_eta(ours: str, eta: float | None) -> float | None:
+    """The eta an A1111 body passes on to our sampler ``ours``: the body's, where a request chooses it (TCD's
+    gamma); None elsewhere (the eta A1111 implies there is `A1111Sampler.eta`, checked by the caller)."""
+    record = registry.sampler(ours).eta
+    return eta if record is not None and record.per_request else None
 
 
-def available_samplers(ours: Sequence[str]) -> list[A1111Sampler]:
-    """The A1111 samplers whose implementation exists in this build (``ours``: SCHEDULERS)."""
+_COMBINED: dict[str, tuple[str, str]] = {
+    text: (r.a1111.name, "karras") for r in registry.SAMPLERS if r.a1111 is not None for text in r.a1111.karras_names}
+"""Pre-1.9 combined names (``DPM++ 2M Karras``) -> (A1111 sampler, schedule)."""
+
+
+def available_samplers(ours: Sequence[str] = registry.SCHEDULERS) -> list[A1111Sampler]:
+    """The A1111 samplers among our samplers ``ours`` (default: all of them)."""
     return [s for s in SAMPLERS if s.default in ours]
 
 
-def resolve(sampler_name: str | None, scheduler: str | None, *, ours: Sequence[str],
+def resolve(sampler_name: str | None, scheduler: str | None, *, ours: Sequence[str] = registry.SCHEDULERS,
             sampler_param: str = "sampler_name", scheduler_param: str = "scheduler") -> tuple[str, A1111Sampler]:
     """(our scheduler name, the A1111 sampler) for an A1111 sampler and schedule name; a clear 400 otherwise."""
     samplers = available_samplers(ours)

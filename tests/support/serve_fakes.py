@@ -40,7 +40,7 @@ class GatedPipeline:
         return {"graphs": len(self.warmed), "pool_bytes": 1024 * len(self.warmed)}
 
     def check(self, request: GenerationRequest, *, max_images: int, max_steps: int | None) -> Bucket:
-        from sdxl_trt.runtime.schedulers import SCHEDULERS
+        from sdxl_trt.samplers import SCHEDULERS
 
         request.validate(max_images=max_images, max_steps=max_steps or self.max_steps)
         if request.scheduler not in SCHEDULERS:
