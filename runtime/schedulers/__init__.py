@@ -147,7 +147,8 @@ def make_schedule(
 def _options(record: samplers.Sampler, steps: int, *, timestep_spacing: str | None,
              timesteps: Sequence[int] | None, eta: float | None) -> dict[str, Any]:
     """The per-request options ``record``'s factory takes; refuses those its diffusers class does not take."""
-    name, options = record.name, {}
+    name = record.name
+    options: dict[str, Any] = {}
     if timestep_spacing is not None:
         if timestep_spacing not in samplers.SPACINGS:
             raise InvalidRequestError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of: "
