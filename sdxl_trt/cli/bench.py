@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdxl_trt.errors import InvalidRequestError
+from sdxl_trt.samplers import SCHEDULERS
 
 if TYPE_CHECKING:
     from sdxl_trt.bench.runner import BenchOptions
@@ -33,7 +34,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="add a row with the refiner per size")
     p.add_argument("--refiner-start", type=float, default=0.8)
     p.add_argument("--refiner-strength", type=float, default=0.3)
-    p.add_argument("--scheduler", default="euler")
+    p.add_argument("--scheduler", default="euler", metavar="NAME", help=f"one of {', '.join(SCHEDULERS)}")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
