@@ -1,14 +1,17 @@
 """TensorRT build side: one ONNX file -> one serialized plan, written to TensorRT 10's Python API.
 
 TensorRT is an optional extra (``pip install 'sdxl-trt[tensorrt]'``, NVIDIA GPU and driver). It is imported
-only inside the functions that need it, so the pure parts (build config, flag mapping, per-component
-precision, profile translation) import and test anywhere. Rules of this module:
+only inside the functions that need it, so the pure parts (build config, flag mapping, profile translation)
+import and test anywhere. :class:`TensorRTBuilder` is this backend's :class:`~.builder.Builder`. Rules of this
+module:
 
 * ``require_tensorrt()`` runs before anything is written: a machine without TensorRT gets one clear
   error and no half-written files.
+* A plan is built in the precision its config names: which precision a component gets is the one rule in
+  ``contracts.component_precision``, applied by the caller (``build_engines``), never again here.
 * Which builder and network flags a config means is decided by the pure :func:`flag_names`; the build
   only translates names to enums. A strongly typed network never gets precision flags.
-* The plan and the timing cache are written atomically (temp file + rename).
+* The plan and the timing cache are written atomically (``sdxl_trt.files``).
 * Progress goes to ``logging``; TensorRT's own messages are forwarded there too.
 """
 
@@ -16,17 +19,21 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
-from sdxl_trt.contracts import COMPONENT_NAMES, CONTROLNET, ComponentSpec, contract_of
-from sdxl_trt.engine_dir.profiles import VAE_COMPONENTS, Profile, validate_shapes
+from sdxl_trt.contracts import ComponentSpec, family_of
+from sdxl_trt.engine_dir.layout import TIMING_CACHE_NAME, engine_file_name
+from sdxl_trt.engine_dir.profiles import Profile, validate_shapes
 from sdxl_trt.errors import BackendUnavailableError, BuildError, ProfileError
+from sdxl_trt.files import write_atomic
 from sdxl_trt.tensorrt_support import INSTALL_HINT, logger_bridge, tensorrt_status
+
+from .builder import BuiltEngine, OnnxFiles
+from .options import BuildOptions
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -54,11 +61,11 @@ class TensorRTBuildConfig:
     """How to build a plan. Saved beside the engine (``to_json``) so a rebuild can repeat it."""
 
     precision: Precision = "fp16"
-    """fp16: FP16 kernels on tensor cores, about 2x fp32's speed and half its plan size (the VAE stays fp32,
-    see :func:`component_precision`). int8: explicit quantization only: the ONNX must carry Q/DQ nodes from
-    calibration (engine/int8/__init__.py); built weakly typed with FP16 and INT8 allowed, so the layers calibration
-    left unquantized (norms, attention, embeddings: fp32 in that ONNX) run in fp16 rather than fp32.
-    Applies to the base UNet; the others fall back to fp16.
+    """fp16: FP16 kernels on tensor cores, about 2x fp32's speed and half its plan size (the VAE is built in
+    fp32 unless ``vae_fp16_safe``: ``contracts.component_precision``). int8: explicit quantization only: the ONNX
+    must carry Q/DQ nodes from calibration (engine/int8/__init__.py); built weakly typed with FP16 and INT8
+    allowed, so the layers calibration left unquantized (norms, attention, embeddings: fp32 in that ONNX) run in
+    fp16 rather than fp32. Only the base UNet has Q/DQ nodes; the rule builds the others in fp16.
     fp32: the slowest; reference numerics."""
 
     strongly_typed: bool | None = None
@@ -148,31 +155,6 @@ def flag_names(config: TensorRTBuildConfig) -> FlagNames:
     return FlagNames(builder, network)
 
 
-def component_precision(component: str, requested: Precision, *, vae_fp16_safe: bool = False) -> Precision:
-    """The precision one component is built in when ``requested`` is asked for the model.
-
-    The SDXL VAE overflows in fp16 (NaN images), so it is built in fp32 unless its ONNX is fp16-safe.
-    int8 means Q/DQ nodes from calibrating the base UNet (engine/int8/__init__.py); the other components have none
-    and build in fp16 (an fp32 ONNX without Q/DQ in a strongly typed network would build a slow fp32 engine).
-    """
-    component = contract_of(component)  # controlnet.NAME follows the UNet's precision rule
-    if component not in (*COMPONENT_NAMES, CONTROLNET):
-        raise BuildError(f"unknown component {component!r}; expected one of {COMPONENT_NAMES}")
-    if requested == "fp32":
-        return "fp32"
-    if component in VAE_COMPONENTS:
-        return "fp16" if vae_fp16_safe else "fp32"
-    if requested == "int8" and component != "unet":
-        return "fp16"
-    return requested
-
-
-def config_for_component(config: TensorRTBuildConfig, component: str) -> TensorRTBuildConfig:
-    """``config`` with the precision :func:`component_precision` picks for ``component``."""
-    precision = component_precision(component, config.precision, vae_fp16_safe=config.vae_fp16_safe)
-    return config if precision == config.precision else replace(config, precision=precision)
-
-
 def profile_shapes(spec: ComponentSpec, profile: Profile) -> list[tuple[str, list[int], list[int], list[int]]]:
     """``IOptimizationProfile.set_shape`` arguments ``(input name, min, opt, max)``, in contract order.
 
@@ -208,9 +190,14 @@ def build_engine(
     if not profiles:
         raise ProfileError(f"{spec.name}: no optimization profiles given; TensorRT needs at least one")
     shapes = [profile_shapes(spec, p) for p in profiles]
-    cfg = config_for_component(config, spec.name)
-    if cfg.precision != config.precision:
-        log.info("%s: building in %s instead of %s (component rule)", spec.name, cfg.precision, config.precision)
+    cfg = config
+    vae = family_of(spec.name) == "vae"
+    if vae and not cfg.is_strongly_typed and cfg.precision != "fp32" and not cfg.vae_fp16_safe:
+        raise BuildError(
+            f"{spec.name}: a weakly typed {cfg.precision} VAE would run in fp16 and overflow to NaN; build it with "
+            "precision='fp32' (contracts.component_precision picks it), or set vae_fp16_safe=True for an "
+            "fp16-safe VAE (e.g. sdxl-vae-fp16-fix)"
+        )
     flags = flag_names(cfg)
 
     trt_logger = logger_bridge(log)
@@ -224,7 +211,7 @@ def build_engine(
     if not parser.parse_from_file(str(onnx_path)):
         raise BuildError(f"{spec.name}: TensorRT could not parse {onnx_path}:\n{_parser_errors(parser)}")
     _check_network_io(network, spec, onnx_path)
-    if cfg.is_strongly_typed and spec.name in VAE_COMPONENTS and not cfg.vae_fp16_safe:
+    if cfg.is_strongly_typed and vae and not cfg.vae_fp16_safe:
         _refuse_fp16_vae(network, spec, onnx_path)
 
     builder_config = builder.create_builder_config()
@@ -255,9 +242,9 @@ def build_engine(
             f"(logger {__name__}). Common fixes: a larger workspace_gib, narrower profiles, or another precision"
         )
     if cfg.timing_cache is not None:
-        _write_atomic(cfg.timing_cache, memoryview(builder_config.get_timing_cache().serialize()))
+        write_atomic(cfg.timing_cache, memoryview(builder_config.get_timing_cache().serialize()))
     log.info("%s: built in %.1f s; writing %s", spec.name, seconds, plan_path)
-    _write_atomic(plan_path, memoryview(serialized))
+    write_atomic(plan_path, memoryview(serialized))
     return {
         "component": spec.name,
         "plan": str(plan_path),
@@ -333,14 +320,22 @@ def _attach_timing_cache(builder_config: trt.IBuilderConfig, path: Path) -> None
         log.info("timing cache: %s (%d bytes)", path, len(data))
 
 
-def _write_atomic(path: Path, data: memoryview) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True)
+class TensorRTBuilder:
+    """Plans from the ONNX source, one per component, sharing the directory's timing cache."""
+
+    source: OnnxFiles
+    opts: BuildOptions
+
+    def build(self, component: str, *, precision: str, spec: ComponentSpec, profiles: Sequence[Profile],
+              out: Path) -> BuiltEngine:
+        src, extra = self.source.onnx_for(component, precision)
+        config = TensorRTBuildConfig(
+            precision=precision,  # type: ignore[arg-type]
+            strongly_typed=True if self.source.export.precision == "fp16" else None,  # fp16 ONNX decides dtypes
+            workspace_gib=self.opts.workspace_gib, timing_cache=out / TIMING_CACHE_NAME,
+            refittable=self.opts.refittable, weight_streaming=self.opts.weight_streaming,
+        )
+        plan = out / engine_file_name(component, "tensorrt")
+        info = build_engine(src, plan, spec=spec, profiles=profiles, config=config)
+        return BuiltEngine(plan.name, {**extra, **info})

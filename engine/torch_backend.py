@@ -11,189 +11,47 @@ What a torch engine is:
   service that loads it before compiling gets Inductor cache hits instead of full compiles (on the H100:
   21 s instead of about 135-160 s per shape of the base UNet; see SDXL_FACTS.md).
 
-Dynamic shapes come from the contract's named dimensions, bounded by the profiles' overall min and max:
-
-* one ``torch.export.Dim`` per named dimension (``B``, ``S``, ``h``, ``w``); every tensor that uses the
-  dimension shares that Dim, so export proves they are equal;
-* scaled dimensions (an image side is ``8*h``) are derived Dims (``8 * h``), not independent ones;
-* a dimension the network needs divisible (a UNet that downsamples twice needs ``h % 4 == 0``) is
-  written ``h = 4 * _h`` with a root Dim ``_h``: pass ``dim_multiples`` (see :func:`dim_multiples_for`).
-  torch.export cannot bound a dimension by a list of allowed values (the per-bucket profiles' exact
-  sizes), so the program accepts every multiple inside ``[min, max]``; the profile check in
-  ``check_input_shapes`` is what restricts a call to the built buckets;
-* a dimension whose min equals its max over all profiles (one bucket's ``h``) is still exported dynamic,
-  over ``[min, min + multiple]``: see :class:`ExportRange` for why not static.
+Dynamic shapes come from the contract's named dimensions, bounded by the profiles' overall min and max
+(:mod:`.torch_shapes`). :class:`TorchBuilder` is this backend's :class:`~.builder.Builder`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sdxl_trt.contracts import ComponentSpec, Dim, ModelDims, contract_of
-from sdxl_trt.engine_dir.layout import EXTENSIONS, cache_artifacts_path
+from sdxl_trt.contracts import STEP_FAMILIES, TOKENS_PER_CHUNK, ComponentSpec, family_of, io_dtype
+from sdxl_trt.engine_dir.layout import EXTENSIONS, WEIGHT_MAP_NAME, cache_artifacts_path, engine_file_name
 from sdxl_trt.engine_dir.profiles import Profile
 from sdxl_trt.engine_dir.torch_program import load_program
 from sdxl_trt.errors import BuildError
+from sdxl_trt.export.result import ExportResult
+from sdxl_trt.files import atomic_path, write_atomic
+
+from .builder import BuiltEngine
+from .models import TorchModels
+from .options import BuildOptions
+from .torch_shapes import (
+    ExportRange,
+    dim_multiples_for,
+    dynamic_shapes_for,
+    example_dims,
+    export_dims,
+    export_ranges,
+    multiples_from_suggested_fixes,
+)
 
 log = logging.getLogger(__name__)
 
 ENGINE_SUFFIX = EXTENSIONS["torch"]
-
-TORCH_DTYPES = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
-
-ExportDim = Any
-"""A value in torch.export's ``dynamic_shapes``: a ``Dim`` or a derived Dim (``4 * _h``, ``8 * h``)."""
-
-
-def dim_multiples_for(component: str, dims: ModelDims) -> dict[str, int]:
-    """The divisibility a component needs of its named dimensions: UNets need ``h, w % 2**downsamples == 0``.
-
-    diffusers' UNet branches on ``h % 2**downsamples`` (to pass explicit upsample sizes), and torch.export
-    refuses a dynamic ``h`` that some values in its range would send down the other branch.
-    """
-    downsamples = {"unet": dims.unet_downsamples, "refiner": dims.refiner_downsamples,
-                   "controlnet": dims.unet_downsamples}.get(contract_of(component), 0)
-    if downsamples <= 0:
-        return {}
-    return {"h": 2**downsamples, "w": 2**downsamples}
-
-
-def dim_ranges(spec: ComponentSpec, profiles: Sequence[Profile]) -> dict[str, tuple[int, int]]:
-    """Overall (min, max) of each named dimension over all profiles (the range the program must accept)."""
-    if not profiles:
-        raise BuildError(f"{spec.name}: no profiles given; build_torch_engine needs at least one")
-    out: dict[str, tuple[int, int]] = {}
-    for name in spec.named_dims:
-        missing = [p.name for p in profiles if name not in p.dims]
-        if missing:
-            raise BuildError(f"{spec.name}: profile(s) {missing} give no range for dimension {name!r}")
-        out[name] = (min(p.dims[name].min for p in profiles), max(p.dims[name].max for p in profiles))
-    return out
-
-
-@dataclass(frozen=True)
-class ExportRange:
-    """The range one named dimension is exported with: the profiles' ``[lo, hi]`` in steps of ``multiple``.
-
-    ``widened``: the profiles fix the dimension (``lo == hi``), but it is exported as ``[lo, lo + multiple]``
-    anyway. Why not static: torch.export rejects a Dim with ``min == max``, and a static side next to a
-    dynamic one makes torch's symbolic shapes add guards it cannot prove (the tiny VAE decoder with static
-    ``h`` and dynamic ``w`` fails on a GroupNorm reshape's ``Min(8, 64*w)`` stride guard). A dynamic
-    dimension costs nothing when the program runs eagerly, and ``torch.compile(dynamic=False)`` specialises
-    every shape anyway; the extra size is refused by the profile check.
-    """
-
-    lo: int
-    hi: int
-    multiple: int = 1
-    widened: bool = False
-    used: tuple[int, ...] = ()  # the sizes the profiles name (min, opt, max), largest first
-
-    def __str__(self) -> str:
-        if self.widened:
-            text = f"{self.lo} (exported {self.lo}..{self.hi})"
-        else:
-            text = f"{self.lo}..{self.hi}"
-        return text + (f", multiple of {self.multiple}" if self.multiple > 1 else "")
-
-
-def export_ranges(
-    spec: ComponentSpec, profiles: Sequence[Profile], multiples: Mapping[str, int], *, probe: bool = False
-) -> dict[str, ExportRange]:
-    """Each named dimension's export range: the profiles' overall range, checked against ``multiples``.
-
-    ``probe``: the ranges of a trace that is to discover the multiples (none given): a fixed dimension is
-    widened to ``[lo, 2 lo]`` instead of one step, because torch fails while writing its own suggested fix
-    (``Dim('_h', min=8, max=8)``) when the range holds a single multiple.
-    """
-    unknown = sorted(set(multiples) - set(spec.named_dims))
-    if unknown:
-        raise BuildError(f"{spec.name}: dim_multiples names {unknown}, but its dimensions are {list(spec.named_dims)}")
-    out: dict[str, ExportRange] = {}
-    for name, (lo, hi) in dim_ranges(spec, profiles).items():
-        used = tuple(sorted({v for p in profiles for v in (p.dims[name].min, p.dims[name].opt, p.dims[name].max)},
-                            reverse=True))
-        m = multiples.get(name, 1)
-        if m < 1:
-            raise BuildError(f"{spec.name}: dim_multiples[{name!r}] must be >= 1, got {m}")
-        if lo % m or hi % m:
-            raise BuildError(
-                f"{spec.name}: dimension {name} must be a multiple of {m} for this network, but the profiles "
-                f"span {lo}..{hi}; choose buckets whose latent sides are multiples of {m}"
-            )
-        widen = max(lo, 1) if probe and m == 1 else m
-        out[name] = ExportRange(lo, hi + widen if lo == hi else hi, m, widened=lo == hi, used=used)
-    return out
-
-
-def export_dims(ranges: Mapping[str, ExportRange]) -> dict[str, ExportDim]:
-    """One torch.export Dim per named dimension, ``m * Dim`` (a derived Dim) where it must be a multiple."""
-    out: dict[str, ExportDim] = {}
-    for name, r in ranges.items():
-        if r.multiple == 1:
-            out[name] = torch.export.Dim(name, min=r.lo, max=r.hi)
-        else:
-            out[name] = r.multiple * torch.export.Dim(f"_{name}", min=r.lo // r.multiple, max=r.hi // r.multiple)
-    return out
-
-
-def example_dims(spec: ComponentSpec, ranges: Mapping[str, ExportRange]) -> dict[str, int]:
-    """Trace values for the named dimensions.
-
-    Never 0 or 1 (torch.export would specialise them). Always a size the profiles name if there is one
-    (a real bucket side: with no ``dim_multiples`` known, an odd size such as 33 would send a UNet down
-    its non-divisible branch, and torch suggests no fix for that), preferring one that differs from the
-    other dimensions and the contract's fixed sizes. Equal sizes are harmless with explicit Dims (each
-    has its own symbol); distinct ones only make the graph easier to read.
-    """
-    taken = {d for t in spec.tensors for d in t.dims if isinstance(d, int)}
-    out: dict[str, int] = {}
-    for name, r in ranges.items():
-        used = [v for v in r.used if v > 1 and v % r.multiple == 0]
-        others = [v for v in range(r.hi, r.lo - 1, -r.multiple) if v > 1 and v not in r.used]
-        ranked = [v for v in used if v not in taken] + used + [v for v in others if v not in taken] + others
-        if not ranked:
-            raise BuildError(f"{spec.name}: dimension {name} has no traceable size in {r} (need >= 2)")
-        out[name] = ranked[0]
-        taken.add(out[name])
-    return out
-
-
-def dynamic_shapes_for(spec: ComponentSpec, dims: Mapping[str, ExportDim],
-                       multiples: Mapping[str, int] | None = None) -> dict[str, dict[int, ExportDim] | None]:
-    """torch.export's ``dynamic_shapes`` (by input name): every axis with a named dimension, scaled as the
-    contract says (``Dim("h", 8)`` -> ``8 * h``); fixed axes are left out (static).
-
-    A divided axis (a ControlNet residual's ``h/4``) is a derived Dim of the root: with ``h = 4 * _h`` it is
-    ``_h``, ``h/2`` is ``2 * _h``. So ``multiples`` must make the dimension a multiple of every divisor."""
-    out: dict[str, dict[int, ExportDim] | None] = {}
-    for t in spec.inputs:
-        axes = {axis: _axis_dim(spec, t.name, d, dims[d.name], (multiples or {}).get(d.name, 1))
-                for axis, d in enumerate(t.dims) if isinstance(d, Dim)}
-        out[t.name] = axes or None
-    return out
-
-
-def _axis_dim(spec: ComponentSpec, tensor: str, d: Dim, dim: ExportDim, multiple: int) -> ExportDim:
-    if d.div == 1:
-        return dim if d.scale == 1 else d.scale * dim
-    if multiple % d.div:
-        raise BuildError(f"{spec.name}.{tensor}: axis {d} needs dimension {d.name} exported as a multiple of {d.div}, "
-                         f"but dim_multiples gives {multiple}; pass dim_multiples_for({spec.name!r}, model_dims)")
-    factor = d.scale * multiple // d.div
-    return dim.root if factor == 1 else factor * dim.root
-
 
 def _example_inputs(
     spec: ComponentSpec, values: Mapping[str, int], precision: torch.dtype, device: torch.device
@@ -204,7 +62,7 @@ def _example_inputs(
     out = []
     for t in spec.inputs:
         shape = t.shape(values)
-        dtype = precision if t.dtype == "float" else TORCH_DTYPES[t.dtype]
+        dtype = t.torch_dtype(precision)
         if dtype.is_floating_point:
             x = torch.rand(shape, generator=g) * 999 if t.name == "timestep" else torch.randn(shape, generator=g)
         else:
@@ -274,13 +132,8 @@ def build_torch_engine(
     described = {name: str(r) for name, r in ranges.items()}
 
     t1 = time.perf_counter()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp{ENGINE_SUFFIX}")  # torch.export.save wants the suffix
-    try:
+    with atomic_path(out_path, suffix=ENGINE_SUFFIX) as tmp:  # torch.export.save wants the suffix
         torch.export.save(program, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     save_s = time.perf_counter() - t1
 
     info: dict[str, Any] = {
@@ -314,26 +167,6 @@ class _NeedsMultiples(BuildError):
     def __init__(self, message: str, multiples: dict[str, int]) -> None:
         super().__init__(message)
         self.multiples = multiples
-
-
-_DERIVED_FIX = re.compile(r"^\s*(\w+) = (\d+)\*(\w+)\s*$")
-
-
-def multiples_from_suggested_fixes(message: str, names: Sequence[str]) -> dict[str, int]:
-    """Read ``h = 4*_h`` lines from a torch.export constraint-violation message: ``{"h": 4}``.
-
-    Only fixes that make one of our named dimensions a multiple count; any other suggestion (a
-    specialisation such as ``B = 2``) is not something a profile-wide engine can honour.
-    """
-    if "Suggested fixes:" not in message:
-        return {}
-    out: dict[str, int] = {}
-    for line in message.split("Suggested fixes:", 1)[1].splitlines():
-        if m := _DERIVED_FIX.match(line):
-            name, factor = m.group(1), int(m.group(2))
-            if name in names and factor > 1:
-                out[name] = factor
-    return out
 
 
 def _export(
@@ -424,13 +257,7 @@ def _compile_and_save_cache(
     if saved is None:
         raise BuildError(f"{spec.name}: torch.compile produced no cache artifacts to save (is the Inductor cache off?)")
     blob, cache_info = saved
-    path = cache_artifacts_path(engine_path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    path = write_atomic(cache_artifacts_path(engine_path), blob)
     return {
         "cache_path": str(path),
         "cache_bytes": len(blob),
@@ -446,3 +273,77 @@ def _complete_shape(spec: ComponentSpec, profiles: Sequence[Profile], values: Ma
         raise BuildError(f"{spec.name}: compile shape names {unknown}; its dimensions are {list(spec.named_dims)}")
     first = profiles[0]
     return {n: int(values[n]) if n in values else first.dims[n].opt for n in spec.named_dims}
+
+
+@dataclass
+class TorchBuilder:
+    """:class:`~.builder.Builder` and :class:`~.builder.BuildSource` of the torch backend: programs traced from
+    the PyTorch modules (loaded once, on the first component that is not up to date), each checked against its
+    module at build time like the ONNX export is checked against PyTorch."""
+
+    opts: BuildOptions
+    export: ExportResult  # from export.summary.model_summary: configs only, no weights read
+    _models: TorchModels | None = field(default=None, init=False)
+
+    def source_hash(self, component: str, precision: str) -> str:
+        """The model's identity (fused LoRAs, residual inputs and ControlNets included) and the precision."""
+        return f"{self.export.identity(component)}:{precision}"
+
+    def _loaded(self) -> TorchModels:
+        if self._models is None:
+            self._models = TorchModels.load(self.opts)
+        return self._models
+
+    def build(self, component: str, *, precision: str, spec: ComponentSpec, profiles: Sequence[Profile],
+              out: Path) -> BuiltEngine:
+        models, opts = self._loaded(), self.opts
+        dtype = io_dtype(precision)
+        module = models.wrapped()[component].to(device=opts.device, dtype=dtype)
+        path = out / engine_file_name(component, "torch")
+        info = build_torch_engine(module, spec, path, profiles=profiles, precision=dtype, device=opts.device,
+                                  dim_multiples=dim_multiples_for(component, self.export.model_dims),
+                                  compile_shapes=compile_shapes(component, profiles, opts.max_batch)
+                                  if opts.compile_torch else None)
+        return BuiltEngine(path.name, info, export_error=_verify_torch_engine(module, spec, path, profiles, dtype,
+                                                                              opts.device))
+
+    def save_weight_map(self, out: Path) -> None:
+        """The torch names of the modules just built (a directory with nothing rebuilt keeps the map it has)."""
+        if self._models is None:
+            return
+        from sdxl_trt.export.weight_map import component_weight_maps
+        from sdxl_trt.lora.weight_map import WeightMap
+
+        WeightMap(component_weight_maps(self._models.base, self._models.wrapped())).save(out / WEIGHT_MAP_NAME)
+
+
+def _verify_torch_engine(module: nn.Module, spec: ComponentSpec, path: Path, profiles: Sequence[Profile],
+                         dtype: torch.dtype, device: str) -> dict[str, float]:
+    """The saved program against the PyTorch module on random inputs at the first profile's optimum:
+    the torch backend's counterpart of the ONNX export check."""
+    from sdxl_trt.export.onnx_export import sample_inputs
+
+    program = load_program(path, spec, device=device)
+    dims = {n: r.opt for n, r in profiles[0].dims.items()}
+    inputs = sample_inputs(spec, dims, dtype, device=device, seed=1)
+    got = dict(zip(spec.output_names, program(spec, inputs), strict=True))
+    with torch.inference_mode():
+        expected = module(*(inputs[n] for n in spec.input_names))
+    expected = (expected,) if isinstance(expected, torch.Tensor) else expected
+    return {name: float((got[name].double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
+            for name, e in zip(spec.output_names, expected, strict=True)}
+
+
+def compile_shapes(component: str, profiles: Sequence[Profile], max_batch: int) -> list[dict[str, int]]:
+    """The shapes a service runs, compiled once at build time (each costs minutes at full size):
+    every bucket at one image and at ``max_batch`` images (x2 for guidance in the UNets and ControlNets)."""
+    family = family_of(component)
+    if family == "text_encoder":
+        return [{"B": 2}]  # one prompt chunk, positive and negative
+    shapes = []
+    for p in profiles:
+        for images in sorted({1, max_batch}):
+            b = 2 * images if family in STEP_FAMILIES else images
+            shapes.append({"B": b, "h": p.dims["h"].opt, "w": p.dims["w"].opt}
+                          | ({"S": TOKENS_PER_CHUNK} if "S" in p.dims else {}))
+    return [dict(t) for t in {tuple(sorted(s.items())) for s in shapes}]

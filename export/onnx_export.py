@@ -16,21 +16,15 @@ import numpy as np
 import onnx
 import torch
 
-from sdxl_trt.contracts import ComponentSpec, TensorSpec
+from sdxl_trt.contracts import TOKENS_PER_CHUNK, ComponentSpec
 from sdxl_trt.errors import ExportError
 
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
 TWO_GB = 2**31 - 1
-TRACE_DIMS = {"B": 2, "S": 77, "h": 32, "w": 40}
+TRACE_DIMS = {"B": 2, "S": TOKENS_PER_CHUNK, "h": 32, "w": 40}
 """Shape used for tracing: distinct values per named dimension so no two are confused or specialised."""
-
-TORCH_DTYPES = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
-
-
-def torch_dtype(t: TensorSpec, precision: torch.dtype) -> torch.dtype:
-    return precision if t.dtype == "float" else TORCH_DTYPES[t.dtype]
 
 
 def sample_inputs(
@@ -43,7 +37,7 @@ def sample_inputs(
     out: dict[str, torch.Tensor] = {}
     for t in spec.inputs:
         shape = t.shape(dims)
-        dtype = torch_dtype(t, precision)
+        dtype = t.torch_dtype(precision)
         if t.name == "input_ids":
             x = torch.randint(0, vocab_size, shape, generator=g, dtype=dtype)
         elif t.name == "timestep":

@@ -12,16 +12,20 @@ from dataclasses import dataclass, field
 import torch
 
 from sdxl_trt.buckets import Bucket
-from sdxl_trt.contracts import TOKENS_PER_CHUNK, ComponentSpec, ModelDims, component_specs, controlnet_names
+from sdxl_trt.contracts import (
+    TOKENS_PER_CHUNK,
+    ComponentSpec,
+    ModelDims,
+    component_specs,
+    controlnet_names,
+    io_dtype,
+)
 from sdxl_trt.engine_dir.manifest import Manifest
 from sdxl_trt.engine_dir.profiles import Profile, select_profile
 
 from .arena import Arena
 from .engine import Engine
 from .graphs import CudaGraphs
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
-"""Engine I/O dtype per precision (INT8 Q/DQ graphs keep float32 inputs and outputs)."""
 
 MAX_STATE_TENSORS = 3
 """Latent-shaped history buffers the hungriest scheduler keeps (UniPC: last, x0_prev, x0_prev2)."""
@@ -46,7 +50,7 @@ class EngineContext:
         self.dims = ModelDims.from_json(m.model_dims)
         self.specs = component_specs(self.dims, controlnet_names(m.components))
         self.profiles = {n: [Profile.from_json(p) for p in e.profiles] for n, e in m.components.items()}
-        self.dtypes = {n: DTYPES[e.precision] for n, e in m.components.items()}
+        self.dtypes = {n: io_dtype(e.precision) for n, e in m.components.items()}
         self.buckets = [Bucket.parse(b) for b in m.buckets]
         self.arena = Arena(self.device)
         self._reserve_buffers()

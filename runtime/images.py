@@ -59,11 +59,6 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int, image_size: tuple
     return (t >= 0.5).to(torch.float32)
 
 
-def check_finite(t: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise non_finite_error(what, int((~torch.isfinite(t)).sum()))
-
-
 def non_finite_error(what: str, bad: int | None = None) -> NonFiniteOutputError:
     count = f"{bad} " if bad is not None else ""
     return NonFiniteOutputError(

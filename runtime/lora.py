@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdxl_trt.engine_dir.layout import WEIGHT_MAP_NAME
+from sdxl_trt.engine_dir.layout import WEIGHT_MAP_NAME, export_onnx_path
 from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.lora import Lora, LoraError, merged_weights
 from sdxl_trt.lora.apply import base_weights_from_onnx, onnx_weight_updates
@@ -200,7 +200,7 @@ class LoraSwitcher:
         from onnx import numpy_helper
 
         engine: Any = self.ctx.engines[component]
-        path = Path(engine.path) if engine.backend == "onnxruntime" else self.directory / "onnx" / f"{component}.onnx"
+        path = Path(engine.path) if engine.backend == "onnxruntime" else export_onnx_path(self.directory, component)
         wanted = {w.onnx for w in self.weight_map().components[component].weights.values() if w.onnx}
         model = onnx.load(str(path), load_external_data=True)
         return {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from sdxl_trt.buckets import Bucket
-from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir
+from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir, unpassed_guidance_embedding
 from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
 from sdxl_trt.samplers import SCHEDULERS, scheduler_for_config
@@ -293,25 +293,3 @@ class Pipeline:
                      refiner_start=req.refiner_start, refiner_strength=req.refiner_strength)
         return p
 
-
-def unpassed_guidance_embedding(manifest: Manifest) -> int:
-    """The time_cond_proj_dim of the model's UNet when its engines lack the ``timestep_cond`` input (built
-    before the contract had it: the manifest's model_dims has no ``unet_time_cond_dim``); 0 otherwise.
-
-    The model's UNet config is read where the runtime can still see it: a preset, or the local diffusers
-    directory the engines were built from. Elsewhere the old engines cannot be told apart and run as built.
-    """
-    if "unet_time_cond_dim" in manifest.model_dims:
-        return 0
-    src = manifest.model.get("source") or {}
-    config: dict[str, Any] = {}
-    if src.get("type") == "preset":
-        from sdxl_trt.presets import PRESETS
-
-        preset = PRESETS.get(str(src.get("name")))
-        config = preset.unet if preset is not None else {}
-    elif src.get("type") == "diffusers":
-        path = Path(str(src.get("path", ""))) / "unet" / "config.json"
-        with contextlib.suppress(OSError, ValueError):
-            config = json.loads(path.read_text())
-    return int(config.get("time_cond_proj_dim") or 0)

@@ -10,7 +10,6 @@ the same number of chunks (the shorter padded with empty chunks) so they batch t
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,13 +18,6 @@ from sdxl_trt.contracts import TOKENS_PER_CHUNK
 from sdxl_trt.errors import InvalidRequestError
 
 CONTENT_TOKENS = TOKENS_PER_CHUNK - 2
-
-
-@dataclass
-class Tokenized:
-    """Token ids per prompt, ``[n_chunks, 77]`` each, for one tokenizer."""
-
-    chunks: list[torch.Tensor]
 
 
 class PromptTokenizer:

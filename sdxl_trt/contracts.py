@@ -24,17 +24,25 @@ returning exactly those residuals, already scaled. A plain build's UNet is uncha
 
 Widths (hidden sizes, context width, number of micro-conditioning numbers) are properties of the model,
 not of the contract, so the specs are built from a :class:`ModelDims` read off the model's configs.
+
+Beside the specs live the other facts about components that every stage needs: the components a build makes
+(:func:`build_components`), each one's family (:func:`family_of`), the one precision rule
+(:func:`component_precision`) and the I/O dtype of each engine precision (:func:`io_dtype`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 CONTRACT_VERSION = 2
-"""Bump when a component's inputs or outputs change: exported files and engines become stale.
-(2: the UNet's optional ``timestep_cond`` input for guidance-distilled models.)"""
+"""Bump when a component's inputs or outputs change: exported files and engines become stale. Recorded in
+every export and engine manifest; an engine directory of another version is refused at load with its rebuild
+command. (2: the UNet's optional ``timestep_cond`` input for guidance-distilled models.)"""
 
 TOKENS_PER_CHUNK = 77
 """CLIP's context length: every text-encoder call sees exactly this many tokens."""
@@ -68,6 +76,90 @@ def contract_of(component: str) -> str:
 def controlnet_names(components: Iterable[str]) -> list[str]:
     """The ControlNet NAMEs among component names, in their order."""
     return [c[len(CONTROLNET) + 1:] for c in components if contract_of(c) == CONTROLNET and c != CONTROLNET]
+
+
+def build_components(*, refiner: bool = False, controlnets: Sequence[str] = ()) -> list[str]:
+    """The components a build exports and builds, in build order: the base model's, the refiner's UNet if
+    asked, then one ``controlnet.NAME`` per ControlNet."""
+    return [*BASE_COMPONENTS, *(["refiner"] if refiner else []), *(controlnet_component(n) for n in controlnets)]
+
+
+# --------------------------------------------------------------------------- component facts
+# What kind of network each component is and which precision it is built in: export/, engine/ and runtime/
+# read these here, never restate them.
+
+Family = Literal["text_encoder", "unet", "vae", "controlnet"]
+FAMILIES: Mapping[str, Family] = {
+    "text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet", "refiner": "unet",
+    "vae_decoder": "vae", "vae_encoder": "vae", CONTROLNET: "controlnet",
+}
+"""Each contract's family. UNets and ControlNets run once per denoising step, beside each other (a guided
+batch, ``S`` context tokens, one profile per bucket); text encoders once per prompt chunk; VAEs once per image."""
+
+VAE_COMPONENTS = tuple(c for c, f in FAMILIES.items() if f == "vae")
+STEP_FAMILIES: tuple[Family, ...] = ("unet", "controlnet")
+"""Families called in every denoising step: their batch doubles under classifier-free guidance."""
+
+
+def family_of(component: str) -> Family:
+    """``unet`` and ``refiner`` -> ``unet``; ``controlnet.edges`` -> ``controlnet``; ``vae_decoder`` -> ``vae``."""
+    family = FAMILIES.get(contract_of(component))
+    if family is None:
+        raise ValueError(f"unknown component {component!r}; expected one of {COMPONENT_NAMES} or {CONTROLNET}.NAME")
+    return family
+
+
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+BUILD_PRECISIONS = ("fp16", "int8", "fp32")
+"""What a build may ask for (``--precision``); bf16 is only ever chosen per component, by the rule below."""
+
+IO_DTYPES: Mapping[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
+"""The dtype of an engine's ``float`` inputs and outputs, per its precision (INT8 Q/DQ graphs keep float32 I/O)."""
+
+
+def component_precision(component: str, requested: str, *, backend: str | None, bf16_device: bool = False,
+                        vae_fp16_safe: bool = False) -> Precision:
+    """The precision ``component`` is built in when the model is asked for in ``requested`` on ``backend``
+    (None: an ONNX export, which any ONNX backend builds from). The one rule; engine/ and export/ call it.
+
+    * fp32 is fp32 for every component.
+    * The SDXL VAE overflows in fp16 (NaN, black images): fp32, unless its weights are fp16-safe
+      (``vae_fp16_safe``: e.g. sdxl-vae-fp16-fix) -> fp16, or the torch backend builds on a device with bf16
+      (``bf16_device``) -> bf16, fp32's range at 16-bit speed.
+    * int8 means Q/DQ nodes from calibrating the base UNet (engine/int8/); every other component has none and
+      builds in fp16 on TensorRT (FP16 kernels allowed), fp32 elsewhere (ONNX Runtime's CPU kernels lack fp16).
+    * Otherwise the requested precision.
+
+    TensorRT 11's strong typing moves precision into the ONNX (fp16 files; INT8/FP8 as Q/DQ with an fp16
+    remainder): that change is this function and :func:`onnx_precision`.
+    """
+    family = family_of(component)
+    if requested not in BUILD_PRECISIONS:
+        raise ValueError(f"precision must be one of {BUILD_PRECISIONS}, got {requested!r}")
+    if requested == "fp32":
+        return "fp32"
+    if family == "vae":
+        if vae_fp16_safe:
+            return "fp16"
+        return "bf16" if backend == "torch" and bf16_device else "fp32"
+    if requested == "int8" and contract_of(component) != "unet":
+        return "fp16" if backend == "tensorrt" else "fp32"
+    return "int8" if requested == "int8" else "fp16"
+
+
+def onnx_precision(requested: str) -> Literal["fp32", "fp16"]:
+    """The precision a build of ``requested`` exports its ONNX in (each component's file then follows
+    :func:`component_precision` with ``backend=None``): INT8's Q/DQ nodes are written into the fp32 UNet."""
+    return "fp16" if requested == "fp16" else "fp32"
+
+
+def io_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of an engine's ``float`` tensors when it is built in ``precision``."""
+    import torch
+
+    if precision not in IO_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {list(IO_DTYPES)}")
+    return getattr(torch, IO_DTYPES[precision])
 
 
 @dataclass(frozen=True)
@@ -118,6 +210,13 @@ class TensorSpec:
     def dynamic_axes(self) -> dict[int, str]:
         """ONNX dynamic-axis map (axis index -> symbolic name)."""
         return {i: str(d) for i, d in enumerate(self.dims) if isinstance(d, Dim)}
+
+    def torch_dtype(self, float_dtype: torch.dtype) -> torch.dtype:
+        """This tensor's torch dtype in an engine whose ``float`` tensors are ``float_dtype``
+        (:func:`io_dtype` of its precision); the fixed dtypes are their own."""
+        import torch
+
+        return float_dtype if self.dtype == "float" else getattr(torch, self.dtype)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .engine_dir.environment import sha256_file
 from .errors import ModelLoadError
+from .files import write_atomic
 from .presets import PRESETS, Preset
 
 
@@ -59,10 +60,7 @@ def file_sha256(path: Path) -> str:
     if time.time_ns() - st.st_mtime_ns > _RACY_NS:
         cache[key] = digest
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(dict(list(cache.items())[-_CACHE_ENTRIES:])))
-            os.replace(tmp, cache_file)
+            write_atomic(cache_file, json.dumps(dict(list(cache.items())[-_CACHE_ENTRIES:])))
         except OSError:  # a read-only home only costs the next hash its speed
             pass
     return digest

@@ -273,10 +273,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str) -> Preset:
-    return copy.deepcopy(PRESETS[name])
-
-
 # ControlNet presets: ControlNetModel.from_unet's config of a base preset's UNet, with seeded random weights
 # (including the convs diffusers initialises to zero, so a preset ControlNet changes the UNet's output).
 _FROM_UNET_KEYS = (

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from sdxl_trt.buckets import SDXL_BUCKETS, Bucket
-from sdxl_trt.contracts import ModelDims, component_specs
-from sdxl_trt.engine_dir.manifest import Manifest, check_engine_dir
+from sdxl_trt.contracts import CONTRACT_VERSION, ModelDims, component_specs
+from sdxl_trt.engine_dir.manifest import Manifest, check_engine_dir, effective_contract_version
 from sdxl_trt.engine_dir.profiles import component_profiles, select_profile, validate_shapes
 from sdxl_trt.errors import ManifestError, ProfileError
 
@@ -336,6 +336,8 @@ def test_manifest_written_before_the_engine_dir_move_loads(tiny_engines: Path, t
     assert loaded.to_json() == old
     profiles = [Profile.from_json(p) for p in loaded.components["unet"].profiles]
     assert [p.to_json() for p in profiles] == old["components"]["unet"]["profiles"]
+    assert loaded.contract_version is None and effective_contract_version(loaded) == 1  # read off model_dims
     new = json.loads((tiny_engines / "manifest.json").read_text())
-    assert set(new) == set(old)
+    assert set(new) == set(old) | {"contract_version"}
+    assert new["contract_version"] == CONTRACT_VERSION
     assert set(new["components"]["unet"]) == set(old["components"]["unet"])

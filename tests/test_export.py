@@ -102,11 +102,11 @@ def test_diffusers_dir_of_another_config_exports(tmp_path: Path):
     from sdxl_trt.export.exporter import export_model
 
     saved = _save_other_pipeline(tmp_path / "other", "base")
-    manifest = export_model(str(saved.path), out=tmp_path / "onnx")
-    assert manifest["model"]["source"]["type"] == "diffusers"
-    assert manifest["model_dims"]["unet_context"] != 64  # not the tiny preset's width
-    for entry in manifest["components"].values():
-        assert max(entry["relative_error"].values()) < REL_ERROR
+    result = export_model(str(saved.path), out=tmp_path / "onnx")
+    assert result.model["source"]["type"] == "diffusers"
+    assert result.model_dims.unet_context != 64  # not the tiny preset's width
+    for entry in result.components.values():
+        assert max(entry.relative_error.values()) < REL_ERROR
 
 
 def test_bad_model_paths_fail_with_clear_cli_errors(tmp_path: Path):

@@ -260,17 +260,20 @@ def test_engines_built_before_the_guidance_embedding_are_refused(tiny_lcm, tiny_
     is refused with the rebuild command, and a current pipeline keeps working."""
     import dataclasses
 
+    from sdxl_trt.engine_dir.manifest import unpassed_guidance_embedding
     from sdxl_trt.errors import ManifestError
-    from sdxl_trt.runtime.pipeline import Pipeline, unpassed_guidance_embedding
+    from sdxl_trt.runtime.pipeline import Pipeline
 
     good = tiny_lcm[0]
     old_dims = {k: v for k, v in good.manifest.model_dims.items() if k != "unet_time_cond_dim"}
-    old = dataclasses.replace(good.manifest, model_dims=old_dims)
+    old = dataclasses.replace(good.manifest, model_dims=old_dims, contract_version=None)  # as such a build wrote it
     assert unpassed_guidance_embedding(old) == 32
     assert unpassed_guidance_embedding(good.manifest) == 0
     assert unpassed_guidance_embedding(dataclasses.replace(  # a pre-change manifest of a model without it: fine
-        tiny_pipeline.manifest, model_dims={k: v for k, v in tiny_pipeline.manifest.model_dims.items()
-                                            if k != "unet_time_cond_dim"})) == 0
+        tiny_pipeline.manifest, contract_version=None,
+        model_dims={k: v for k, v in tiny_pipeline.manifest.model_dims.items() if k != "unet_time_cond_dim"})) == 0
+    # where the version is recorded, it decides: a version-2 manifest is never sniffed
+    assert unpassed_guidance_embedding(dataclasses.replace(old, contract_version=2)) == 0
     stale = Pipeline(good.directory, old, good.engines, good.device)
     req = GenerationRequest(prompt="x", steps=2, seed=0, scheduler="lcm", guidance_scale=7.0)
     with pytest.raises(ManifestError, match=r"timestep_cond.*Rebuild: sdxl-trt build"):

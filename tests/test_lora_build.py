@@ -167,7 +167,7 @@ def test_changing_loras_re_exports_and_none_restores(tmp_path, lora_files):
 
     def export(loras):
         m = export_model("tiny", out=out, components=["text_encoder"], loras=loras)
-        return m["components"]["text_encoder"]["settings"], m["components"]["text_encoder"]["sha256"]
+        return m.components["text_encoder"].settings, m.components["text_encoder"].sha256
 
     plain = export([])
     a = export([LoraSpec(path, 1.0)])
@@ -198,12 +198,13 @@ def test_bad_loras_stop_the_build_with_one_line(tmp_path, capsys):
 
 
 def test_the_builds_own_loader_fuses_for_torch_programs_and_int8_calibration(lora_files, tiny_models):
-    """``engine.build._load_base`` (what the torch backend exports and INT8 calibration runs) holds the LoRAs."""
-    from sdxl_trt.engine.build import BuildOptions, _load_base
+    """``engine.models.load_base`` (what the torch backend exports and INT8 calibration runs) holds the LoRAs."""
+    from sdxl_trt.engine.models import load_base
+    from sdxl_trt.engine.options import BuildOptions
 
     base = tiny_models[0]
     opts = BuildOptions(model="tiny", loras=tuple(f"{p}:{s}" for (p, _), s in zip(lora_files, SCALES, strict=True)))
-    loaded = _load_base(opts)
+    loaded = load_base(opts)
     want = _fused_reference(base, lora_files)
     for comp in ("unet", "text_encoder", "text_encoder_2"):
         got = dict(getattr(loaded, comp).named_parameters())

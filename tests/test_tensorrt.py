@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from sdxl_trt.buckets import Bucket
-from sdxl_trt.contracts import COMPONENT_NAMES, ModelDims, component_specs
+from sdxl_trt.contracts import COMPONENT_NAMES, ModelDims, component_precision, component_specs
 from sdxl_trt.engine import tensorrt_backend as tb
 from sdxl_trt.engine_dir.profiles import Profile, component_profiles
 from sdxl_trt.errors import (
@@ -210,21 +210,35 @@ def test_config_rejects_bad_values_naming_them(kwargs: dict[str, Any], message: 
     ("text_encoder", "fp32", False, "fp32"),
 ])
 def test_component_precision(component: str, requested: Any, safe: bool, expected: str) -> None:
-    assert tb.component_precision(component, requested, vae_fp16_safe=safe) == expected
+    """The one rule (sdxl_trt.contracts) as the TensorRT backend gets it."""
+    assert component_precision(component, requested, backend="tensorrt", vae_fp16_safe=safe) == expected
 
 
 def test_component_precision_covers_every_component_and_rejects_others() -> None:
     for name in COMPONENT_NAMES:
-        assert tb.component_precision(name, "fp16") in ("fp16", "fp32")
-    with pytest.raises(BuildError, match="unknown component 'vae'"):
-        tb.component_precision("vae", "fp16")
+        assert component_precision(name, "fp16", backend="tensorrt") in ("fp16", "fp32")
+    with pytest.raises(ValueError, match="unknown component 'vae'"):
+        component_precision("vae", "fp16", backend="tensorrt")
 
 
-def test_config_for_component_int8_text_encoder_builds_fp16_not_strongly_typed() -> None:
-    cfg = tb.config_for_component(tb.TensorRTBuildConfig(precision="int8"), "text_encoder")
+def test_the_rules_int8_text_encoder_builds_fp16_not_strongly_typed() -> None:
+    cfg = tb.TensorRTBuildConfig(precision=component_precision("text_encoder", "int8", backend="tensorrt"))
     assert cfg.precision == "fp16" and tb.flag_names(cfg) == tb.FlagNames(["FP16"], [])
-    vae = tb.config_for_component(tb.TensorRTBuildConfig(precision="fp16"), "vae_decoder")
+    vae = tb.TensorRTBuildConfig(precision=component_precision("vae_decoder", "fp16", backend="tensorrt"))
     assert vae.precision == "fp32" and tb.flag_names(vae) == tb.FlagNames([], [])
+
+
+def test_a_weakly_typed_fp16_vae_is_refused_not_rewritten(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+    """build_engine builds the precision it is given (the rule is applied once, by the build); an fp16 VAE
+    without strong typing would get the FP16 flag and NaN images, so it is refused with the fix."""
+    spec = SPECS["vae_decoder"]
+    profiles = component_profiles(spec, buckets=BUCKETS, max_batch=1)
+    with pytest.raises(BuildError, match=r"weakly typed fp16 VAE.*precision='fp32'"):
+        tb.build_engine(_onnx(tmp_path, "vae_decoder"), tmp_path / "vae.plan", spec=spec, profiles=profiles,
+                        config=tb.TensorRTBuildConfig(precision="fp16"))
+    info = tb.build_engine(_onnx(tmp_path, "vae_decoder"), tmp_path / "vae.plan", spec=spec, profiles=profiles,
+                           config=tb.TensorRTBuildConfig(precision="fp32"))
+    assert info["precision"] == "fp32" and info["builder_flags"] == []
 
 
 def test_profile_shapes_translate_each_profile_to_set_shape_arguments() -> None:
@@ -499,6 +513,34 @@ def test_build_with_fake_tensorrt(fake_trt: FakeTensorRT, tmp_path: Path) -> Non
     assert info["bytes"] == (tmp_path / "engines" / "unet.plan").stat().st_size
 
 
+def test_tensorrt_builder_builds_each_component_from_its_onnx_source(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+    """The builder build_engines drives: the plan is named by engine_dir/layout.py, strongly typed when the export
+    is fp16 ONNX (the file decides dtypes), the timing cache beside it, the source's INT8 facts kept."""
+    from sdxl_trt.engine.options import BuildOptions
+    from sdxl_trt.export.result import ExportResult
+
+    class Source:
+        def __init__(self, onnx_precision: str) -> None:
+            self.export = ExportResult(model={}, model_dims=ModelDims(), pipeline={}, precision=onnx_precision)
+
+        def onnx_for(self, component: str, precision: str) -> tuple[Path, dict[str, Any]]:
+            return _onnx(tmp_path, component), ({"int8": {"calibrated": True}} if precision == "int8" else {})
+
+    out = tmp_path / "engines"
+    out.mkdir()
+    spec = SPECS["unet"]
+    profiles = component_profiles(spec, buckets=BUCKETS, max_batch=1)
+    built = tb.TensorRTBuilder(Source("fp16"), BuildOptions(refittable=True)).build(
+        "unet", precision="fp16", spec=spec, profiles=profiles, out=out)
+    assert built.file == "unet.plan" and (out / "unet.plan").is_file()
+    assert (out / "timing.cache").read_bytes() == b"timings"
+    assert built.info["network_flags"] == ["STRONGLY_TYPED"] and built.info["builder_flags"] == ["REFIT"]
+    int8 = tb.TensorRTBuilder(Source("fp32"), BuildOptions()).build(
+        "unet", precision="int8", spec=spec, profiles=profiles, out=out)
+    assert int8.info["int8"] == {"calibrated": True}
+    assert int8.info["builder_flags"] == ["FP16", "INT8"] and int8.info["network_flags"] == []
+
+
 def test_int8_build_is_weakly_typed_with_fp16_and_int8(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
     spec = SPECS["unet"]
     tb.build_engine(_onnx(tmp_path, "unet"), tmp_path / "unet.plan", spec=spec,
@@ -645,8 +687,8 @@ def test_controlnet_and_residual_unet_plans_with_fake_tensorrt(fake_trt: FakeTen
     from sdxl_trt.runtime.tensorrt_engine import SharedDeviceMemory, TensorRTEngine
 
     specs = component_specs(ModelDims(controlnet_residuals=controlnet_residuals(SDXL_BASE_UNET)), ["edges"])
-    assert tb.component_precision("controlnet.edges", "fp16") == "fp16"
-    assert tb.component_precision("controlnet.edges", "int8") == "fp16"  # never calibrated
+    assert component_precision("controlnet.edges", "fp16", backend="tensorrt") == "fp16"
+    assert component_precision("controlnet.edges", "int8", backend="tensorrt") == "fp16"  # never calibrated
     for name in ("controlnet.edges", "unet"):
         spec = specs[name]
         profiles = component_profiles(spec, buckets=BUCKETS, max_batch=1)

@@ -20,13 +20,8 @@ import torch
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.contracts import component_specs
-from sdxl_trt.engine.torch_backend import (
-    build_torch_engine,
-    cache_artifacts_path,
-    dim_multiples_for,
-    export_ranges,
-    multiples_from_suggested_fixes,
-)
+from sdxl_trt.engine.torch_backend import build_torch_engine, cache_artifacts_path
+from sdxl_trt.engine.torch_shapes import dim_multiples_for, export_ranges, multiples_from_suggested_fixes
 from sdxl_trt.engine_dir.profiles import Profile, component_profiles
 from sdxl_trt.errors import BuildError, InvalidRequestError
 from sdxl_trt.export.loading import load_model, model_dims

@@ -16,7 +16,6 @@ file when there is one), quantized and written out. Large models (the full-size 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from sdxl_trt.errors import BuildError
+from sdxl_trt.files import atomic_path
 
 from .qdq import QUANTIZED_OP_TYPES, check_tensorrt_qdq, initializer_names, quantized_counts, weight_axis
 from .report import QuantizationReport, measure_error
@@ -228,9 +228,8 @@ def write_qdq_model(
     del graph.node[:]
     graph.node.extend(new_nodes)
     # Shape-inferred value_info of the float graph stays valid: Q/DQ outputs are new names.
-    tmp = out_onnx.with_name(out_onnx.name + ".tmp")
-    onnx.save_model(model, str(tmp))
-    os.replace(tmp, out_onnx)
+    with atomic_path(out_onnx) as tmp:
+        onnx.save_model(model, str(tmp))
     if not external:
         stale = out_onnx.with_name(out_onnx.name + ".data")
         if stale.exists():

@@ -8,9 +8,11 @@ Layout::
     DIR/timing.cache                   tensorrt: the builder's timing cache, reused by the next build
     DIR/weight_map.json                each LoRA-able PyTorch weight's name in every engine (sdxl_trt.lora.weight_map)
     DIR/tokenizer/ tokenizer_2/ scheduler/ refiner_scheduler/   what the runtime needs besides engines
-    DIR/onnx/                          the verified ONNX export and its own manifest.json
+    DIR/onnx/                          the verified ONNX export (<component>.onnx, int8: unet.int8.onnx) and its
+                                       own manifest.json
 
-engine/ writes these names and runtime/ reads them; both take them from here.
+engine/ writes these names and runtime/ reads them; both take them from here (the manifest records each
+engine's file too, so a reader goes by the manifest and this module names what a build writes).
 """
 
 from __future__ import annotations
@@ -28,9 +30,27 @@ ONNXRUNTIME_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvide
 """ONNX Runtime engines use the first installed of these (only CPU when the pipeline runs on the CPU)."""
 
 
-def engine_file_name(component: str, backend: str) -> str:
-    """The file a component's engine is written to (an INT8 ONNX UNet renames itself; the manifest says so)."""
+ONNX_DIR_NAME = "onnx"
+
+
+def onnx_file_name(component: str, precision: str = "fp32") -> str:
+    """An exported component's ONNX file; the INT8 (Q/DQ) UNet written from it is ``unet.int8.onnx``."""
+    return f"{component}.int8.onnx" if precision == "int8" else f"{component}.onnx"
+
+
+def engine_file_name(component: str, backend: str, precision: str = "fp32") -> str:
+    """The file a component's engine is written to. An ONNX Runtime engine keeps its ONNX's name (so an INT8
+    UNet is ``unet.int8.onnx``): its external data file is named after it."""
+    if backend not in EXTENSIONS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "onnxruntime":
+        return onnx_file_name(component, precision)
     return f"{component}{EXTENSIONS[backend]}"
+
+
+def export_onnx_path(directory: Path, component: str) -> Path:
+    """The verified ONNX export of ``component`` kept inside engine directory ``directory``."""
+    return Path(directory) / ONNX_DIR_NAME / onnx_file_name(component)
 
 
 def cache_artifacts_path(engine_path: Path) -> Path:

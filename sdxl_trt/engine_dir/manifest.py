@@ -1,9 +1,10 @@
 """``manifest.json``: what makes an engine directory self-describing, and the checks made when it loads.
 
 The manifest names the model (identity and hash), every component's file and its SHA-256, the backend,
-precision and optimization profiles, the library versions and the GPU the engines were built on, the
-ONNX each engine came from and the export error figures. :func:`check_engine_dir` refuses, with the
-rebuild command, an engine directory that does not fit this machine or whose files changed.
+precision and optimization profiles, the component contract's version, the library versions and the GPU the
+engines were built on, the ONNX each engine came from and the export error figures. :func:`check_engine_dir`
+refuses, with the rebuild command, an engine directory that does not fit this machine or this sdxl-trt's
+contracts, or whose files changed.
 
 engine/ writes it and runtime/ reads it; neither imports the other, both import this. It imports neither
 TensorRT nor torch at import time: the runtime reads it on the hot start path.
@@ -11,15 +12,17 @@ TensorRT nor torch at import time: the runtime reads it on the hot start path.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdxl_trt.contracts import CONTRACT_VERSION
 from sdxl_trt.errors import ManifestError
+from sdxl_trt.files import write_atomic
 
 from .environment import current_device, library_versions, sha256_file
 from .layout import REQUIRED_COMPONENTS
@@ -61,23 +64,26 @@ class Manifest:
     build_command: str = ""
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format_version: int = FORMAT_VERSION
+    contract_version: int | None = CONTRACT_VERSION
+    """The component contracts the engines were built to; None: a manifest from before it was recorded
+    (:func:`effective_contract_version` tells what such engines take)."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["contract_version"] is None:  # an old manifest reads back as it was written
+            del out["contract_version"]
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
         d = dict(data)
         d["components"] = {k: ComponentEntry(**v) for k, v in d.get("components", {}).items()}
+        d.setdefault("contract_version", None)
         return cls(**d)
 
     def save(self, directory: Path) -> Path:
         """Write atomically: a crash mid-write never leaves a half manifest that looks valid."""
-        path = directory / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        return write_atomic(directory / MANIFEST_NAME, json.dumps(self.to_json(), indent=2, sort_keys=False))
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:
@@ -122,6 +128,11 @@ def check_engine_dir(
     """
     directory = Path(directory)
     hint = manifest.rebuild_hint(directory)
+    if manifest.contract_version is not None and manifest.contract_version != CONTRACT_VERSION:
+        raise ManifestError(
+            f"engines in {directory} were built to component contract version {manifest.contract_version}, this "
+            f"sdxl-trt runs version {CONTRACT_VERSION}: their inputs and outputs differ. Rebuild: {hint}"
+        )
     for name, entry in manifest.components.items():
         path = directory / entry.file
         if not path.exists():
@@ -179,3 +190,35 @@ def open_engine_dir(directory: str | Path, *, verify_hashes: bool = True) -> Man
     if missing:
         raise ManifestError(f"{directory} lacks engines for {missing}; rebuild: {manifest.rebuild_hint(directory)}")
     return manifest
+
+
+def effective_contract_version(manifest: Manifest) -> int:
+    """The contract version the engines were built to: the recorded one, else read off what an older build
+    wrote (version 2 added ``unet_time_cond_dim`` to the model's widths)."""
+    if manifest.contract_version is not None:
+        return manifest.contract_version
+    return 2 if "unet_time_cond_dim" in manifest.model_dims else 1
+
+
+def unpassed_guidance_embedding(manifest: Manifest) -> int:
+    """The time_cond_proj_dim of the model's UNet when its engines lack the ``timestep_cond`` input (built to
+    contract version 1, before it existed); 0 otherwise.
+
+    Only a guidance-distilled model is affected, so a version-1 directory of any other model still runs. The
+    model's UNet config is read where it can still be seen: a preset, or the local diffusers directory the
+    engines were built from. Elsewhere the old engines cannot be told apart and run as built.
+    """
+    if effective_contract_version(manifest) >= 2:
+        return 0
+    src = manifest.model.get("source") or {}
+    config: dict[str, Any] = {}
+    if src.get("type") == "preset":
+        from sdxl_trt.presets import PRESETS
+
+        preset = PRESETS.get(str(src.get("name")))
+        config = preset.unet if preset is not None else {}
+    elif src.get("type") == "diffusers":
+        path = Path(str(src.get("path", ""))) / "unet" / "config.json"
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads(path.read_text())
+    return int(config.get("time_cond_proj_dim") or 0)

@@ -18,15 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sdxl_trt.buckets import Bucket
-from sdxl_trt.contracts import CONTROLNET, TOKENS_PER_CHUNK, ComponentSpec, contract_of
+from sdxl_trt.contracts import STEP_FAMILIES, TOKENS_PER_CHUNK, ComponentSpec, family_of
 from sdxl_trt.errors import ProfileError
 
 ProfileMode = Literal["per-bucket", "range"]
 Shape = tuple[int, ...]
-
-UNET_COMPONENTS = ("unet", "refiner", CONTROLNET)  # a ControlNet runs beside the UNet: the UNet's batch, S, buckets
-VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -95,18 +91,19 @@ def component_profiles(
         raise ProfileError(f"max_prompt_chunks must be at least 1, got {max_prompt_chunks}")
     if not buckets:
         raise ProfileError("no buckets requested")
-    contract = contract_of(spec.name)
-    if contract in TEXT_COMPONENTS:
+    try:
+        family = family_of(spec.name)
+    except ValueError as e:
+        raise ProfileError(f"no profile rule for component {spec.name!r}: {e}") from None
+    if family == "text_encoder":
         dims = {"B": DimRange(1, 2, 2 * max_batch * max_prompt_chunks)}
         return [_validated(spec, Profile("batch", (), dims, _shapes(spec, dims)))]  # bucket-independent
 
-    if contract in UNET_COMPONENTS:
+    if family in STEP_FAMILIES:  # a ControlNet runs beside the UNet: the UNet's batch, S, buckets
         batch = DimRange(1, 2, 2 * max_batch)
         extra = {"S": DimRange(TOKENS_PER_CHUNK, TOKENS_PER_CHUNK, TOKENS_PER_CHUNK * max_prompt_chunks)}
-    elif contract in VAE_COMPONENTS:
+    else:  # vae
         batch, extra = DimRange(1, 1, max_batch), {}
-    else:
-        raise ProfileError(f"no profile rule for component {spec.name!r}")
 
     if mode == "per-bucket":
         out = []

@@ -101,10 +101,11 @@ class LoraSpec:
         else:
             path = text
         spec = cls(Path(path).expanduser(), scale)
-        spec.check()
+        spec.check_scale_and_file()
         return spec
 
-    def check(self) -> None:
+    def check_scale_and_file(self) -> None:
+        """The scale is a finite number within bounds and the file exists (before anything reads it)."""
         if not math.isfinite(self.scale) or abs(self.scale) > MAX_ABS_SCALE:
             raise LoraError(f"LoRA {self.path}: scale {self.scale} is not a number in "
                             f"[-{MAX_ABS_SCALE:g}, {MAX_ABS_SCALE:g}] (write PATH:SCALE, e.g. {self.path}:0.8)")

@@ -24,13 +24,13 @@ runtime LoRA that touches it must be refused for ONNX-based engines.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdxl_trt.errors import ManifestError
+from sdxl_trt.files import write_atomic
 
 WEIGHT_MAP_FORMAT = 1
 
@@ -87,10 +87,7 @@ class WeightMap:
 
     def save(self, path: Path) -> Path:
         """Atomic write (a crash never leaves half a map that parses)."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> WeightMap:

@@ -19,7 +19,6 @@ from sdxl_trt.errors import SdxlTrtError
 from sdxl_trt.request import GenerationRequest, GenerationResult
 
 from ..core.service import Service
-from ..core.settings import ServeSettings
 from .errors import from_exception
 from .images_io import png_b64
 
@@ -59,10 +58,6 @@ class ClientGone(Exception):
 
 def service_of(request: Request) -> Service:
     return request.app.state.service
-
-
-def settings_of(request: Request) -> ServeSettings:
-    return request.app.state.service.settings
 
 
 def max_pixels(service: Service) -> int:

@@ -1,0 +1,81 @@
+"""The ONNX source of the tensorrt and onnxruntime backends: the verified export in ``DIR/onnx/``, exported
+(or found up to date) first, and the INT8 Q/DQ UNet calibrated from it when a build asks for int8."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdxl_trt.buckets import SDXL_BUCKETS, Bucket, parse_buckets
+from sdxl_trt.contracts import onnx_precision
+from sdxl_trt.engine_dir.layout import ONNX_DIR_NAME, WEIGHT_MAP_NAME, onnx_file_name
+from sdxl_trt.export.result import ExportResult
+from sdxl_trt.lora import LoraSpec
+
+from .models import load_base
+from .options import BuildOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnnxExport:
+    """:class:`~.builder.BuildSource` and :class:`~.builder.OnnxFiles` over an ONNX export directory."""
+
+    opts: BuildOptions
+    onnx_dir: Path
+    export: ExportResult
+    _int8: dict[str, tuple[Path, dict[str, Any]]] = field(default_factory=dict)
+
+    @classmethod
+    def run(cls, opts: BuildOptions, out: Path, precision: str, *, loras: list[LoraSpec],
+            controlnets: list[Any]) -> OnnxExport:
+        """Export what is missing or stale into ``out/onnx`` for engines of ``precision``."""
+        from sdxl_trt.export.exporter import export_model
+
+        onnx_dir = out / ONNX_DIR_NAME
+        export_precision = onnx_precision(precision)
+        log.info("export: %s -> %s (%s)", opts.model, onnx_dir, export_precision)
+        export = export_model(opts.model, out=onnx_dir, refiner=opts.refiner, precision=export_precision,
+                              device=opts.device, model_config=opts.model_config, loras=loras,
+                              controlnets=controlnets)
+        return cls(opts, onnx_dir, export)
+
+    def source_hash(self, component: str, precision: str) -> str:
+        """The exported file's SHA-256 (the precision is in the file; INT8 follows from the fp32 UNet)."""
+        return self.export.components[component].sha256
+
+    def onnx_for(self, component: str, precision: str) -> tuple[Path, dict[str, Any]]:
+        if precision != "int8":
+            return self.onnx_dir / onnx_file_name(component), {}
+        if component not in self._int8:
+            self._int8[component] = self._quantize(component)
+        return self._int8[component]
+
+    def _quantize(self, component: str) -> tuple[Path, dict[str, Any]]:
+        """Explicit INT8 (Q/DQ) UNet from calibration on the shipped prompt set (engine/int8/__init__.py).
+
+        The model is loaded inside the INT8 step and dropped before the Q/DQ file is written, so the build's peak
+        host memory is the larger of the two, not their sum."""
+        from .int8 import build_int8_unet
+
+        opts = self.opts
+        out = self.onnx_dir / onnx_file_name(component, "int8")
+        native = [Bucket.parse(b) for b in self.export.native_buckets or []] or [SDXL_BUCKETS[0]]
+        b = parse_buckets(opts.buckets, default=native)[0]
+        log.info("int8: calibrating the UNet on %d prompts x %d steps at %s (%s ranges)", opts.calibration_prompts,
+                 opts.calibration_steps, b, opts.calibration_backend)
+        report = build_int8_unet(lambda: load_base(opts),
+                                 self.onnx_dir / onnx_file_name(component), out, num_prompts=opts.calibration_prompts,
+                                 steps=opts.calibration_steps, width=b.width, height=b.height,
+                                 backend=opts.calibration_backend)  # type: ignore[arg-type]
+        log.info("%s", report.summary())
+        return out, {"int8": report.to_json()}
+
+    def save_weight_map(self, out: Path) -> None:
+        """The export's map (ONNX and torch names of every LoRA-able weight) goes beside the engines."""
+        if (self.onnx_dir / WEIGHT_MAP_NAME).exists():
+            shutil.copyfile(self.onnx_dir / WEIGHT_MAP_NAME, out / WEIGHT_MAP_NAME)
