@@ -190,15 +190,14 @@ def build_engine(
     if not profiles:
         raise ProfileError(f"{spec.name}: no optimization profiles given; TensorRT needs at least one")
     shapes = [profile_shapes(spec, p) for p in profiles]
-    cfg = config
     vae = family_of(spec.name) == "vae"
-    if vae and not cfg.is_strongly_typed and cfg.precision != "fp32" and not cfg.vae_fp16_safe:
+    if vae and not config.is_strongly_typed and config.precision != "fp32" and not config.vae_fp16_safe:
         raise BuildError(
-            f"{spec.name}: a weakly typed {cfg.precision} VAE would run in fp16 and overflow to NaN; build it with "
+            f"{spec.name}: a weakly typed {config.precision} VAE would run in fp16 and overflow to NaN; build it with "
             "precision='fp32' (contracts.component_precision picks it), or set vae_fp16_safe=True for an "
             "fp16-safe VAE (e.g. sdxl-vae-fp16-fix)"
         )
-    flags = flag_names(cfg)
+    flags = flag_names(config)
 
     trt_logger = logger_bridge(log)
     builder = trt.Builder(trt_logger)
@@ -211,28 +210,28 @@ def build_engine(
     if not parser.parse_from_file(str(onnx_path)):
         raise BuildError(f"{spec.name}: TensorRT could not parse {onnx_path}:\n{_parser_errors(parser)}")
     _check_network_io(network, spec, onnx_path)
-    if cfg.is_strongly_typed and vae and not cfg.vae_fp16_safe:
+    if config.is_strongly_typed and vae and not config.vae_fp16_safe:
         _refuse_fp16_vae(network, spec, onnx_path)
 
     builder_config = builder.create_builder_config()
     table = _builder_flags()
     for name in flags.builder:
         builder_config.set_flag(table[name])
-    if cfg.workspace_gib is not None:
-        builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gib * 2**30))
-    if cfg.builder_optimization_level is not None:
-        builder_config.builder_optimization_level = cfg.builder_optimization_level
+    if config.workspace_gib is not None:
+        builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
+    if config.builder_optimization_level is not None:
+        builder_config.builder_optimization_level = config.builder_optimization_level
     for profile, args in zip(profiles, shapes, strict=True):
         opt_profile = builder.create_optimization_profile()
         for name, lo, opt, hi in args:
             opt_profile.set_shape(name, trt.Dims(lo), trt.Dims(opt), trt.Dims(hi))
         if builder_config.add_optimization_profile(opt_profile) < 0:
             raise BuildError(f"{spec.name}: TensorRT rejected optimization profile {profile.name!r}: {args}")
-    if cfg.timing_cache is not None:
-        _attach_timing_cache(builder_config, cfg.timing_cache)
+    if config.timing_cache is not None:
+        _attach_timing_cache(builder_config, config.timing_cache)
 
     log.info("%s: building %s plan (builder flags %s, network flags %s, %d profile(s))",
-             spec.name, cfg.precision, flags.builder, flags.network, len(profiles))
+             spec.name, config.precision, flags.builder, flags.network, len(profiles))
     start = time.perf_counter()
     serialized: trt.IHostMemory | None = builder.build_serialized_network(network, builder_config)
     seconds = time.perf_counter() - start
@@ -241,8 +240,8 @@ def build_engine(
             f"{spec.name}: TensorRT failed to build {onnx_path} after {seconds:.0f} s; its errors are logged above "
             f"(logger {__name__}). Common fixes: a larger workspace_gib, narrower profiles, or another precision"
         )
-    if cfg.timing_cache is not None:
-        write_atomic(cfg.timing_cache, memoryview(builder_config.get_timing_cache().serialize()))
+    if config.timing_cache is not None:
+        write_atomic(config.timing_cache, memoryview(builder_config.get_timing_cache().serialize()))
     log.info("%s: built in %.1f s; writing %s", spec.name, seconds, plan_path)
     write_atomic(plan_path, memoryview(serialized))
     return {
@@ -250,8 +249,8 @@ def build_engine(
         "plan": str(plan_path),
         "seconds": round(seconds, 2),
         "bytes": plan_path.stat().st_size,
-        "precision": cfg.precision,
-        "strongly_typed": cfg.is_strongly_typed,
+        "precision": config.precision,
+        "strongly_typed": config.is_strongly_typed,
         "builder_flags": flags.builder,
         "network_flags": flags.network,
         "profiles": [p.name for p in profiles],
