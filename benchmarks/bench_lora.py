@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         req = dict(prompt="a lighthouse at dusk", width=bucket.width, height=bucket.height, steps=args.steps, seed=1)
         A, B = (("A", 1.0),), (("B", 1.0),)
         pipe.generate(GenerationRequest(**req))  # warm caches (and capture graphs on CUDA)
-        pipe.loras.check(A), pipe.loras.check(B)  # files read before timing: a switch, not a file read, is timed
+        pipe.loras.read_set(A), pipe.loras.read_set(B)  # files read before timing: a switch, not a file read, is timed
         switches = {}
         for label, target in (("base -> A (first)", A), ("A -> B (first)", B), ("B -> A (kept)", A),
                               ("A -> base", ())):

@@ -1,15 +1,15 @@
-"""Requests -> what the denoiser needs: checking a request against the engines, then turning it into one
-``Slot`` per image (its generator and its conditioning: prompt embeddings, pooled embeddings,
+"""Requests -> what the denoiser needs: checking a request's inputs against the engines, then turning it into
+one ``Slot`` per image (its generator and its conditioning: prompt embeddings, pooled embeddings,
 micro-conditioning, per UNet).
 
-Everything a request can be refused for is refused in :meth:`Conditioner.check`, before any engine runs,
-so a service can call it before queueing (a bad request never waits or joins a batch).
+What a request can be refused for here (ranges, engines it needs, prompt length) is refused in
+:meth:`Conditioner.check_inputs`, before any engine runs; ``Pipeline.admit`` adds the sampler, LoRA and
+ControlNet checks, so a service can call it before queueing (a bad request never waits or joins a batch).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,8 +18,10 @@ from sdxl_trt.buckets import Bucket, nearest_bucket
 from sdxl_trt.contracts import TOKENS_PER_CHUNK
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest
+from sdxl_trt.step_shape import StepShape
 
 from .context import EngineContext
+from .slots import Slot
 from .text import PromptTokenizer, check_chunks, chunks_needed
 
 log = logging.getLogger(__name__)
@@ -27,20 +29,6 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 65_536
 """A prompt longer than this is refused before tokenizing: tokenizing megabytes takes seconds of a
 worker's time, and no engine takes more than a few hundred tokens (services cap lower at their edge)."""
-
-
-@dataclass
-class Slot:
-    """One image of one request: its generator and conditioning."""
-
-    request_index: int
-    image_index: int
-    seed: int
-    generator: torch.Generator
-    guidance: float
-    chunks: int
-    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # embeds/pooled/time_ids, pos & neg, per UNet
-    cfg: bool = True  # classifier-free guidance: the UNet runs on 2M rows (negative half first), else on M
 
 
 def resolve_bucket(request: GenerationRequest, buckets: list[Bucket]) -> Bucket:
@@ -79,8 +67,10 @@ class Conditioner:
         self.time_cond_dim = ctx.dims.unet_time_cond_dim
 
     # ------------------------------------------------------------------ checking
-    def check(self, req: GenerationRequest, *, max_images: int, max_steps: int, schedulers: tuple[str, ...]) -> Bucket:
-        """Everything that can be refused before any work runs; returns the request's bucket."""
+    def check_inputs(self, req: GenerationRequest, *, max_images: int, max_steps: int,
+                     schedulers: tuple[str, ...]) -> tuple[Bucket, int]:
+        """The request's values against their ranges and these engines (a refiner, a VAE encoder, the prompt's
+        length in tokens), as diffusers' ``check_inputs``; returns its bucket and its prompt chunks."""
         req.validate(max_steps=max_steps, max_images=max_images)
         if req.scheduler not in schedulers:
             raise InvalidRequestError(
@@ -96,8 +86,8 @@ class Conditioner:
         if req.seed is not None and req.seed + req.num_images > 2**64:
             raise InvalidRequestError(f"seed + number of images must stay below 2**64, got seed {req.seed}",
                                       param="seed")
-        self.prompt_chunks(req)
-        return resolve_bucket(req, self.ctx.buckets)
+        chunks = self.prompt_chunks(req)
+        return resolve_bucket(req, self.ctx.buckets), chunks
 
     def prompt_chunks(self, req: GenerationRequest) -> int:
         """The 77-token chunks the request's prompts need (refused above the engines' --max-prompt-chunks)."""
@@ -117,28 +107,24 @@ class Conditioner:
                      param="negative_prompt" if longer_is_negative else "prompt")
         return n
 
-    def uses_cfg(self, req: GenerationRequest) -> bool:
-        """diffusers' rule: classifier-free guidance only above 1 and only for a UNet without a guidance
-        embedding (at or below 1, or with the embedding, the UNet runs on the images alone, half the rows)."""
-        return req.guidance_scale > 1.0 and not self.time_cond_dim
-
     # ------------------------------------------------------------------ encoding
     def _encode(self, name: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """One text encoder over ``ids`` rows; in a CUDA graph per (encoder, rows) where the engine allows."""
         dims = {"B": ids.shape[0]}
-        inputs, outputs = self.ctx.io_views(name, dims)
-        inputs["input_ids"].copy_(ids)
-        self.ctx.run(name, inputs, outputs, dims, graph_key=("text", name, ids.shape[0]))
-        return {k: v.clone() for k, v in outputs.items()}
+        bound = self.ctx.bind(name, dims)
+        bound.inputs["input_ids"].copy_(ids)
+        self.ctx.run(bound, graph_key=("text", name, ids.shape[0]))
+        return {k: v.clone() for k, v in bound.outputs.items()}
 
-    def encode(self, ri: int, req: GenerationRequest, bucket: Bucket) -> list[Slot]:
-        """The request's conditioning, shared by its images, and one generator per image (seed + k)."""
+    def encode(self, ri: int, req: GenerationRequest, shape: StepShape) -> list[Slot]:
+        """The conditioning of an admitted request (``shape``: its step shape), shared by its images, and one
+        generator per image (seed + k)."""
         ctx, device = self.ctx, self.ctx.device
         tok1, tok2 = self.tokenizers
-        n = self.prompt_chunks(req)
+        n = shape.prompt_chunks
         pos1, neg1 = tok1.content_ids(req.prompt), tok1.content_ids(req.negative_prompt)
         pos2, neg2 = tok2.content_ids(req.prompt), tok2.content_ids(req.negative_prompt)
-        cfg = self.uses_cfg(req)
+        cfg = shape.guided
         if not cfg and req.negative_prompt:
             log.info("guidance_scale %s%s: classifier-free guidance is off, so the negative prompt is ignored "
                      "(as in diffusers)", req.guidance_scale,
@@ -165,7 +151,7 @@ class Conditioner:
             else:
                 cond["unet.neg.embeds"] = torch.cat([seq(h1, 1), seq(h2, 1)], dim=-1).to(dt)
                 cond["unet.neg.pooled"] = pooled[n : n + 1].to(dt)
-        h, w = bucket.height, bucket.width
+        h, w = shape.bucket.height, shape.bucket.width
         orig = req.original_size or (h, w)
         target = req.target_size or (h, w)
         crop = req.crop_top_left
@@ -185,11 +171,9 @@ class Conditioner:
                                                         device=device)
             cond["refiner.neg.time_ids"] = torch.tensor([[*orig, *crop, req.negative_aesthetic_score]], dtype=rdt,
                                                         device=device)
-        return [
-            Slot(ri, k, req.seed + k, torch.Generator().manual_seed(req.seed + k),  # type: ignore[operator]
-                 guidance=float(req.guidance_scale), chunks=n, cond=cond, cfg=cfg)
-            for k in range(req.num_images)
-        ]
+        assert req.seed is not None  # the pipeline resolves a random seed before encoding
+        return [Slot(req, ri, k, req.seed + k, torch.Generator().manual_seed(req.seed + k), cond=cond)
+                for k in range(req.num_images)]
 
 
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:

@@ -89,28 +89,43 @@ class EngineContext:
         self.arena.reserve("step_index", (1,), torch.int64)
         self.arena.reserve("step_noise", (self.max_steps, *lat), torch.float32)
 
-    def io_views(self, name: str, dims: Mapping[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Arena views of a component's inputs and outputs at these dimension values."""
-        spec = self.specs[name]
+    def bind(self, name: str, dims: Mapping[str, int]) -> Bound:
+        """Component ``name`` at these dimension values: arena views of its inputs and outputs, and the profile
+        they fall in, checked by the engine's ``infer_shapes`` (which refuses shapes outside it)."""
+        spec, engine = self.specs[name], self.engines[name]
         inputs = {t.name: self.arena.view(f"{name}.{t.name}", t.shape(dims)) for t in spec.inputs}
         outputs = {t.name: self.arena.view(f"{name}.{t.name}", t.shape(dims)) for t in spec.outputs}
-        return inputs, outputs
-
-    def run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
-            dims: Mapping[str, int], *, graph_key: Hashable | None = None) -> None:
-        """Run one component on arena views: in its CUDA graph when ``graph_key`` is given and one is (or may
-        be) captured for it, eagerly otherwise. Inputs must already hold their values."""
-        engine = self.engines[name]
         profile = select_profile(self.profiles[name], dims)
         engine.infer_shapes({k: tuple(v.shape) for k, v in inputs.items()}, profile)
+        return Bound(name, engine, profile, inputs, outputs)
+
+    def run(self, bound: Bound, *, graph_key: Hashable | None = None) -> None:
+        """Run a bound component: in its CUDA graph when ``graph_key`` is given and one is (or may be) captured
+        for it, eagerly otherwise. Its inputs must already hold their values."""
 
         def work() -> None:
-            engine.run(inputs, outputs, profile=profile, stream=self.stream())
+            bound.run(self.stream())
 
         graph = None
         if graph_key is not None:
-            graph = self.graphs.get(graph_key, work, graph_safe=engine.graph_safe, mutable=())
+            graph = self.graphs.get(graph_key, work, graph_safe=bound.engine.graph_safe, mutable=())
         if graph is not None:
             graph.replay()
         else:
             work()
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One component bound to one set of dimension values (``EngineContext.bind``): its engine, the profile
+    its shapes fall in, and the arena views it reads and writes (stable addresses, so a graph may replay it)."""
+
+    name: str
+    engine: Engine
+    profile: int
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+    def run(self, stream: torch.cuda.Stream | None) -> None:
+        """Enqueue the engine on ``stream`` (no synchronisation, as the Engine protocol promises)."""
+        self.engine.run(self.inputs, self.outputs, profile=self.profile, stream=stream)

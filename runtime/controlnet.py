@@ -11,7 +11,7 @@ What changes per request is data in fixed buffers, never a branch in the step:
   (0.1 at the first residual to 1 at the mid block). The step reads the row of its device step index;
 * guess mode with classifier-free guidance runs the ControlNet on the prompt half only, and the unconditional
   half of the UNet's residuals stays zero. Which ControlNets run, each on which rows, is the request's
-  ``control_signature``: part of the step's graph key.
+  ``control_signature``: part of its StepShape and of the step's graph key.
 
 A UNet built with ControlNet inputs and asked for none gets zero residuals (which change nothing).
 """
@@ -23,15 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from sdxl_trt.buckets import Bucket
 from sdxl_trt.contracts import controlnet_component, controlnet_names, residual_specs
-from sdxl_trt.engine_dir.profiles import select_profile
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest
 
-from .context import EngineContext
+from .context import Bound, EngineContext
 from .engine import Engine
 from .images import control_image_to_tensor
+from .slots import Batch
 
 GUESS_MODE_LOW = -1.0
 """Guess mode scales residual i by ``logspace(-1, 0, R)[i]``: 0.1 at the first down block, 1 at the mid block."""
@@ -39,14 +38,16 @@ GUESS_MODE_LOW = -1.0
 
 @dataclass
 class ControlBuffers:
-    """One ControlNet's part of a step: its engine's arena views, its scale table, the UNet rows it feeds."""
+    """One ControlNet's part of a step: its engine bound to the batch's rows, its scale table, the UNet rows
+    its residuals feed."""
 
-    engine: Engine
-    profile: int
-    inputs: dict[str, torch.Tensor]
-    outputs: dict[str, torch.Tensor]  # residual name -> [rows, C, h/f, w/f]
+    bound: Bound  # outputs: residual name -> [rows, C, h/f, w/f]
     scales: torch.Tensor  # [max_steps, rows, R] float32
     offset: int  # the first UNet row its residuals add to (m: guess mode's prompt half; else 0)
+
+    @property
+    def engine(self) -> Engine:
+        return self.bound.engine
 
 
 def control_keep(steps: int, start: float, end: float) -> list[float]:
@@ -80,7 +81,7 @@ class ControlNets:
     def unet_takes_residuals(self) -> bool:
         return bool(self.residuals)
 
-    def check(self, req: GenerationRequest, rebuild_hint: str) -> None:
+    def check_names(self, req: GenerationRequest, rebuild_hint: str) -> None:
         """Refuse ControlNets these engines do not have, naming what they have (or how to rebuild)."""
         if not req.controlnets:
             return
@@ -94,33 +95,32 @@ class ControlNets:
                                           f"{', '.join(self.names)}", param=f"controlnets[{i}].name")
 
     # ------------------------------------------------------------------ per batch
-    def prepare(self, requests: Sequence[GenerationRequest], request_indices: Sequence[int],
-                signature: tuple[tuple[str, bool], ...], unet_in: dict[str, torch.Tensor], *, bucket: Bucket,
-                cfg: bool, steps: int) -> list[ControlBuffers]:
-        """Fill each ControlNet's inputs (conditioning copied from the UNet's, control images, scale tables)
-        for a batch whose images belong to ``requests[request_indices[k]]``; returns what the step runs."""
-        ctx = self.ctx
-        m = len(request_indices)
+    def prepare(self, batch: Batch, unet_in: dict[str, torch.Tensor], steps: int) -> list[ControlBuffers]:
+        """Fill each ControlNet's inputs of the batch's signature (conditioning copied from the UNet's inputs,
+        each image's control image, scale tables for ``steps``); returns what the step runs."""
+        ctx, shape = self.ctx, batch.shape
+        m, cfg, bucket = len(batch), shape.guided, shape.bucket
         h, w = bucket.latent_hw
         s_len = unet_in["encoder_hidden_states"].shape[1]
         out: list[ControlBuffers] = []
         images: dict[tuple[int, str], torch.Tensor] = {}
-        for name, guess in signature:
+        for name, guess in shape.controlnets:
             component = controlnet_component(name)
             half = guess and cfg  # the ControlNet sees the prompt half only
             rows = m if (half or not cfg) else 2 * m
             offset = m if half else 0
-            dims = {"B": rows, "h": h, "w": w, "S": s_len}
-            inputs, outputs = ctx.io_views(component, dims)
+            bound = ctx.bind(component, {"B": rows, "h": h, "w": w, "S": s_len})
+            inputs = bound.inputs
             for key in ("encoder_hidden_states", "text_embeds", "time_ids"):
                 inputs[key].copy_(unet_in[key][offset:offset + rows])
-            units = [_unit(requests[ri], name) for ri in request_indices]
+            units = [_unit(s.request, name) for s in batch.slots]
             per_image = []
-            for ri, unit in zip(request_indices, units, strict=True):
-                if (ri, name) not in images:
+            for s, unit in zip(batch.slots, units, strict=True):
+                if (s.request_index, name) not in images:
                     assert unit.image is not None  # ControlNetUnit.validate refused a unit without one
-                    images[(ri, name)] = control_image_to_tensor(unit.image, bucket.width, bucket.height)
-                per_image.append(images[(ri, name)])
+                    images[(s.request_index, name)] = control_image_to_tensor(unit.image, bucket.width,
+                                                                              bucket.height)
+                per_image.append(images[(s.request_index, name)])
             cond = torch.cat(per_image)
             inputs["controlnet_cond"].copy_(torch.cat([cond, cond]) if rows == 2 * m else cond)
             table = torch.stack([scale_rows(u, steps, len(self.residuals)) for u in units], dim=1)  # [steps, m, R]
@@ -128,10 +128,7 @@ class ControlNets:
                 table = torch.cat([table, table], dim=1)
             scales = ctx.arena.view(f"{component}.scale_table", (ctx.max_steps, rows, len(self.residuals)))
             scales[:steps].copy_(table)
-            profile = select_profile(ctx.profiles[component], dims)
-            engine = ctx.engines[component]
-            engine.infer_shapes({k: tuple(v.shape) for k, v in inputs.items()}, profile)
-            out.append(ControlBuffers(engine, profile, inputs, outputs, scales, offset))
+            out.append(ControlBuffers(bound, scales, offset))
         if not out:
             for name in self.residuals:  # a ControlNet-built UNet asked for none: zero residuals
                 unet_in[name].zero_()
@@ -144,12 +141,13 @@ def run_controls(controls: Sequence[ControlBuffers], unet_in: dict[str, torch.Te
     and leave the sum of their residuals in the UNet's residual inputs (diffusers' MultiControlNet order)."""
     sample, timestep = unet_in["sample"], unet_in["timestep"]
     for k, c in enumerate(controls):
-        rows = c.inputs["sample"].shape[0]
-        c.inputs["sample"].copy_(sample[c.offset:c.offset + rows])
-        c.inputs["timestep"].copy_(timestep[c.offset:c.offset + rows])
-        c.inputs["conditioning_scale"].copy_(c.scales.index_select(0, step_index.reshape(1)).squeeze(0))
-        c.engine.run(c.inputs, c.outputs, profile=c.profile, stream=stream)
-        for name, residual in c.outputs.items():
+        inputs = c.bound.inputs
+        rows = inputs["sample"].shape[0]
+        inputs["sample"].copy_(sample[c.offset:c.offset + rows])
+        inputs["timestep"].copy_(timestep[c.offset:c.offset + rows])
+        inputs["conditioning_scale"].copy_(c.scales.index_select(0, step_index.reshape(1)).squeeze(0))
+        c.bound.run(stream)
+        for name, residual in c.bound.outputs.items():
             target = unet_in[name]
             if k == 0:
                 if c.offset:

@@ -2,10 +2,11 @@
 
 Rules (vLLM's cudagraph_utils, the next engineer: keep them):
 
-* A key names a *shape*, never a request's settings: (component, bucket, images, guidance on/off,
-  prompt chunks, inpainting, scheduler) for a denoising step, (encoder, rows) for a text encoder. What a
-  request changes (step count, strength, refiner split, seeds, prompts) lives in fixed buffers the graph
-  reads, so the number of graphs is bounded by the built buckets and batch sizes.
+* A key names a *shape*, never a request's settings: a denoising step's is ``StepShape.graph_key``
+  (sdxl_trt/step_shape.py: UNet, bucket, images, guidance on/off, prompt chunks, inpainting, sampler,
+  ControlNet signature), a text encoder's (encoder, rows). What a request changes (step count, strength,
+  refiner split, seeds, prompts) lives in fixed buffers the graph reads, so the number of graphs is bounded
+  by the built buckets and batch sizes.
 * Every graph captures into one shared pool (``torch.cuda.graph_pool_handle()``): graphs run one after
   another, never concurrently, so their intermediates can share memory instead of a private pool each.
 * Capture happens during warm-up only; afterwards :attr:`CudaGraphs.capture_allowed` is False and an

@@ -132,8 +132,9 @@ class LoraSwitcher:
         self._files.move_to_end(key)
         return lora
 
-    def check(self, loras: LoraSet, *, allow_paths: bool = True) -> list[tuple[Lora, float]]:
-        """Resolve and read every LoRA of a set, refusing what these engines cannot take (before any work)."""
+    def read_set(self, loras: LoraSet, *, allow_paths: bool = True) -> list[tuple[Lora, float]]:
+        """Resolve and read every LoRA of a set, refusing names, files and engines that cannot take it (an
+        unknown name, a bad file, a component these engines lack, an INT8 engine): before any work."""
         out = [(self.read(self.resolve(name, allow_paths=allow_paths)), scale) for name, scale in loras]
         for lora, _ in out:
             for component, layers in lora.layers.items():
@@ -155,8 +156,8 @@ class LoraSwitcher:
         if loras == self.active:
             return 0.0
         t0 = time.perf_counter()
-        new = self.check(loras, allow_paths=allow_paths)
-        old = self.check(self.active) if self.active else []
+        new = self.read_set(loras, allow_paths=allow_paths)
+        old = self.read_set(self.active) if self.active else []
         wm = self.weight_map()
         for component in self.ctx.engines:
             if component not in wm.components:

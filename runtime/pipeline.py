@@ -6,9 +6,11 @@ sample, initial noise, then every scheduler step's noise), so the same settings 
 diffusers' SDXL pipelines called with ``generator=[Generator(s), Generator(s+1), ...]``, and an image
 never depends on what it was batched with.
 
-The work is split along its seams: conditioning.py checks a request and encodes its prompts (one slot
-per image), batch.py runs a batch of slots through the UNets and the VAE, context.py holds what both
-share (engines, buffers, CUDA graphs). This module groups requests into batches and owns the lock.
+The work is split along its seams: conditioning.py checks a request's inputs and encodes its prompts (one
+slot per image), batch.py runs a batch of slots through the UNets and the VAE, context.py holds what both
+share (engines, buffers, CUDA graphs). This module admits requests (:meth:`Pipeline.admit`: every refusal,
+and the request's :class:`~sdxl_trt.step_shape.StepShape`), groups their images into batches by that shape
+(the same value a service batches by) and owns the lock.
 
 Thread safety: ``generate``/``generate_batch`` hold one lock; engines, buffers and graphs are shared.
 """
@@ -23,7 +25,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,14 +38,16 @@ from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir, unpassed_gui
 from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
 from sdxl_trt.samplers import SCHEDULERS, scheduler_for_config
+from sdxl_trt.step_shape import StepShape
 
 from .batch import BatchRunner, StageTimer
-from .conditioning import Conditioner, Slot, resolve_bucket
+from .conditioning import Conditioner, resolve_bucket
 from .context import EngineContext
 from .engine import Engine
 from .graphs import CudaGraphs
 from .loader import load_engines, resolve_device
 from .lora import LoraSet, LoraSwitcher, check_lora_set
+from .slots import Batch, Slot
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ class Pipeline:
         self.has_refiner = "refiner" in engines
         self._lock = threading.Lock()
         # What `sdxl-trt run` uses when no --scheduler is given: the model's own (LCMScheduler config -> lcm).
-        self.default_scheduler = scheduler_for_config(self.runner.scheduler_configs["unet"]) or "euler"
+        self.default_scheduler = scheduler_for_config(self.runner.schedules.scheduler_configs["unet"]) or "euler"
         self._unpassed_time_cond = unpassed_guidance_embedding(manifest)
         if self._unpassed_time_cond:
             log.warning("%s: the model's UNet takes a guidance embedding (time_cond_proj_dim %d) that these engines "
@@ -184,22 +188,32 @@ class Pipeline:
         """The request's size as a built bucket, or an error listing the buckets."""
         return resolve_bucket(request, self.buckets)
 
-    def check(self, req: GenerationRequest, *, max_images: int = 10_000, max_steps: int | None = None) -> Bucket:
-        """Everything that can be refused before any work runs (prompt length in tokens included); returns the
-        request's bucket. Services call it before queueing, so a bad request never waits or joins a batch."""
+    def admit(self, request: GenerationRequest, *, max_images: int = 10_000,
+              max_steps: int | None = None) -> StepShape:
+        """Everything that can be refused before any work runs (prompt length in tokens, sampler options, LoRAs
+        and ControlNets included); returns the request's step shape, which is also the key a service batches
+        by: requests with equal shapes run as one batch here. Services call it before queueing, so a bad
+        request never waits or joins a batch."""
         if self._unpassed_time_cond:
             raise ManifestError(
                 f"the model's UNet is guidance-distilled (time_cond_proj_dim {self._unpassed_time_cond}), but the "
                 f"engines in {self.directory} were built before sdxl-trt passed its guidance embedding "
                 "(timestep_cond): they would ignore guidance_scale. Rebuild: "
                 f"{self.manifest.rebuild_hint(self.directory)}")
-        bucket = self.conditioner.check(req, max_images=max_images, schedulers=SCHEDULERS,
-                                        max_steps=min(max_steps or self.max_steps, self.max_steps))
-        self.runner.host_schedules(req)  # refuses what the sampler cannot take (spacing, timesteps, eta, steps)
-        if req.loras:
-            self.loras.check(check_lora_set(req.loras))  # unknown names, bad files, INT8 engines
-        self.runner.controlnets.check(req, self.manifest.rebuild_hint(self.directory))
-        return bucket
+        bucket, chunks = self.conditioner.check_inputs(request, max_images=max_images, schedulers=SCHEDULERS,
+                                                       max_steps=min(max_steps or self.max_steps, self.max_steps))
+        shape = StepShape.of(request, bucket, prompt_chunks=chunks,
+                             guidance_embedding=bool(self.ctx.dims.unet_time_cond_dim))
+        self.runner.schedules.for_shape(shape)  # refuses what the sampler cannot take (spacing, timesteps, eta)
+        if request.loras:
+            self.loras.read_set(check_lora_set(request.loras))  # unknown names, bad files, INT8 engines
+        self.runner.controlnets.check_names(request, self.manifest.rebuild_hint(self.directory))
+        return shape
+
+    def check(self, req: GenerationRequest, *, max_images: int = 10_000, max_steps: int | None = None) -> Bucket:
+        """:meth:`admit`'s checks, returning the request's bucket only (the pre-queue check services have
+        called since before step shapes; kept as it was)."""
+        return self.admit(req, max_images=max_images, max_steps=max_steps).bucket
 
     @property
     def controlnet_names(self) -> list[str]:
@@ -210,63 +224,55 @@ class Pipeline:
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         timings: dict[str, float] = {"text_encoders": 0.0, "vae_encode": 0.0, "denoise": 0.0, "refiner": 0.0,
                                      "vae_decode": 0.0}
-        resolved = []
+        admitted: list[tuple[GenerationRequest, StepShape]] = []
         for req in requests:
-            bucket = self.check(req)
+            shape = self.admit(req)
             seed = req.seed if req.seed is not None else secrets.randbits(32)
-            resolved.append((req.with_seed(seed), bucket))
+            admitted.append((req.with_seed(seed), shape))
         images: dict[tuple[int, int], Any] = {}
         steps_run: dict[int, dict[str, int]] = {}
         text_timer = StageTimer(self.device)
         # A LoRA set changes the engines' weights (text encoders included): one switch per set, then its
         # requests are encoded and run.
         by_lora: OrderedDict[LoraSet, list[int]] = OrderedDict()
-        for ri, (req, _) in enumerate(resolved):
+        for ri, (req, _) in enumerate(admitted):
             by_lora.setdefault(check_lora_set(req.loras), []).append(ri)
         for lora_set, indices in by_lora.items():
             switch_s = self.loras.activate(lora_set)
             if switch_s:
                 timings["lora_switch"] = timings.get("lora_switch", 0.0) + switch_s
             t0 = text_timer.start()
-            slots: list[Slot] = []
+            by_shape: OrderedDict[StepShape, list[Slot]] = OrderedDict()
             for ri in indices:
-                slots.extend(self.conditioner.encode(ri, *resolved[ri]))
+                req, shape = admitted[ri]
+                by_shape.setdefault(shape, []).extend(self.conditioner.encode(ri, req, shape))
             text_timer.stop("text_encoders", t0)
-            self._run_slots(slots, resolved, timings, images, steps_run)
+            for batch in self._batches(by_shape):
+                result = self.runner.run(batch)
+                for stage, seconds in result.timings.items():
+                    timings[stage] = timings.get(stage, 0.0) + seconds
+                for s, img in zip(batch.slots, result.images, strict=True):
+                    images[(s.request_index, s.image_index)] = img
+                    steps_run[s.request_index] = result.steps_run
         text_timer.add_to(timings)  # the batches' final copies have waited for the encoders' work
 
         results = []
-        for ri, (req, bucket) in enumerate(resolved):
+        for ri, (req, shape) in enumerate(admitted):
             n = req.num_images
             results.append(GenerationResult(
                 images=[images[(ri, k)] for k in range(n)],
                 seeds=[req.seed + k for k in range(n)],  # type: ignore[operator]
                 timings=dict(timings),
-                parameters=self._parameters(req, bucket),
+                parameters=self._parameters(req, shape.bucket),
                 steps_run=dict(steps_run[ri]),
             ))
         return results
 
-    def _run_slots(self, slots: list[Slot], resolved: list[tuple[GenerationRequest, Bucket]],
-                   timings: dict[str, float], images: dict[tuple[int, int], Any],
-                   steps_run: dict[int, dict[str, int]]) -> None:
-        """Images batch together when everything that shapes the step agrees."""
-        groups: OrderedDict[tuple, list[Slot]] = OrderedDict()
-        for s in slots:
-            req, bucket = resolved[s.request_index]
-            key = (bucket, req.steps, req.scheduler, req.mode, req.strength, req.refiner_mode, req.refiner_start,
-                   req.refiner_strength, req.refiner_steps, s.chunks, s.cfg, req.timestep_spacing, req.timesteps,
-                   req.eta, req.control_signature)
-            groups.setdefault(key, []).append(s)
-        plain = [r for r, _ in resolved]
-        for group in groups.values():
-            for start in range(0, len(group), self.max_batch):
-                batch = group[start : start + self.max_batch]
-                req, bucket = resolved[batch[0].request_index]
-                pil, steps = self.runner.run(req, bucket, batch, plain, timings)
-                for s, img in zip(batch, pil, strict=True):
-                    images[(s.request_index, s.image_index)] = img
-                    steps_run[s.request_index] = steps
+    def _batches(self, by_shape: Mapping[StepShape, list[Slot]]) -> Iterator[Batch]:
+        """Images batch together when their step shapes are equal, at most ``max_batch`` at a time."""
+        for shape, slots in by_shape.items():
+            for start in range(0, len(slots), self.max_batch):
+                yield Batch(shape, tuple(slots[start : start + self.max_batch]))
 
     def _parameters(self, req: GenerationRequest, bucket: Bucket) -> dict[str, Any]:
         p = {

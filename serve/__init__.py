@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .core.async_pipeline import AsyncPipeline, AsyncPipelineStats, BatchReport
 from .core.errors import DeadlineExceededError, NotReadyError, OverloadedError, ServeError, ShuttingDownError
+from .core.pipeline_like import PipelineLike
 
 __all__ = ["AsyncPipeline", "AsyncPipelineStats", "BatchReport", "DeadlineExceededError", "NotReadyError",
-           "OverloadedError", "ServeError", "ShuttingDownError"]
+           "OverloadedError", "PipelineLike", "ServeError", "ShuttingDownError"]

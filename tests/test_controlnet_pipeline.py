@@ -167,7 +167,7 @@ def test_requests_with_the_same_controlnets_share_a_batch(cn_pipeline, monkeypat
     alone = [cn_pipeline.generate(r).images[0] for r in (a, b)]
     calls = []
     original = cn_pipeline.runner.run
-    monkeypatch.setattr(cn_pipeline.runner, "run", lambda *args, **kw: calls.append(len(args[2])) or original(*args, **kw))
+    monkeypatch.setattr(cn_pipeline.runner, "run", lambda batch: calls.append(len(batch)) or original(batch))
     together = cn_pipeline.generate_batch([a, b])
     assert calls == [2]
     for one, res in zip(alone, together, strict=True):

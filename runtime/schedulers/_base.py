@@ -248,10 +248,12 @@ class Schedule:
     """A denoising schedule as device tables, read by a step index that lives on the device.
 
     Every per-step method is a fixed sequence of tensor ops, whatever the index, so one captured step
-    replays for all steps. Subclasses set the coefficient table and implement `step` (and `make_state`
-    when they carry history between steps).
+    replays for all steps. Subclasses set the coefficient table and implement `step` (and name their
+    `state_names` when they carry history between steps).
     """
 
+    #: the latent-shaped buffers `step` carries between steps (multistep history), in the order they are kept.
+    state_names: tuple[str, ...] = ()
     #: whether `step` consumes random noise (ancestral and SDE samplers).
     needs_noise: bool = False
     #: dtype diffusers' step draws its noise in when fixed (DPM-Solver SDE: float32); None: the model output's.
@@ -322,9 +324,9 @@ class Schedule:
         return bound
 
     def make_state(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Buffers the step carries between steps (none for single-step methods). Allocate once per
-        (shape, request); each step overwrites them before they are read with a non-zero weight."""
-        return {}
+        """Zeroed buffers of `state_names`, shaped like `sample` (none for single-step methods). Allocate once
+        per (shape, request); each step overwrites them before they are read with a non-zero weight."""
+        return {name: torch.zeros_like(sample) for name in self.state_names}
 
     def timestep(self, step_index: torch.Tensor | int) -> torch.Tensor:
         """The UNet's timestep at `step_index`: float32, shape [1]."""

@@ -66,10 +66,7 @@ class DPMSolverSchedule(Schedule):
         self.order = order
         self.needs_noise = sde
         self.noise_dtype = torch.float32 if sde else None  # diffusers draws SDE noise in float32
-
-    def make_state(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
-        names = ("x0_prev", "x0_prev2")[: self.order - 1]
-        return {name: torch.zeros_like(sample) for name in names}
+        self.state_names = ("x0_prev", "x0_prev2")[: self.order - 1]
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor, step_index: torch.Tensor | int,
              state: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,8 +36,7 @@ class UniPCSchedule(Schedule):
     """Coefficients per step: x0 (x, model), corrector (x, last, x0_prev, x0_prev2, x0), predictor
     (corrected, x0, x0_prev)."""
 
-    def make_state(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros_like(sample) for name in ("last", "x0_prev", "x0_prev2")}
+    state_names = ("last", "x0_prev", "x0_prev2")
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor, step_index: torch.Tensor | int,
              state: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:

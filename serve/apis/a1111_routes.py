@@ -34,8 +34,9 @@ from PIL import Image, ImageFilter, ImageOps
 from sdxl_trt import __version__
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest
+from sdxl_trt.samplers import SCHEDULERS
 
-from ..core.async_pipeline import PipelineLike
+from ..core.pipeline_like import PipelineLike
 from ..core.settings import ServeSettings
 from ..http import endpoint
 from ..http.images_io import decode_b64_image, gray8
@@ -65,16 +66,11 @@ def _refuse(field: str, why: str) -> InvalidRequestError:
     return InvalidRequestError(f"{field}: {why}", param=field)
 
 
-def _ours() -> tuple[str, ...]:
-    from sdxl_trt.samplers import SCHEDULERS
-
-    return SCHEDULERS
-
-
 def model_info(pipeline: PipelineLike, which: str = "model") -> dict[str, str] | None:
     """Name and hashes of the base model (``which="model"``) or the refiner, from the engines' manifest."""
-    manifest = getattr(pipeline, "manifest", None)
-    info = getattr(manifest, which, None) if manifest is not None else None
+    if which not in ("model", "refiner"):
+        raise ValueError(f"which must be 'model' or 'refiner', got {which!r}")
+    info = pipeline.manifest.model if which == "model" else pipeline.manifest.refiner
     if not info:
         return None
     name = str(info.get("name", which))
@@ -133,10 +129,11 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
                           mask: Image.Image | None = None, controlnets: tuple[ControlNetUnit, ...] = ()
                           ) -> tuple[GenerationRequest, samplers.A1111Sampler]:
     """The one translation of an A1111 body into the engine's request (and the A1111 sampler it names);
-    ``controlnets``: its ControlNet units, decoded beforehand by :func:`control_units`."""
-    check_texts(body, max_chars=settings.max_prompt_chars, skip=_IMAGE_FIELDS, image_keys=IMAGE_KEYS)
+    ``controlnets``: its ControlNet units, decoded beforehand by :func:`control_units`. The route checked the
+    body's texts (``check_texts``) before decoding anything."""
     _check_common(body, pipeline)
-    scheduler, sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler, ours=_ours())
+    scheduler, sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler,
+                                          ours=SCHEDULERS)
     if body.eta is not None and sampler.eta is not None and body.eta != sampler.eta:
         raise _refuse("eta", f"{sampler.name} runs with eta {sampler.eta:g} here; got {body.eta:g}")
     few_step = few_step_fields(samplers.timestep_spacing(body.scheduler, scheduler), None,
@@ -276,7 +273,7 @@ def _info(body: Txt2ImgRequest | Img2ImgRequest, sampler: samplers.A1111Sampler,
 async def _generate(request: Request, body: Txt2ImgRequest | Img2ImgRequest) -> GenerationResponse:
     service = endpoint.service_of(request)
     pipeline = service.require_pipeline()
-    check_texts(body, max_chars=service.settings.max_prompt_chars, skip=_IMAGE_FIELDS,  # before decoding
+    check_texts(body, max_chars=service.settings.max_prompt_chars, skip=_IMAGE_FIELDS,  # once, before decoding
                 image_keys=IMAGE_KEYS)
     init_image = mask = None
     if isinstance(body, Img2ImgRequest):  # decoding is CPU work: off the event loop
@@ -309,7 +306,7 @@ async def img2img(body: Img2ImgRequest, request: Request) -> GenerationResponse:
 async def get_samplers() -> list[Sampler]:
     return [Sampler(name=s.name, aliases=list(s.aliases), options={"scheduler": s.automatic}
                     if s.automatic != "uniform" else {})
-            for s in samplers.available_samplers(_ours())]
+            for s in samplers.available_samplers(SCHEDULERS)]
 
 
 @router.get("/schedulers", response_model=list[Scheduler])

@@ -44,7 +44,7 @@ from ..http import endpoint
 from ..http.images_io import decode_b64_image
 
 if TYPE_CHECKING:
-    from ..core.async_pipeline import PipelineLike
+    from ..core.pipeline_like import PipelineLike
     from .openai_api import ControlNetRef
 
 router = APIRouter(prefix="/controlnet", tags=["ControlNet"])
@@ -68,8 +68,8 @@ _RESIZE_MODES: dict[Any, str] = {0: "just", "just resize": "just", 1: "crop", "c
 
 
 def controlnet_names(pipeline: PipelineLike | None) -> list[str]:
-    """The ControlNets built into the engines (none for a pipeline without them, or a test double)."""
-    return list(getattr(pipeline, "controlnet_names", None) or []) if pipeline is not None else []
+    """The ControlNets built into the engines (none before the pipeline is loaded)."""
+    return list(pipeline.controlnet_names) if pipeline is not None else []
 
 
 def _shown(value: object) -> str:

@@ -1,4 +1,5 @@
-"""What both HTTP APIs add beyond their own fields: LoRAs by name and the few-step timestep controls.
+"""What both HTTP APIs add beyond their own fields: LoRAs by name, the few-step timestep controls, and the
+names of the samplers the runtime implements.
 
 LoRA names are looked up in the server's ``--lora-dir`` listing only: nothing a client sends becomes a file
 path (a name with a path separator or ``..`` is refused before the listing is even read). A1111 clients put
@@ -15,7 +16,7 @@ from typing import Any
 
 from sdxl_trt.errors import InvalidRequestError
 
-from ..core.async_pipeline import PipelineLike
+from ..core.pipeline_like import PipelineLike
 
 MAX_LORAS = 8
 MAX_ABS_SCALE = 10.0
@@ -24,9 +25,8 @@ _A1111_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
 
 
 def available_loras(pipeline: PipelineLike) -> dict[str, Any]:
-    """The server's LoRA names -> files (empty without --lora-dir or with a pipeline that has no LoRAs)."""
-    switcher = getattr(pipeline, "loras", None)
-    return switcher.available() if switcher is not None else {}
+    """The server's LoRA names -> files (empty without --lora-dir)."""
+    return dict(pipeline.loras.available())
 
 
 def lora_set(pairs: Sequence[tuple[str, float]], pipeline: PipelineLike, *, param: str = "loras"

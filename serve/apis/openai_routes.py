@@ -14,8 +14,9 @@ from starlette.datastructures import UploadFile
 
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
+from sdxl_trt.samplers import SCHEDULERS
 
-from ..core.async_pipeline import PipelineLike
+from ..core.pipeline_like import PipelineLike
 from ..core.settings import ServeSettings
 from ..http import endpoint
 from ..http.images_io import gray8, open_image
@@ -31,11 +32,11 @@ DEFAULT_STEPS = 30
 
 
 def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, settings: ServeSettings,
-                          schedulers: tuple[str, ...], init_image: Image.Image | None = None,
-                          mask: Image.Image | None = None, pipeline: PipelineLike | None = None,
+                          pipeline: PipelineLike, init_image: Image.Image | None = None,
+                          mask: Image.Image | None = None,
                           controlnets: tuple[ControlNetUnit, ...] = ()) -> GenerationRequest:
-    """The one translation of an OpenAI body into the engine's request; refusals name OpenAI's field."""
-    check_texts(body, max_chars=settings.max_prompt_chars, skip=("controlnets",))  # images: decoded, not text
+    """The one translation of an OpenAI body into the engine's request; refusals name OpenAI's field. The
+    route checked the body's texts (``check_texts``) before decoding anything."""
     for name, accepted in UNSUPPORTED.items():
         value = getattr(body, name, None)
         if value not in accepted:
@@ -48,7 +49,8 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
     steps = min(DEFAULT_STEPS, settings.max_steps) if body.steps is None else body.steps
     if steps > settings.max_steps:
         raise InvalidRequestError(f"steps must be in 1..{settings.max_steps}, got {steps}", param="steps")
-    scheduler = body.scheduler or getattr(pipeline, "default_scheduler", "euler")
+    scheduler = body.scheduler or pipeline.default_scheduler
+    schedulers = SCHEDULERS
     if scheduler not in schedulers:
         raise InvalidRequestError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers)}",
                                   param="scheduler")
@@ -59,20 +61,12 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
     extra: dict[str, Any] = {"strength": body.strength} if isinstance(body, ImageEditRequest) else {}
     extra.update(few_step_fields(body.timestep_spacing, body.timesteps, body.eta))
     if body.loras:
-        if pipeline is None:
-            raise InvalidRequestError("loras are not available on this endpoint", param="loras")
         extra["loras"] = lora_set([(r.name, r.scale) for r in body.loras], pipeline)
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=steps,
         guidance_scale=body.guidance_scale, scheduler=scheduler, seed=body.seed, num_images=body.n,
         init_image=init_image, mask_image=mask, controlnets=controlnets, **extra,
     )
-
-
-def _schedulers() -> tuple[str, ...]:
-    from sdxl_trt.samplers import SCHEDULERS
-
-    return SCHEDULERS
 
 
 async def _respond(request: Request, gen: GenerationRequest) -> ImagesResponse:
@@ -87,13 +81,12 @@ async def generations(body: ImageGenerationRequest, request: Request) -> ImagesR
     """Text to image, optionally guided by ControlNets (``controlnets``)."""
     service = endpoint.service_of(request)
     pipeline = service.require_pipeline()
+    check_texts(body, max_chars=service.settings.max_prompt_chars, skip=("controlnets",))  # once, before decoding
     controlnets: tuple[ControlNetUnit, ...] = ()
     if body.controlnets:
-        check_texts(body, max_chars=service.settings.max_prompt_chars, skip=("controlnets",))  # before decoding
         controlnets = await asyncio.to_thread(openai_units, body.controlnets, pipeline,
                                               max_pixels=endpoint.max_pixels(service))
-    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(), pipeline=pipeline,
-                                controlnets=controlnets)
+    gen = to_generation_request(body, settings=service.settings, pipeline=pipeline, controlnets=controlnets)
     return await _respond(request, gen)
 
 
@@ -101,6 +94,7 @@ async def generations(body: ImageGenerationRequest, request: Request) -> ImagesR
 async def edits(request: Request) -> ImagesResponse:
     """Inpainting: multipart ``image`` (one), optional ``mask``, ``prompt``, ``n``, ``size`` and our fields."""
     service = endpoint.service_of(request)
+    pipeline = service.require_pipeline()
     limit = endpoint.max_pixels(service)
     async with request.form(max_files=4, max_fields=64) as form:
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
@@ -124,8 +118,7 @@ async def edits(request: Request) -> ImagesResponse:
         return image.convert("RGB"), edit_mask(image, mask)
 
     init_image, mask = await asyncio.to_thread(decode)
-    gen = to_generation_request(body, settings=service.settings, schedulers=_schedulers(), pipeline=service.pipeline,
-                                init_image=init_image,
+    gen = to_generation_request(body, settings=service.settings, pipeline=pipeline, init_image=init_image,
                                 mask=mask)
     return await _respond(request, gen)
 

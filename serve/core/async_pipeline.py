@@ -6,9 +6,10 @@ Rules of this module (keep them):
   ``pipeline.generate_batch``) is the only caller of the pipeline; the event loop never blocks on the GPU.
 * Batching is a queue policy with two knobs, as in Triton's dynamic batcher and Ray Serve's ``@serve.batch``:
   a batch leaves when it holds ``max_batch`` images or when its oldest request has waited
-  ``batch_window_ms``. Only compatible requests share a batch (same bucket, steps, scheduler, mode and the
-  other settings that shape a denoising step), and since every image has its own seeded generator, an image
-  never depends on its batch-mates.
+  ``batch_window_ms``. Only requests with equal step shapes share a batch (``StepShape``, from the pipeline's
+  ``admit``: bucket, guidance, prompt chunks, mode, sampler, ControlNets, steps, strength, refiner, LoRA set
+  and the rest), the same value the pipeline groups by, so a formed batch runs as one. Since every image has
+  its own seeded generator, an image never depends on its batch-mates.
 * The queue is bounded: a full queue refuses at once (:class:`OverloadedError`) instead of growing latency.
 * Work nobody waits for is never run: a request still queued past its deadline is dropped
   (:class:`DeadlineExceededError`), and so is one whose awaiting task was cancelled (the client went away).
@@ -32,38 +33,17 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.request import GenerationRequest, GenerationResult
+from sdxl_trt.step_shape import StepShape
 
 from .errors import DeadlineExceededError, OverloadedError, ShuttingDownError
+from .pipeline_like import PipelineLike
 
 log = logging.getLogger(__name__)
 
-
-
-class PipelineLike(Protocol):
-    """What :class:`AsyncPipeline` needs of a pipeline (a :class:`Pipeline`, or a test double); read-only."""
-
-    @property
-    def max_batch(self) -> int: ...
-
-    @property
-    def max_steps(self) -> int: ...
-
-    @property
-    def buckets(self) -> Sequence[Bucket]: ...
-
-    def check(self, request: GenerationRequest, *, max_images: int, max_steps: int | None) -> Bucket: ...
-
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
-
-    def warmup(self, *, buckets: Sequence[str] | None, batch_sizes: Sequence[int], steps: int,
-               refiner: bool, schedulers: Sequence[str] | None = None,
-               guidance_scales: Sequence[float] | None = None) -> float: ...
-
-    def cuda_graph_stats(self) -> dict[str, int]: ...
+__all__ = ["AsyncPipeline", "AsyncPipelineStats", "BatchReport", "PipelineLike"]
 
 
 @dataclass(frozen=True)
@@ -96,28 +76,12 @@ class AsyncPipelineStats:
 @dataclass(eq=False)
 class _Item:
     request: GenerationRequest
-    key: tuple[Any, ...]
+    shape: StepShape  # the batch key: requests with equal shapes share a batch
     images: int
     enqueued: float
     deadline: float | None
     future: asyncio.Future[GenerationResult]
     state: str = "queued"  # queued -> running -> done, or queued -> dropped
-
-
-def batch_key(request: GenerationRequest, bucket: Bucket) -> tuple[Any, ...]:
-    """Requests with equal keys can share one denoising batch.
-
-    The issue's four (bucket, steps, scheduler, mode) plus what else the pipeline splits batches on, so a
-    formed batch really runs as one: img2img strength, the refiner settings and whether guidance is on.
-    """
-    return (
-        bucket, request.steps, request.scheduler, request.mode,
-        request.strength if request.mode != "txt2img" else None,
-        request.refiner_mode, request.refiner_start, request.refiner_strength, request.refiner_steps,
-        request.guidance_scale > 1.0, request.timestep_spacing, request.timesteps, request.eta,
-        request.loras,  # a LoRA set is the engines' weights: one set per batch, one switch per batch
-        request.control_signature,  # which ControlNets run on which rows is the step's shape
-    )
 
 
 class AsyncPipeline:
@@ -191,10 +155,14 @@ class AsyncPipeline:
             dropped_deadline=s.dropped_deadline, dropped_cancelled=s.dropped_cancelled,
         )
 
-    def check(self, request: GenerationRequest) -> Bucket:
+    def admit(self, request: GenerationRequest) -> StepShape:
         """Everything that can be refused before queueing (the pipeline's own checks, with this service's
-        limits); returns the request's bucket."""
-        return self.pipeline.check(request, max_images=self.max_images, max_steps=self.max_steps)
+        limits); returns the request's step shape, its batch key."""
+        return self.pipeline.admit(request, max_images=self.max_images, max_steps=self.max_steps)
+
+    def check(self, request: GenerationRequest) -> Bucket:
+        """:meth:`admit`, returning the request's bucket only (kept for callers from before step shapes)."""
+        return self.admit(request).bucket
 
     async def generate(self, request: GenerationRequest, *, timeout_s: float | None = None) -> GenerationResult:
         """Queue ``request`` and wait for its images.
@@ -205,7 +173,7 @@ class AsyncPipeline:
         """
         if self._closing:
             raise ShuttingDownError("the service is shutting down and accepts no new requests")
-        bucket = self.check(request)
+        shape = self.admit(request)
         if len(self._queue) >= self.max_queue:
             self._stats.rejected_overloaded += 1
             raise OverloadedError(
@@ -215,7 +183,7 @@ class AsyncPipeline:
         self._ensure_worker()
         timeout = timeout_s if timeout_s is not None else self.default_timeout_s
         now = time.monotonic()
-        item = _Item(request=request, key=batch_key(request, bucket), images=request.num_images, enqueued=now,
+        item = _Item(request=request, shape=shape, images=request.num_images, enqueued=now,
                      deadline=None if timeout is None else now + timeout,
                      future=asyncio.get_running_loop().create_future())
         self._queue.append(item)
@@ -334,7 +302,7 @@ class AsyncPipeline:
     def _compatible(self, head: _Item) -> list[_Item]:
         batch, images = [head], head.images
         for it in self._queue:
-            if it is not head and it.key == head.key and images + it.images <= self.max_batch:
+            if it is not head and it.shape == head.shape and images + it.images <= self.max_batch:
                 batch.append(it)
                 images += it.images
         return batch

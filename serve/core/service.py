@@ -15,8 +15,9 @@ from typing import Literal
 from sdxl_trt.errors import SdxlTrtError
 from sdxl_trt.request import GenerationRequest, GenerationResult
 
-from .async_pipeline import AsyncPipeline, BatchReport, PipelineLike
+from .async_pipeline import AsyncPipeline, BatchReport
 from .errors import NotReadyError, ShuttingDownError
+from .pipeline_like import PipelineLike
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Service:
         sizes = list(range(1, largest + 1))
         t0 = time.perf_counter()
         pipeline.warmup(buckets=buckets, batch_sizes=sizes, steps=s.warmup_steps,
-                        refiner=bool(getattr(pipeline, "has_refiner", False)), schedulers=s.warmup_schedulers,
+                        refiner=pipeline.has_refiner, schedulers=s.warmup_schedulers,
                         guidance_scales=s.warmup_guidance)
         stats = pipeline.cuda_graph_stats()
         log.info("warm-up of %s at batch sizes 1..%d took %.2f s: %d CUDA graphs, pool %.1f MB",

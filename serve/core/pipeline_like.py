@@ -1,0 +1,76 @@
+"""What serve reads of a pipeline, all of it: a :class:`~sdxl_trt.runtime.pipeline.Pipeline` is one, and so is
+every test double (tests/support/serve_fakes.py).
+
+Rule (keep it): serve reads a pipeline only through these members, never past them with ``getattr(...,
+default)``, so a double that lacks one fails the protocol check (``isinstance`` on this runtime-checkable
+protocol, and mypy) instead of quietly serving a default. A new read means a new member here, on the real
+pipeline and on the doubles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from sdxl_trt.buckets import Bucket
+from sdxl_trt.request import GenerationRequest, GenerationResult
+from sdxl_trt.step_shape import StepShape
+
+
+@runtime_checkable
+class ModelFacts(Protocol):
+    """The manifest's model identities serve shows (A1111's model list, the refiner checkpoint it accepts):
+    ``name`` and ``identity_hash`` of each; ``refiner`` None for engines built without one."""
+
+    @property
+    def model(self) -> Mapping[str, Any]: ...
+
+    @property
+    def refiner(self) -> Mapping[str, Any] | None: ...
+
+
+@runtime_checkable
+class LoraListing(Protocol):
+    """The LoRAs a request may name (the server's ``--lora-dir``): name -> file."""
+
+    def available(self) -> Mapping[str, Path]: ...
+
+
+@runtime_checkable
+class PipelineLike(Protocol):
+    """Everything serve needs of a pipeline; read-only, except the two calls that do the work."""
+
+    @property
+    def max_batch(self) -> int: ...
+
+    @property
+    def max_steps(self) -> int: ...
+
+    @property
+    def buckets(self) -> Sequence[Bucket]: ...
+
+    @property
+    def has_refiner(self) -> bool: ...
+
+    @property
+    def default_scheduler(self) -> str: ...
+
+    @property
+    def controlnet_names(self) -> Sequence[str]: ...
+
+    @property
+    def manifest(self) -> ModelFacts: ...
+
+    @property
+    def loras(self) -> LoraListing: ...
+
+    def admit(self, request: GenerationRequest, *, max_images: int, max_steps: int | None) -> StepShape: ...
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
+
+    def warmup(self, *, buckets: Sequence[str] | None, batch_sizes: Sequence[int], steps: int,
+               refiner: bool, schedulers: Sequence[str] | None = None,
+               guidance_scales: Sequence[float] | None = None) -> float: ...
+
+    def cuda_graph_stats(self) -> dict[str, int]: ...
