@@ -1,6 +1,6 @@
-"""One batch of images that share a step shape (:class:`~runtime.slots.Batch`): initial latents (txt2img
+"""One batch of images that share a step shape (``slots.Batch``): initial latents (txt2img
 noise, or the VAE-encoded image for img2img and inpainting), the base denoising loop, the refiner, and the
-VAE decode; its result is one value (:class:`~runtime.slots.BatchResult`).
+VAE decode; its result is one value (``slots.BatchResult``).
 
 Seeds follow diffusers' order of draws per image generator: VAE posterior sample, initial noise (and
 the inpainting pipeline's extra masked-image draw), then every scheduler step's noise. Draws are made

@@ -34,7 +34,7 @@ SPLIT = [
     ("sampler", replace(BASE, scheduler="ddim")),
     ("mode", replace(BASE, init_image=GREY, strength=1.0)),
     ("timestep spacing", replace(BASE, timestep_spacing="trailing")),
-    ("refiner", replace(BASE, steps=5, refiner_mode="ensemble")),
+    ("refiner", replace(BASE, refiner_mode="ensemble", refiner_start=0.5)),
 ]
 TOGETHER = [
     ("prompts, seeds, guidance value", replace(BASE, prompt="a blue boat", negative_prompt="blurry", seed=9,
@@ -108,7 +108,7 @@ def test_the_graph_key_is_derived_from_the_shape(tiny_pipeline) -> None:
     assert unguided.graph_key("unet", 2) != shape.graph_key("unet", 2)
     with pytest.raises(ValueError, match="no refiner step"):
         shape.graph_key("refiner", 1)
-    ensemble = tiny_pipeline.admit(replace(BASE, steps=5, refiner_mode="ensemble", guidance_scale=1.0))
+    ensemble = tiny_pipeline.admit(replace(BASE, refiner_mode="ensemble", refiner_start=0.5, guidance_scale=1.0))
     assert not ensemble.graph_key("refiner", 1).guided  # the refiner guides by guidance_scale > 1 alone
 
 
