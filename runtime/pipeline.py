@@ -71,6 +71,7 @@ class Pipeline:
         self.progress = self.runner.progress  # the running batch's steps, for progress endpoints (any thread)
         self.max_batch = manifest.max_batch
         self.has_refiner = "refiner" in engines
+        self.cache_branches: tuple[int, ...] = ()  # step caching (DeepCache) branches built: none yet
         self._lock = threading.Lock()
         # What `sdxl-trt run` uses when no --scheduler is given: the model's own (LCMScheduler config -> lcm).
         self.default_scheduler = scheduler_for_config(self.runner.schedules.scheduler_configs["unet"]) or "euler"

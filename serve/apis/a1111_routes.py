@@ -350,8 +350,9 @@ async def get_progress(request: Request) -> Progress:
     service = endpoint.service_of(request)
     stats = service.async_pipeline.stats() if service.async_pipeline is not None else None
     jobs = (stats.queue_depth + stats.running_requests) if stats is not None else 0
-    tracker = getattr(service.pipeline, "progress", None)
-    snap = tracker.snapshot() if tracker is not None and stats is not None and stats.running_requests else None
+    pipeline = service.pipeline
+    snap = pipeline.progress.snapshot() if pipeline is not None and stats is not None and stats.running_requests \
+        else None
     return Progress(progress=snap.fraction if snap else 0.0, eta_relative=snap.eta_s if snap else 0.0, state={
         "skipped": False, "interrupted": False, "job": "", "job_count": jobs, "job_timestamp": "0", "job_no": 0,
         "sampling_step": snap.step if snap else 0, "sampling_steps": snap.steps if snap else 0})

@@ -30,15 +30,14 @@ async def info(request: Request) -> dict[str, Any]:
     service = endpoint.service_of(request)
     pipeline = service.require_pipeline()
     settings = service.settings
-    manifest = getattr(pipeline, "manifest", None)
-    default_scheduler = getattr(pipeline, "default_scheduler", "euler")
+    default_scheduler = pipeline.default_scheduler
     sampler = next((s.name for s in samplers.available_samplers() if s.default == default_scheduler),
                    "Euler a")
     facts: dict[str, Any] = {
         "version": __version__,
-        "backend": getattr(pipeline, "backend", getattr(manifest, "backend", None)),
-        "device": str(getattr(pipeline, "device", "unknown")),
-        "precision": getattr(manifest, "precision", None),
+        "backend": pipeline.backend,
+        "device": str(pipeline.device),
+        "precision": pipeline.manifest.precision,
         "model": model_info(pipeline),
         "refiner": model_info(pipeline, "refiner"),
         "buckets": [str(b) for b in pipeline.buckets],
@@ -52,7 +51,6 @@ async def info(request: Request) -> dict[str, Any]:
         "loras": sorted(available_loras(pipeline)),
         "max_loras": MAX_LORAS,
     }
-    branches = getattr(pipeline, "cache_branches", None)
-    if branches:
-        facts["cache_branches"] = [int(b) for b in branches]
+    if pipeline.cache_branches:
+        facts["cache_branches"] = [int(b) for b in pipeline.cache_branches]
     return facts

@@ -29,12 +29,38 @@ class ModelFacts(Protocol):
     @property
     def refiner(self) -> Mapping[str, Any] | None: ...
 
+    @property
+    def precision(self) -> str: ...
+
 
 @runtime_checkable
 class LoraListing(Protocol):
     """The LoRAs a request may name (the server's ``--lora-dir``): name -> file."""
 
     def available(self) -> Mapping[str, Path]: ...
+
+
+class StepCounts(Protocol):
+    """One reading of the running batch's progress (runtime/progress.py's ``ProgressSnapshot``)."""
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def fraction(self) -> float: ...
+
+    @property
+    def eta_s(self) -> float: ...
+
+
+@runtime_checkable
+class ProgressReader(Protocol):
+    """The steps the device has finished of the running batch, readable from any thread without blocking."""
+
+    def snapshot(self) -> StepCounts: ...
 
 
 @runtime_checkable
@@ -64,6 +90,20 @@ class PipelineLike(Protocol):
 
     @property
     def loras(self) -> LoraListing: ...
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def device(self) -> object:
+        """Where the engines run (a ``torch.device``; serve shows ``str()`` of it)."""
+
+    @property
+    def progress(self) -> ProgressReader: ...
+
+    @property
+    def cache_branches(self) -> Sequence[int]:
+        """The step-caching branches the engines were built with (empty: none)."""
 
     def admit(self, request: GenerationRequest, *, max_images: int, max_steps: int | None) -> StepShape: ...
 

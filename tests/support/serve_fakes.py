@@ -25,6 +25,22 @@ class FakeModelFacts:
 
     model: dict[str, Any] = field(default_factory=dict)
     refiner: dict[str, Any] | None = None
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class IdleCounts:
+    step: int = 0
+    steps: int = 0
+    fraction: float = 0.0
+    eta_s: float = 0.0
+
+
+class NoProgress:
+    """A stand-in that never counts a step (the fake pipelines run no denoising loop)."""
+
+    def snapshot(self) -> IdleCounts:
+        return IdleCounts()
 
 
 class NoLoras:
@@ -38,8 +54,12 @@ class GatedPipeline:
     has_refiner = False
     default_scheduler = "euler"
     controlnet_names: tuple[str, ...] = ()
+    backend = "fake"
+    device = "cpu"
+    cache_branches: tuple[int, ...] = ()
 
     def __init__(self, *, open_gate: bool = False) -> None:
+        self.progress = NoProgress()
         self.buckets = list(TINY_BUCKETS)
         self.manifest = FakeModelFacts()
         self.loras = NoLoras()
