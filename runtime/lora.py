@@ -11,7 +11,10 @@ and hands the values to each engine by the name the weight map recorded at build
 
 LoRA files are read once (through :func:`sdxl_trt.lora.reading.read_lora`, which imports diffusers for its
 key conversion the first time a LoRA is used) and looked up by name in ``lora_dirs`` (``NAME.safetensors``)
-or, for the Python API and the CLI, by path. INT8 UNets take LoRAs only fused at build.
+or, for the Python API and the CLI, by path. A listed file must resolve inside its directory (a symlink out
+of it is left out of the listing, and checked again when read); a file that failed to read is remembered by
+(path, size, mtime), so it is not read again until it changes; errors name a LoRA by its file name, not its
+path. INT8 UNets take LoRAs only fused at build.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import math
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +77,8 @@ class LoraSwitcher:
         self.last_switch_seconds = 0.0
         self._weight_map: WeightMap | None = None
         self._files: OrderedDict[tuple[str, int, int], Lora] = OrderedDict()
+        self._failed: OrderedDict[tuple[str, int, int], str] = OrderedDict()  # files that did not read: why
+        self._outside: set[Path] = set()  # listed symlinks that lead out of their directory (logged once each)
         self._files_lock = threading.Lock()  # a service checks requests on its event loop while the worker switches
         self._base: dict[tuple[str, str], torch.Tensor] = {}  # (component, weight) -> base value, kept on first touch
         for d in self.lora_dirs:
@@ -81,20 +87,32 @@ class LoraSwitcher:
 
     # ------------------------------------------------------------------ names and files
     def available(self) -> dict[str, Path]:
-        """LoRA names a request may use, from the directories' listings (``NAME.safetensors``)."""
+        """LoRA names a request may use, from the directories' listings (``NAME.safetensors``; names in Unicode
+        NFC, as clients type them), each file resolving inside its directory."""
         found: dict[str, Path] = {}
         for d in self.lora_dirs:
+            root = d.resolve()
             for f in sorted(d.iterdir()):
                 if f.suffix == LORA_FILE_SUFFIX and f.is_file():
-                    found.setdefault(f.stem, f)
+                    if not f.resolve().is_relative_to(root):
+                        if f not in self._outside:
+                            self._outside.add(f)
+                            log.warning("LoRA %s is left out: it resolves to %s, outside %s", f, f.resolve(), root)
+                        continue
+                    found.setdefault(unicodedata.normalize("NFC", f.stem), f)
         return found
 
     def resolve(self, name: str, *, allow_paths: bool = True) -> Path:
-        """A LoRA name from the listing, or (``allow_paths``) an existing file path."""
+        """A LoRA name from the listing (its real path, checked inside its directory again), or
+        (``allow_paths``) an existing file path."""
         listing = self.available()
-        if name in listing:
-            return listing[name]
-        if allow_paths and Path(name).expanduser().is_file():
+        listed = listing.get(unicodedata.normalize("NFC", name)) if isinstance(name, str) else None
+        if listed is not None:
+            real = listed.resolve()
+            if any(real.is_relative_to(d.resolve()) for d in self.lora_dirs):
+                return real
+            log.warning("LoRA %s now resolves to %s, outside the LoRA directories: refused", listed, real)
+        elif allow_paths and Path(name).expanduser().is_file():
             return Path(name).expanduser()
         names = ", ".join(listing) or "none (start with --lora-dir DIR)"
         raise InvalidRequestError(f"unknown LoRA {name!r}; available: {names}", param="loras")
@@ -120,12 +138,19 @@ class LoraSwitcher:
 
         lora = self._files.get(key)
         if lora is None:
+            failed = self._failed.get(key)
+            if failed is not None:  # the same file (path, size, mtime) failed before: not read again
+                raise InvalidRequestError(failed, param="loras")
             wm = self.weight_map()
             targets = {c: {n: w.shape for n, w in cw.weights.items()} for c, cw in wm.components.items()}
             try:
                 lora = read_lora(path, targets=targets)
             except LoraError as e:
-                raise InvalidRequestError(str(e), param="loras") from None
+                why = str(e).replace(str(path), path.name)
+                self._failed[key] = why
+                while len(self._failed) > 4 * self.FILES_KEPT:
+                    self._failed.popitem(last=False)
+                raise InvalidRequestError(why, param="loras") from None
             self._files[key] = lora
             while len(self._files) > self.FILES_KEPT:
                 self._files.popitem(last=False)
@@ -141,8 +166,8 @@ class LoraSwitcher:
                 if not layers:
                     continue
                 if component not in self.ctx.engines:
-                    raise InvalidRequestError(f"LoRA {lora.path} changes {component}, which these engines lack",
-                                              param="loras")
+                    raise InvalidRequestError(f"LoRA {Path(lora.path).name} changes {component}, which these engines "
+                                              "lack", param="loras")
                 if self.ctx.manifest.components[component].precision == "int8":
                     raise InvalidRequestError(
                         f"LoRA {Path(lora.path).name}: the {component} engine is INT8, whose quantization was "

@@ -41,13 +41,15 @@ def preprocessor_name(module: object, *, param: str) -> str:
 
 
 def canny(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH, *, resolution: int | None = None,
-          param: str = "threshold") -> Image.Image:
+          param: str = "threshold", max_pixels: int | None = None) -> Image.Image:
     """``cv2.Canny`` of the RGB image with thresholds ``low``/``high`` in 0..255, edges as a white-on-black RGB
     image (what a canny ControlNet was trained on and what the extension sends it).
 
     ``resolution`` (the A1111 extension's ``processor_res``): detect at that short side, as the extension does
     (cubic up / area down, padded to a multiple of 64 with edge pixels, the padding cut off again), so the edges'
-    level of detail is the extension's; None detects at the image's own size."""
+    level of detail is the extension's; None detects at the image's own size. ``max_pixels`` bounds the
+    detection map: scaling the short side leaves the long one free (a 64x1024 image at 2048 would be
+    2048x32768, over a GB of work), so a map over it is refused before anything is resized."""
     from PIL import Image as PILImage
 
     for what, value in (("low", low), ("high", high)):
@@ -70,6 +72,10 @@ def canny(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH, 
         h, w = rgb.shape[:2]
         k = resolution / min(h, w)
         th, tw = int(np.round(h * k)), int(np.round(w * k))
+        if max_pixels is not None and th * tw > max_pixels:
+            raise InvalidRequestError(f"{param}: canny at resolution {resolution} makes a {tw}x{th} = {tw * th} "
+                                      f"pixel map from a {w}x{h} image; at most {max_pixels}: use a lower "
+                                      "resolution", param=param)
         scaled = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
         padded = np.pad(scaled, [[0, -th % 64], [0, -tw % 64], [0, 0]], mode="edge")
         edges = np.ascontiguousarray(cv2.Canny(padded, float(low), float(high))[:th, :tw])
@@ -77,8 +83,9 @@ def canny(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH, 
 
 
 def preprocess(image: Image.Image, module: str, *, low: float = CANNY_LOW, high: float = CANNY_HIGH,
-               resolution: int | None = None, param: str = "module") -> Image.Image:
-    """The control image for ``module`` (already checked by :func:`preprocessor_name`), always RGB."""
+               resolution: int | None = None, param: str = "module", max_pixels: int | None = None) -> Image.Image:
+    """The control image for ``module`` (already checked by :func:`preprocessor_name`), always RGB; a
+    detection map over ``max_pixels`` is refused (see :func:`canny`)."""
     if module == "canny":
-        return canny(image, low, high, resolution=resolution, param=param)
+        return canny(image, low, high, resolution=resolution, param=param, max_pixels=max_pixels)
     return image.convert("RGB")

@@ -8,7 +8,6 @@ exits 0. A second signal stops at once. If the engines fail to load, the process
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.errors import InvalidRequestError, SdxlTrtError
-from sdxl_trt.serve.core.settings import API_KEY_ENV, ServeSettings
+from sdxl_trt.serve.core.settings import API_KEY_ENV, ServeSettings, is_loopback
 
 if TYPE_CHECKING:
     from sdxl_trt.serve.core.service import PipelineFactory
@@ -63,6 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-concurrency", type=_positive(int), default=d.limit_concurrency,
                    help="connections and running requests at once; more are refused with 503 (keep it above "
                         "--max-queue plus --max-batch)")
+    p.add_argument("--max-header-kb", type=_positive(float), default=d.max_header_kb,
+                   help="largest request headers, request line included (else 431, connection closed, before "
+                        "authentication)")
+    p.add_argument("--allowed-hosts", type=_hosts, default=None, metavar="NAME,...",
+                   help="Host header values served (exact, *.domain for its subdomains, * for any; else 400), and "
+                        "the pages (Origin) that may call it (else 403); default: localhost, 127.0.0.1 and ::1 "
+                        "when listening on loopback (against DNS rebinding), any name otherwise")
+    p.add_argument("--http", choices=("auto", "httptools", "h11"), default=d.http,
+                   help="uvicorn's HTTP parser (default auto: httptools where installed, else h11)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--warmup", type=_warmup, default=d.warmup, metavar="all|none|WxH,...",
                    help="buckets whose CUDA graphs are captured at start, at every batch size up to --max-batch, "
@@ -106,6 +114,16 @@ def _non_negative(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    """A comma-separated list of host names (no ports, no schemes)."""
+    names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
+    bad = [n for n in names if "/" in n or (":" in n and not n.startswith("[") and n.count(":") == 1)]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"give host names without scheme or port, e.g. localhost,api.example.com "
+                                         f"or '*'; got {text!r}")
+    return names
 
 
 def _lora_dirs(dirs: list[str]) -> list[str]:
@@ -191,6 +209,12 @@ def api_key_from_args(args: argparse.Namespace) -> str | None:
                            "(loopback only is the default)")
     if key != key.strip():
         raise SdxlTrtError(f"{source} starts or ends with whitespace; remove it (clients would not send it)")
+    try:
+        key.encode("utf-8")  # keys are compared as UTF-8 bytes
+    except UnicodeEncodeError:
+        raise SdxlTrtError(f"{source} is not valid UTF-8 text; give the key as UTF-8") from None
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise SdxlTrtError(f"{source} holds control characters, which no HTTP header can carry; remove them")
     return key
 
 
@@ -205,7 +229,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout_s,
         lora_dirs=tuple(_lora_dirs(args.lora_dir)),
         body_timeout_s=args.body_timeout_s, chunk_timeout_s=args.chunk_timeout_s,
-        limit_concurrency=args.limit_concurrency, ui=not args.no_ui,
+        limit_concurrency=args.limit_concurrency, ui=not args.no_ui, max_header_kb=args.max_header_kb,
+        allowed_hosts=args.allowed_hosts, http=args.http,
     )
 
 
@@ -229,21 +254,23 @@ def run_server(settings: ServeSettings, pipeline_factory: PipelineFactory | None
         import uvicorn
 
         from sdxl_trt.serve.http.app import create_app
-        from sdxl_trt.serve.http.edge import header_deadline_protocol
+        from sdxl_trt.serve.http.edge import header_deadline_protocol, uvicorn_protocol
         from sdxl_trt.serve.http.server import DrainingServer
     except ImportError as e:
         raise SdxlTrtError(f"sdxl-trt serve needs the serve extra ({e.name} is missing): "
                            "pip install 'sdxl-trt[serve]'") from None
-    if settings.api_key is None and not _is_loopback(settings.host):
-        log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", settings.host)
+    _warn_exposed(settings)
     if settings.limit_concurrency <= settings.max_queue + (settings.max_batch or 1):
         log.warning("--limit-concurrency %d is not above --max-queue %d plus a batch: overload will get uvicorn's "
                     "503 before the queue's 429", settings.limit_concurrency, settings.max_queue)
     app = create_app(settings) if pipeline_factory is None else create_app(settings, pipeline_factory)
+    protocol = header_deadline_protocol(settings.header_timeout_s, uvicorn_protocol(settings.http),
+                                        max_header_bytes=settings.max_header_bytes)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
-                            timeout_graceful_shutdown=10, server_header=False,
-                            http=header_deadline_protocol(settings.header_timeout_s),
-                            limit_concurrency=settings.limit_concurrency)
+                            timeout_graceful_shutdown=10, server_header=False, http=protocol,
+                            limit_concurrency=settings.limit_concurrency,
+                            # h11's own cap on an incomplete event (headers) stays above ours, so ours answers
+                            h11_max_incomplete_event_size=settings.max_header_bytes + 2**18)
     service = app.state.service
     server = DrainingServer(config, service)
     server.run()
@@ -262,13 +289,12 @@ def _cmd_serve_ray(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     manifest = open_engine_dir(settings.engines, verify_hashes=False)  # a wrong directory fails now, in one line
     _check_warmup(settings, list(manifest.buckets))
-    if settings.api_key is None and not _is_loopback(settings.host):
-        log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", settings.host)
+    _warn_exposed(settings)
     return serve_on_ray(settings, RayOptions(replicas=args.replicas or 1, autoscale=args.autoscale))
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+def _warn_exposed(settings: ServeSettings) -> None:
+    if settings.api_key is None and not is_loopback(settings.host):
+        log.warning("listening on %s without an API key: anyone who can reach it can use the GPU%s", settings.host,
+                    "" if settings.allowed_hosts else ", and any web page its users open can call it (set "
+                    "--allowed-hosts to the names clients use)")

@@ -23,9 +23,9 @@ Field policy (the models in ``a1111_api`` declare them all):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,8 +39,8 @@ from sdxl_trt.samplers import SCHEDULERS
 from ..core.pipeline_like import PipelineLike
 from ..core.settings import ServeSettings
 from ..http import endpoint
-from ..http.images_io import decode_b64_image, gray8
-from ..http.inputs import check_texts
+from ..http.images_io import decode_b64_image, decode_off_loop, gray8
+from ..http.inputs import check_size, check_texts
 from . import samplers
 from .a1111_api import (
     GenerationResponse,
@@ -51,7 +51,7 @@ from .a1111_api import (
     SDModel,
     Txt2ImgRequest,
 )
-from .controlnet import IMAGE_KEYS, a1111_script, a1111_units, strip_images
+from .controlnet import IMAGE_KEYS, a1111_units, check_a1111_units, strip_images
 from .extras import available_loras, few_step_fields, lora_set, strip_a1111_loras
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"], route_class=endpoint.FastJsonRoute)
@@ -128,9 +128,10 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
                           pipeline: PipelineLike, init_image: Image.Image | None = None,
                           mask: Image.Image | None = None, controlnets: tuple[ControlNetUnit, ...] = ()
                           ) -> tuple[GenerationRequest, samplers.A1111Sampler]:
-    """The one translation of an A1111 body into the engine's request (and the A1111 sampler it names);
-    ``controlnets``: its ControlNet units, decoded beforehand by :func:`control_units`. The route checked the
-    body's texts (``check_texts``) before decoding anything."""
+    """The one translation of an A1111 body into the engine's request (and the A1111 sampler it names), every
+    field checked; the images (``init_image``, ``mask``, ``controlnets``: decoded by the caller) may be added
+    afterwards, so nothing is decoded for a request refused here. The route checked the body's texts
+    (``check_texts``) first."""
     _check_common(body, pipeline)
     scheduler, sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler,
                                           ours=SCHEDULERS)
@@ -175,21 +176,8 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
     ), sampler
 
 
-def control_units(body: Txt2ImgRequest | Img2ImgRequest, pipeline: PipelineLike, max_pixels: int
-                  ) -> tuple[ControlNetUnit, ...]:
-    """The ControlNet extension's units of ``body``, fitted to its size (the first bucket when it names none);
-    CPU work (decoding, canny): call off the event loop."""
-    if a1111_script(body.alwayson_scripts) is None:
-        return ()
-    if body.width is not None and body.height is not None:
-        size = (body.width, body.height)
-    else:
-        first = pipeline.buckets[0]
-        size = (body.width or first.width, body.height or first.height)
-    return a1111_units(body.alwayson_scripts, pipeline, max_pixels=max_pixels, size=size)
-
-
-def _img2img_inputs(body: Img2ImgRequest, max_pixels: int) -> tuple[Image.Image, Image.Image | None]:
+def _check_img2img(body: Img2ImgRequest) -> None:
+    """img2img's fields that need no decoding (cheap: before any image is decoded)."""
     for name, value, ok in (("resize_mode", body.resize_mode, (0,)), ("inpainting_fill", body.inpainting_fill, (0, 1)),
                             ("initial_noise_multiplier", body.initial_noise_multiplier, (None, 1.0)),
                             ("latent_mask", body.latent_mask, (None, "")),
@@ -200,17 +188,24 @@ def _img2img_inputs(body: Img2ImgRequest, max_pixels: int) -> tuple[Image.Image,
         raise InvalidRequestError("init_images is required: a list with one base64 image", param="init_images")
     if len(body.init_images) > 1:
         raise _refuse("init_images", f"one init image per request is supported, got {len(body.init_images)}")
+    if body.mask is not None and body.mask != "":
+        if not body.mask_round:
+            raise _refuse("mask_round", "only true is supported (the mask is binarised)")
+        if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
+            raise _refuse("mask_blur_x", "different horizontal and vertical blur is not supported")
+
+
+def _img2img_inputs(body: Img2ImgRequest, max_pixels: int) -> tuple[Image.Image, Image.Image | None]:
+    """The init image and mask, decoded (CPU work: off the event loop, after :func:`_check_img2img`)."""
+    _check_img2img(body)
+    assert body.init_images
     image = decode_b64_image(body.init_images[0], param="init_images", max_pixels=max_pixels)
     if body.mask is None or body.mask == "":
         return image.convert("RGB"), None
-    if not body.mask_round:
-        raise _refuse("mask_round", "only true is supported (the mask is binarised)")
     mask = decode_b64_image(body.mask, param="mask", max_pixels=max_pixels)
     if mask.size != image.size:
         raise InvalidRequestError(f"mask is {mask.size[0]}x{mask.size[1]} but the init image is {image.size[0]}x"
                                   f"{image.size[1]}; they must be the same size", param="mask")
-    if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
-        raise _refuse("mask_blur_x", "different horizontal and vertical blur is not supported")
     blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
     mask = binary_mask(mask)
     if body.inpainting_mask_invert:
@@ -275,12 +270,25 @@ async def _generate(request: Request, body: Txt2ImgRequest | Img2ImgRequest) -> 
     pipeline = service.require_pipeline()
     check_texts(body, max_chars=service.settings.max_prompt_chars, skip=_IMAGE_FIELDS,  # once, before decoding
                 image_keys=IMAGE_KEYS)
-    init_image = mask = None
-    if isinstance(body, Img2ImgRequest):  # decoding is CPU work: off the event loop
-        init_image, mask = await asyncio.to_thread(_img2img_inputs, body, endpoint.max_pixels(service))
-    controlnets = await asyncio.to_thread(control_units, body, pipeline, endpoint.max_pixels(service))
-    gen, sampler = to_generation_request(body, settings=service.settings, pipeline=pipeline, init_image=init_image,
-                                         mask=mask, controlnets=controlnets)
+    # Every field is checked before anything is decoded or resized: sizes against the built buckets, counts
+    # against the limits, ControlNet units against the built ControlNets; then the images, off the event loop.
+    size = check_size(body.width, body.height, pipeline.buckets)
+    gen, sampler = to_generation_request(body, settings=service.settings, pipeline=pipeline)
+    units = check_a1111_units(body.alwayson_scripts, pipeline)
+    limit = endpoint.max_pixels(service)
+    if isinstance(body, Img2ImgRequest) or units:
+        if isinstance(body, Img2ImgRequest):
+            _check_img2img(body)
+
+        def decode() -> tuple[Image.Image | None, Image.Image | None, tuple[ControlNetUnit, ...]]:
+            init, mask = _img2img_inputs(body, limit) if isinstance(body, Img2ImgRequest) else (None, None)
+            fit_to = (size.width, size.height) if size is not None else init.size if init is not None else \
+                (pipeline.buckets[0].width, pipeline.buckets[0].height)
+            return init, mask, a1111_units(body.alwayson_scripts, pipeline, max_pixels=limit, size=fit_to)
+
+        init_image, mask, controlnets = await decode_off_loop(decode, param="init_images" if isinstance(
+            body, Img2ImgRequest) else "alwayson_scripts.controlnet.args")
+        gen = replace(gen, init_image=init_image, mask_image=mask, controlnets=controlnets)
     result = await endpoint.generate(request, gen)
     images = await endpoint.encode_pngs(result) if body.send_images else []
     parameters = body.model_dump(exclude={"init_images", "mask"})

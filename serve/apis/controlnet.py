@@ -1,11 +1,13 @@
 """ControlNet over both HTTP APIs: the OpenAI extra field ``controlnets`` and the A1111 ControlNet extension's
 ``alwayson_scripts.controlnet.args``, plus the extension's ``GET /controlnet/model_list`` and ``module_list``.
 
-Each unit becomes a :class:`~sdxl_trt.request.ControlNetUnit`. Control images are client bytes: they are decoded
-with the init images' limits (``images_io``: formats, declared pixels, truncation), off the event loop, and a
-bad one is a 400 naming its field (``controlnets[0].image``, ``alwayson_scripts.controlnet.args[0].image``).
-Names are looked up in the engines' built ControlNets; engines built without any are left to
-``Pipeline.check``, whose 400 carries the rebuild command.
+Each unit becomes a :class:`~sdxl_trt.request.ControlNetUnit` in two passes: every unit's fields are checked
+first (names against the engines' built ControlNets, at most one unit per built ControlNet, engines built without
+any refused with the rebuild command), and only then are images decoded, so no request makes the server decode
+or resize for a unit it will refuse. Control images are client bytes: they are decoded with the init images'
+limits (``images_io``: formats, declared pixels and segments, truncation), off the event loop, and a bad one is a
+400 naming its field (``controlnets[0].image``, ``alwayson_scripts.controlnet.args[0].image``). A
+preprocessor's detection map and a resize mode's intermediate image are bounded by the same pixel cap.
 
 A1111 mapping (the extension's field -> ours): ``model`` ("edges" or "edges [hash]") -> name, ``weight`` ->
 scale, ``guidance_start``/``guidance_end`` -> start/end, ``control_mode`` Balanced (0) -> normal and "ControlNet
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -102,24 +105,49 @@ def _number(value: object, *, param: str, low: float, high: float) -> float:
     return float(value)
 
 
+def check_unit_count(names_used: Sequence[str], pipeline: PipelineLike, *, param: str) -> None:
+    """Before any image is decoded: engines without ControlNets refuse every unit (naming the rebuild), and a
+    request may use each built ControlNet once (so at most as many units as there are ControlNets)."""
+    if not names_used:
+        return
+    names = controlnet_names(pipeline)
+    if not names:
+        model = getattr(getattr(pipeline, "manifest", None), "model", None) or {}
+        raise InvalidRequestError(
+            "these engines were built without ControlNet; rebuild them with one or more --controlnet PATH:NAME "
+            f"(sdxl-trt build --model {model.get('name', 'MODEL')} ... --controlnet PATH:NAME)", param=param)
+    if len(names_used) > len(names) or len(set(names_used)) != len(names_used):
+        raise InvalidRequestError(f"each ControlNet may be named once per request, got {list(names_used)}; these "
+                                  f"engines have {len(names)}: {', '.join(names)}", param=param)
+
+
 def openai_units(refs: Sequence[ControlNetRef] | None, pipeline: PipelineLike, *, max_pixels: int
                  ) -> tuple[ControlNetUnit, ...]:
-    """The OpenAI body's ``controlnets`` as units (images decoded and preprocessed: call off the event loop).
-    Ranges were checked by the pydantic model; start < end by the request's own validation."""
+    """The OpenAI body's ``controlnets`` as units (images decoded and preprocessed: call off the event loop,
+    after :func:`check_openai_refs`). Ranges were checked by the pydantic model; start < end by the request's
+    own validation."""
     if not refs:
         return ()
-    names = controlnet_names(pipeline)
+    names, modules = check_openai_refs(refs, pipeline)
     units = []
-    for i, ref in enumerate(refs):
+    for i, (ref, name, module) in enumerate(zip(refs, names, modules, strict=True)):
         param = f"controlnets[{i}]"
-        name = resolve_name(ref.name, names, param=f"{param}.name")
-        module = preprocessor_name(ref.preprocessor, param=f"{param}.preprocessor")
         image = decode_b64_image(ref.image, param=f"{param}.image", max_pixels=max_pixels)
         image = preprocess(image, module, low=ref.low_threshold, high=ref.high_threshold,
-                           param=f"{param}.preprocessor")
+                           param=f"{param}.preprocessor", max_pixels=max_pixels)
         units.append(ControlNetUnit(name=name, image=image, scale=ref.scale, start=ref.start, end=ref.end,
                                     guess_mode=ref.guess_mode))
     return tuple(units)
+
+
+def check_openai_refs(refs: Sequence[ControlNetRef], pipeline: PipelineLike) -> tuple[list[str], list[str]]:
+    """Every ref's name and preprocessor, checked without decoding anything (cheap: on the event loop)."""
+    built = controlnet_names(pipeline)
+    names = [resolve_name(ref.name, built, param=f"controlnets[{i}].name") for i, ref in enumerate(refs)]
+    modules = [preprocessor_name(ref.preprocessor, param=f"controlnets[{i}].preprocessor")
+               for i, ref in enumerate(refs)]
+    check_unit_count(names, pipeline, param="controlnets")
+    return names, modules
 
 
 def a1111_script(scripts: dict[str, Any]) -> tuple[str, Any] | None:
@@ -127,13 +155,50 @@ def a1111_script(scripts: dict[str, Any]) -> tuple[str, Any] | None:
     return next(((k, v) for k, v in scripts.items() if k.lower() == "controlnet"), None)
 
 
+@dataclass(frozen=True)
+class _A1111Unit:
+    """One enabled unit of the extension, every field checked; its image not decoded yet."""
+
+    param: str
+    name: str
+    module: str
+    scale: float
+    start: float
+    end: float
+    guess_mode: bool
+    fit: str
+    low: float
+    high: float
+    data: Any
+    processor_res: int | None  # None: pixel_perfect (computed from the image's size) or no preprocessor
+
+
 def a1111_units(scripts: dict[str, Any], pipeline: PipelineLike, *, max_pixels: int, size: tuple[int, int]
                 ) -> tuple[ControlNetUnit, ...]:
     """The extension's units as ours (images decoded, preprocessed and fitted to ``size``: call off the event
-    loop). ``size`` is the request's (width, height), to which ``resize_mode`` fits the control image."""
+    loop, after :func:`check_a1111_units`). ``size`` is the request's (width, height), a built bucket, to which
+    ``resize_mode`` fits the control image."""
+    units = []
+    for spec in check_a1111_units(scripts, pipeline):
+        image = decode_b64_image(spec.data, param=f"{spec.param}.image", max_pixels=max_pixels)
+        resolution = None
+        if spec.module != "none":
+            resolution = spec.processor_res if spec.processor_res is not None else \
+                _pixel_perfect(image.size, size, spec.fit)
+            _check_map_size(image.size, resolution, max_pixels, param=spec.param)
+        image = fit_control_image(preprocess(image, spec.module, low=spec.low, high=spec.high, resolution=resolution,
+                                             param=f"{spec.param}.module", max_pixels=max_pixels), size, spec.fit)
+        units.append(ControlNetUnit(name=spec.name, image=image, scale=spec.scale, start=spec.start, end=spec.end,
+                                    guess_mode=spec.guess_mode))
+    return tuple(units)
+
+
+def check_a1111_units(scripts: dict[str, Any], pipeline: PipelineLike) -> list[_A1111Unit]:
+    """The extension's enabled units, every field checked and their count against the built ControlNets,
+    without decoding an image (cheap: on the event loop, before any decoding)."""
     entry = a1111_script(scripts)
     if entry is None:
-        return ()
+        return []
     key, value = entry
     base = f"alwayson_scripts.{key}"
     if not isinstance(value, dict):
@@ -142,7 +207,7 @@ def a1111_units(scripts: dict[str, Any], pipeline: PipelineLike, *, max_pixels: 
     if not isinstance(args, list):
         raise InvalidRequestError(f"{base}.args must be a list of ControlNet units", param=f"{base}.args")
     names = controlnet_names(pipeline)
-    units = []
+    specs = []
     for i, arg in enumerate(args):
         param = f"{base}.args[{i}]"
         if arg is False or arg is None or arg == {}:
@@ -152,12 +217,12 @@ def a1111_units(scripts: dict[str, Any], pipeline: PipelineLike, *, max_pixels: 
                                       param=param)
         if arg.get("enabled", True) is False:
             continue
-        units.append(_a1111_unit(arg, param, names, max_pixels=max_pixels, size=size))
-    return tuple(units)
+        specs.append(_a1111_unit(arg, param, names))
+        check_unit_count([u.name for u in specs], pipeline, param=f"{base}.args")  # before reading more units
+    return specs
 
 
-def _a1111_unit(arg: dict[str, Any], param: str, names: Sequence[str], *, max_pixels: int,
-                size: tuple[int, int]) -> ControlNetUnit:
+def _a1111_unit(arg: dict[str, Any], param: str, names: Sequence[str]) -> _A1111Unit:
     for field, value in arg.items():
         if field not in _USED and field not in _NO_EFFECT and value not in (None, False, 0, "", [], {}, -1):
             raise InvalidRequestError(f"{param}.{field}: not supported by this server's ControlNet; leave it empty",
@@ -197,26 +262,39 @@ def _a1111_unit(arg: dict[str, Any], param: str, names: Sequence[str], *, max_pi
     if not data:
         raise InvalidRequestError(f"{param}.image is required: the control image (base64 PNG/JPEG) for "
                                   f"ControlNet {name!r}", param=f"{param}.image")
-    image = decode_b64_image(data, param=f"{param}.image", max_pixels=max_pixels)
-    resolution = _processor_res(arg, image.size, size, fit, param=param) if module != "none" else None
-    image = fit_control_image(preprocess(image, module, low=low, high=high, resolution=resolution,
-                                         param=f"{param}.module"), size, fit)
-    return ControlNetUnit(name=name, image=image, scale=scale, start=start, end=end,
-                          guess_mode=control == "controlnet")
+    resolution = _processor_res(arg, param=param) if module != "none" and not arg.get("pixel_perfect") else None
+    return _A1111Unit(param=param, name=name, module=module, scale=scale, start=start, end=end,
+                      guess_mode=control == "controlnet", fit=fit, low=low, high=high, data=data,
+                      processor_res=resolution)
 
 
-def _processor_res(arg: dict[str, Any], raw: tuple[int, int], size: tuple[int, int], fit: str, *,
-                   param: str) -> int:
-    """The short side the extension runs its preprocessor at: ``processor_res`` (-1 or absent: 512), or with
-    ``pixel_perfect`` the one that maps the image onto the request's size under its resize mode."""
-    if arg.get("pixel_perfect"):
-        (rw, rh), (w, h) = raw, size
-        k = (min if fit == "fill" else max)(h / rh, w / rw)
-        return max(64, round(k * min(rw, rh)))
+def _pixel_perfect(raw: tuple[int, int], size: tuple[int, int], fit: str) -> int:
+    """The extension's ``pixel_perfect`` resolution: the short side that maps the image onto the request's size
+    under its resize mode."""
+    (rw, rh), (w, h) = raw, size
+    k = (min if fit == "fill" else max)(h / rh, w / rw)
+    return max(64, round(k * min(rw, rh)))
+
+
+def _processor_res(arg: dict[str, Any], *, param: str) -> int:
+    """The short side the extension runs its preprocessor at: ``processor_res`` (-1 or absent: 512)."""
     value = arg.get("processor_res")
     if value is None or value == -1:
         return DEFAULT_PROCESSOR_RES
     return int(_number(value, param=f"{param}.processor_res", low=64, high=MAX_RESOLUTION))
+
+
+def _check_map_size(raw: tuple[int, int], resolution: int, max_pixels: int, *, param: str) -> None:
+    """The preprocessor scales the image's short side to ``resolution``: its detection map (both sides) must fit
+    the pixel cap of client images, or a thin image would make a huge one (64x1024 at 2048: 2048x32768)."""
+    (w, h) = raw
+    k = resolution / min(w, h)
+    tw, th = round(w * k), round(h * k)
+    if tw * th > max_pixels:
+        raise InvalidRequestError(
+            f"{param}.processor_res: a {w}x{h} image preprocessed at {resolution} makes a {tw}x{th} = {tw * th} "
+            f"pixel detection map; at most {max_pixels} are accepted: lower processor_res (or pixel_perfect off), "
+            "or send an image closer to the request's aspect", param=f"{param}.processor_res")
 
 
 def _threshold(value: object, default: float, *, param: str) -> float:
@@ -235,11 +313,12 @@ def fit_control_image(image: Image.Image, size: tuple[int, int], mode: str) -> I
     if mode == "just" or w * height == h * width:
         return image
     k = max(width / w, height / h) if mode == "crop" else min(width / w, height / h)
-    scaled = image.resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.LANCZOS)
-    sw, sh = scaled.size
-    if mode == "crop":
+    sw, sh = max(1, round(w * k)), max(1, round(h * k))
+    if mode == "crop":  # only the part kept is resampled (as cropping the whole scaled image would give it)
         left, top = (sw - width) // 2, (sh - height) // 2
-        return scaled.crop((left, top, left + width, top + height))
+        box = (left * w / sw, top * h / sh, (left + width) * w / sw, (top + height) * h / sh)
+        return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
+    scaled = image.resize((sw, sh), Image.Resampling.LANCZOS)
     arr = np.asarray(image.convert("RGB"))
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]], axis=0)
     colour = tuple(int(c) for c in np.median(border, axis=0))

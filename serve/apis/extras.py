@@ -2,15 +2,19 @@
 names of the samplers the runtime implements.
 
 LoRA names are looked up in the server's ``--lora-dir`` listing only: nothing a client sends becomes a file
-path (a name with a path separator or ``..`` is refused before the listing is even read). A1111 clients put
-LoRAs in the prompt (``<lora:NAME:WEIGHT>``); the tags are removed from the text before encoding, as A1111
-does, and become the request's LoRA set.
+path (a name with a path separator or ``..`` is refused before the listing is even read). A name is letters
+and digits of any script, ``_``, ``-``, ``.`` and spaces, matched whole (a trailing newline is not a name)
+and compared in Unicode NFC; the listing (``GET /sdapi/v1/loras``) shows exactly the files such a name can
+use. A1111 clients put LoRAs in the prompt (``<lora:NAME:WEIGHT>``); the tags are removed from the text before
+encoding, as A1111 does, and become the request's LoRA set.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,15 +22,31 @@ from sdxl_trt.errors import InvalidRequestError
 
 from ..core.pipeline_like import PipelineLike
 
+log = logging.getLogger(__name__)
+
 MAX_LORAS = 8
 MAX_ABS_SCALE = 10.0
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_. -]{0,127}$")
+_NAME = re.compile(r"[^\W][\w. -]{0,127}")  # \w: letters and digits of any script, and _; matched whole
 _A1111_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
+_unnameable: set[str] = set()  # listed files whose names no request could use (logged once each)
+
+
+def is_lora_name(name: object) -> bool:
+    """``name`` is a LoRA name a request may send (the whole of it; no paths)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None and ".." not in name
 
 
 def available_loras(pipeline: PipelineLike) -> dict[str, Any]:
-    """The server's LoRA names -> files (empty without --lora-dir)."""
-    return dict(pipeline.loras.available())
+    """The server's LoRA names -> files (empty without --lora-dir): only
+    names a request can send; a file named otherwise is left out (and logged, to be renamed)."""
+    listing = dict(pipeline.loras.available())
+    for name in [n for n in listing if not is_lora_name(n)]:
+        if name not in _unnameable:
+            _unnameable.add(name)
+            log.warning("LoRA file %r is not listed: requests name LoRAs with letters, digits, '_', '-', '.' and "
+                        "spaces only; rename it", listing[name].name)
+        del listing[name]
+    return listing
 
 
 def lora_set(pairs: Sequence[tuple[str, float]], pipeline: PipelineLike, *, param: str = "loras"
@@ -37,8 +57,11 @@ def lora_set(pairs: Sequence[tuple[str, float]], pipeline: PipelineLike, *, para
     listing: dict[str, Any] | None = None
     out = []
     for name, scale in pairs:
-        if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-            raise InvalidRequestError(f"LoRA name {name!r} is not a name: use one of GET /sdapi/v1/loras "
+        if isinstance(name, str):
+            name = unicodedata.normalize("NFC", name)
+        if not is_lora_name(name):
+            shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+            raise InvalidRequestError(f"LoRA name {shown} is not a name: use one of GET /sdapi/v1/loras "
                                       "(letters, digits, '_', '-', '.', spaces; no paths)", param=param)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
                 or abs(scale) > MAX_ABS_SCALE:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,9 +19,9 @@ from sdxl_trt.samplers import SCHEDULERS
 from ..core.pipeline_like import PipelineLike
 from ..core.settings import ServeSettings
 from ..http import endpoint
-from ..http.images_io import gray8, open_image
-from ..http.inputs import check_texts, parse_size
-from .controlnet import openai_units
+from ..http.images_io import decode_off_loop, gray8, open_image
+from ..http.inputs import check_size, check_texts, parse_size
+from .controlnet import check_openai_refs, openai_units
 from .extras import few_step_fields, lora_set
 from .openai_api import UNSUPPORTED, ImageData, ImageEditRequest, ImageGenerationRequest, ImagesResponse
 
@@ -82,11 +82,14 @@ async def generations(body: ImageGenerationRequest, request: Request) -> ImagesR
     service = endpoint.service_of(request)
     pipeline = service.require_pipeline()
     check_texts(body, max_chars=service.settings.max_prompt_chars, skip=("controlnets",))  # once, before decoding
-    controlnets: tuple[ControlNetUnit, ...] = ()
+    gen = to_generation_request(body, settings=service.settings, pipeline=pipeline)
+    check_size(gen.width, gen.height, pipeline.buckets, params=("size", "size"))  # before anything is decoded
     if body.controlnets:
-        controlnets = await asyncio.to_thread(openai_units, body.controlnets, pipeline,
-                                              max_pixels=endpoint.max_pixels(service))
-    gen = to_generation_request(body, settings=service.settings, pipeline=pipeline, controlnets=controlnets)
+        check_openai_refs(body.controlnets, pipeline)
+        refs, limit = body.controlnets, endpoint.max_pixels(service)
+        controlnets = await decode_off_loop(lambda: openai_units(refs, pipeline, max_pixels=limit),
+                                            param="controlnets")
+        gen = replace(gen, controlnets=controlnets)
     return await _respond(request, gen)
 
 
@@ -104,7 +107,10 @@ async def edits(request: Request) -> ImagesResponse:
             body = ImageEditRequest.model_validate(fields)
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
-        check_texts(body, max_chars=service.settings.max_prompt_chars)  # before decoding anything
+        # every field is checked before anything is decoded
+        check_texts(body, max_chars=service.settings.max_prompt_chars)
+        gen = to_generation_request(body, settings=service.settings, pipeline=pipeline)
+        check_size(gen.width, gen.height, pipeline.buckets, params=("size", "size"))
         if not images:
             raise InvalidRequestError("image is required (a PNG file in the multipart body)", param="image")
         if len(images) > 1:
@@ -112,15 +118,13 @@ async def edits(request: Request) -> ImagesResponse:
         image_bytes = await _read_upload(images[0], "image")
         mask_bytes = await _read_upload(masks[0], "mask") if masks else None
 
-    def decode() -> tuple[Image.Image, Image.Image]:  # CPU work: in a thread, off the event loop
+    def decode() -> tuple[Image.Image, Image.Image]:  # CPU work: on the decode pool, off the event loop
         image = open_image(image_bytes, param="image", max_pixels=limit)
         mask = open_image(mask_bytes, param="mask", max_pixels=limit) if mask_bytes is not None else None
         return image.convert("RGB"), edit_mask(image, mask)
 
-    init_image, mask = await asyncio.to_thread(decode)
-    gen = to_generation_request(body, settings=service.settings, pipeline=pipeline, init_image=init_image,
-                                mask=mask)
-    return await _respond(request, gen)
+    init_image, mask = await decode_off_loop(decode, param="image")
+    return await _respond(request, replace(gen, init_image=init_image, mask_image=mask))
 
 
 async def _read_upload(value: object, param: str) -> bytes:

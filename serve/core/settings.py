@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,11 @@ class ServeSettings:
     body_timeout_s: float = 60.0
     chunk_timeout_s: float = 15.0
     limit_concurrency: int = 512
+    max_header_kb: float = 64.0  # a request's headers (request line included): one byte more is a 431, closed
+    # Host header values served (exact names, or "*.example.com" for its subdomains; "*": any); None: the
+    # loopback names when listening on loopback, any name otherwise (see ``hosts_allowed``).
+    allowed_hosts: tuple[str, ...] | None = None
+    http: str = "auto"  # uvicorn's HTTP parser: auto (httptools where installed, else h11), httptools or h11
     device: str | None = None
     # Buckets captured at start, before /ready turns 200: "all" built buckets, "none", or a tuple of "WxH".
     warmup: str | tuple[str, ...] = "all"
@@ -47,6 +53,21 @@ class ServeSettings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+    @property
+    def max_header_bytes(self) -> int:
+        return int(self.max_header_kb * 1024)
+
+    @property
+    def hosts_allowed(self) -> tuple[str, ...]:
+        """``allowed_hosts``, or its default: a server on loopback answers only loopback names, so a page
+        elsewhere cannot reach it through DNS rebinding (its own name resolving to 127.0.0.1); a server
+        listening elsewhere is reached by names it cannot know, and guards itself with its API key."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        if is_loopback(self.host):
+            return tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", self.host.strip("[]").lower())))
+        return ("*",)
 
     @property
     def max_text_body_bytes(self) -> int:
@@ -67,3 +88,11 @@ class ServeSettings:
     def key_from_env() -> str | None:
         """``$SDXL_TRT_API_KEY``; None when unset. Set but empty is returned as "" (the CLI refuses it)."""
         return os.environ.get(API_KEY_ENV)
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"

@@ -2,9 +2,10 @@
 and a Ray Serve deployment serve the same app.
 
 Layers, outermost first: error guard (any exception -> a JSON error, the connection kept) -> metrics (counts
-every answer) -> API key (before any body is read) -> body limits (size, deadline, per-chunk timeout) -> FastAPI
-routes (OpenAI, A1111, ControlNet, engine facts, probes, metrics; then, unless ``--no-ui``, the playground and
-/docs, which need no key). Each API's errors keep that API's shape (``http_errors``).
+every answer) -> allowed hosts (``Host`` and a browser's ``Origin``) -> API key (before any body is read) ->
+body limits (size, deadline, per-chunk timeout) -> FastAPI routes (OpenAI, A1111, ControlNet, engine facts,
+probes, metrics; then, unless ``--no-ui``, the playground and /docs, which need no key). Each API's errors keep
+that API's shape (``errors``); header deadlines and sizes are the protocol's (``edge``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..ui import page
 from .auth import ApiKeyMiddleware
 from .endpoint import ClientGone
 from .errors import ApiError, ErrorGuardMiddleware, from_exception, from_validation, render
+from .hosts import AllowedHostsMiddleware
 from .limits import BodyLimitMiddleware, BodyStats
 from .metrics import CLIENT_CLOSED, MetricsMiddleware, ServeMetrics
 
@@ -72,6 +74,7 @@ def create_app(settings: ServeSettings, pipeline_factory: PipelineFactory = load
                        text_only=lambda: not controlnet.controlnet_names(service.pipeline))
     open_paths = (*OPEN_PATHS, *page.paths()) if settings.ui else OPEN_PATHS  # the pages carry no secret
     app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=open_paths)
+    app.add_middleware(AllowedHostsMiddleware, allowed=settings.hosts_allowed)
     routes = [*openai_routes.router.routes, *a1111_routes.router.routes, *controlnet.router.routes,
               *engine_info.router.routes, *app.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints={getattr(r, "path", "") for r in routes})
@@ -88,10 +91,9 @@ def _add_probes(app: FastAPI, service: Service, metrics: ServeMetrics) -> None:
     @app.get("/ready")
     async def ready() -> JSONResponse:
         """200 once the engines are loaded and warm; 503 while loading, after a failed load, while draining, or
-        when the watchdog finds the worker stopped or stuck past a batch's deadline."""
+        when the watchdog finds the worker stopped or stuck past a batch's deadline. It says only its state (no
+        key is needed): why a load failed is in the server log."""
         body: dict[str, object] = {"ready": service.ready, "state": service.state}
-        if service.error:
-            body["error"] = service.error
         if service.async_pipeline is not None:
             body["queue_depth"] = service.queue_depth
             body["worker"] = service.worker_health

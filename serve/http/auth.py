@@ -1,8 +1,9 @@
 """API-key check, as pure ASGI middleware so it runs before any body is read.
 
 Clients send the key as ``Authorization: Bearer KEY`` (the ``openai`` client) or as the password of HTTP
-Basic auth (A1111 clients with ``--api-auth``, the ``webuiapi`` package). Keys are compared in constant time
-and never logged.
+Basic auth (A1111 clients with ``--api-auth``, the ``webuiapi`` package). Keys are compared in constant time,
+as the UTF-8 bytes of the key against the bytes the client sent on either scheme (a header's bytes for Bearer,
+the base64-decoded ones for Basic), so a non-ASCII key works the same on both; they are never logged.
 """
 
 from __future__ import annotations
@@ -20,21 +21,22 @@ from .errors import ApiError, render
 log = logging.getLogger(__name__)
 
 
-def key_matches(authorization: str | None, key: str) -> bool:
-    """True when the ``Authorization`` header carries ``key`` (Bearer, or Basic with ``key`` as password)."""
+def key_matches(authorization: bytes | str | None, key: str) -> bool:
+    """True when the ``Authorization`` header (its raw bytes) carries ``key`` (Bearer, or Basic with ``key``
+    as password)."""
     if not authorization:
         return False
-    scheme, _, value = authorization.strip().partition(" ")
+    raw = authorization.encode("utf-8") if isinstance(authorization, str) else authorization
+    scheme, _, value = raw.strip().partition(b" ")
     value = value.strip()
-    if scheme.lower() == "basic":
+    if scheme.lower() == b"basic":
         try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, ValueError, UnicodeDecodeError):
+            value = base64.b64decode(value, validate=True).partition(b":")[2]
+        except (binascii.Error, ValueError):
             return False
-        value = decoded.partition(":")[2]
-    elif scheme.lower() != "bearer":
+    elif scheme.lower() != b"bearer":
         return False
-    return hmac.compare_digest(value.encode("utf-8"), key.encode("utf-8"))
+    return hmac.compare_digest(value, key.encode("utf-8"))
 
 
 class ApiKeyMiddleware:
@@ -49,7 +51,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or self.key is None or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
-        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
         if key_matches(header, self.key):
             await self.app(scope, receive, send)
             return

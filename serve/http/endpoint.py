@@ -25,19 +25,48 @@ from .images_io import png_b64
 log = logging.getLogger(__name__)
 
 
+MAX_JSON_DEPTH = 200
+"""Nesting of a request body (pydantic-core's own limit; a deeper body is a 400, parsed by either parser)."""
+_SURROGATE_ERRORS = ("lone leading surrogate", "unexpected end of hex escape", "invalid unicode code point")
+"""pydantic-core's messages for a lone surrogate (escaped, or UTF-8-encoded), which ``json`` accepts."""
+
+
 class _FastJsonRequest(Request):
     """Parses the JSON body with pydantic-core (about 20x faster than ``json.loads`` on a 15 MB prompt, so an
-    over-long body is refused in milliseconds); text ``json`` accepts that pydantic-core does not (a lone
-    surrogate escape) falls back to ``json.loads`` and is then refused by name in ``inputs.check_texts``."""
+    over-long body is refused in milliseconds). Only text pydantic-core refuses for a lone surrogate falls back
+    to ``json.loads`` (to be refused by name in ``inputs.check_texts``, as the field it is in); anything else it
+    refuses (bad JSON, nesting past its depth limit, a number too long) is a 400, and so is a fallback body
+    nested past the same depth, so no body is accepted that the response could not serialise."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
             try:
                 self._json = pydantic_core.from_json(body, allow_inf_nan=True)
-            except ValueError:
-                self._json = json.loads(body)
+            except ValueError as e:
+                if not any(s in str(e) for s in _SURROGATE_ERRORS):
+                    raise json.JSONDecodeError(str(e), body.decode("utf-8", "replace"), 0) from None
+                self._json = _fallback_json(body)
         return self._json
+
+
+def _fallback_json(body: bytes) -> Any:
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", "", 0) from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError; so is int()'s digit limit
+        raise json.JSONDecodeError(str(e), "", 0) from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)) and depth > MAX_JSON_DEPTH:
+            raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", "", 0)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return value
 
 
 class FastJsonRoute(APIRoute):
@@ -68,7 +97,13 @@ def max_pixels(service: Service) -> int:
 
 async def generate(request: Request, gen: GenerationRequest) -> GenerationResult:
     """Run ``gen``; if the client disconnects first, cancel it (a queued request is then dropped unrun)."""
-    work = asyncio.ensure_future(service_of(request).generate(gen))
+    service = service_of(request)
+    if gen.loras and service.async_pipeline is not None:
+        # Checking a LoRA set reads its files (seconds for a large one, and diffusers' import the first time):
+        # done here in a thread, the files (and failures) are cached, so the queue's own check on the event
+        # loop finds them read.
+        await asyncio.to_thread(service.async_pipeline.check, gen)
+    work = asyncio.ensure_future(service.generate(gen))
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)

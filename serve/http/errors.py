@@ -2,11 +2,16 @@
 
 Engine and queue errors map to status codes here (400 bad value, 429 queue full, 503 not ready or draining,
 504 deadline); anything unexpected is a 500 whose body says only that, with the traceback in the server log.
+Messages name the bad value and the fix, but never a server path: the runtime's messages are written for the
+CLI (a LoRA's file, the engine directory in a rebuild command), so :func:`render` replaces each absolute path
+on this machine by its last part, and logs the message as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 
 from fastapi.exceptions import RequestValidationError
@@ -87,24 +92,50 @@ def api_of(path: str) -> str:
     return "plain"
 
 
+_ABSOLUTE = re.compile(r"(?<![\w./:~-])/[^\s'\"`,;()<>\[\]{}|]+")
+
+
+def _is_server_path(token: str) -> bool:
+    """An absolute path that exists here, or whose folder does (an URL path like /sdapi/v1/loras does not)."""
+    text = token.rstrip(".:")
+    parent = os.path.dirname(text)
+    return len(text) > 1 and (os.path.exists(text) or (parent not in ("", "/") and os.path.isdir(parent)))
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with each absolute path of this machine replaced by its last part (a file's name)."""
+    def shorten(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if not _is_server_path(token):
+            return token
+        trailing = token[len(token.rstrip(".:")):]
+        return (os.path.basename(token.rstrip(".:").rstrip("/")) or "<path>") + trailing
+
+    return _ABSOLUTE.sub(shorten, message) if "/" in message else message
+
+
 def render(path: str, err: ApiError) -> JSONResponse:
-    """``err`` in the shape of the API ``path`` belongs to."""
+    """``err`` in the shape of the API ``path`` belongs to, with no server path in its message."""
     api = api_of(path)
+    message = redact_paths(err.message)
+    if message != err.message:
+        log.info("answered %d on %s (server paths left out of the answer): %s", err.status, path, err.message)
     body: dict[str, object]
     if api == "openai":
         body = openai_api.ErrorResponse(error=openai_api.ErrorDetail(
-            message=err.message, type=err.type, param=err.param, code=err.code)).model_dump()
+            message=message, type=err.type, param=err.param, code=err.code)).model_dump()
     elif api == "a1111":
-        body = a1111_api.ErrorResponse(error=_a1111_error_name(err), detail=err.message,
-                                       errors=err.message).model_dump()
+        body = a1111_api.ErrorResponse(error=_a1111_error_name(err), detail=message,
+                                       errors=message).model_dump()
     else:
-        body = {"detail": err.message}
+        body = {"detail": message}
     return JSONResponse(body, status_code=err.status, headers=err.headers or None)
 
 
 def _a1111_error_name(err: ApiError) -> str:
-    return {400: "InvalidRequestError", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed",
-            413: "RequestTooLarge", 429: "Overloaded", 503: "ServiceUnavailable",
+    return {400: "InvalidRequestError", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+            405: "MethodNotAllowed", 408: "RequestTimeout", 413: "RequestTooLarge",
+            431: "RequestHeaderFieldsTooLarge", 429: "Overloaded", 503: "ServiceUnavailable",
             504: "DeadlineExceeded"}.get(err.status, "InternalError")
 
 

@@ -1,15 +1,16 @@
-"""Checks every API body passes before it is translated: text that is valid and not too long, sizes that parse.
+"""Checks every API body passes before it is translated: text that is valid and not too long, sizes that parse
+and are built.
 
-They run on the event loop in microseconds per field, before anything is tokenized or queued, so a 15 MB
-prompt or a lone surrogate is a 400 naming the field at once and never reaches the worker (where it would
-cost every queued request its wait, and fail its batch-mates' first run). Image fields are skipped: their
-base64 is checked where it is decoded.
+They run on the event loop in microseconds per field, before anything is tokenized, decoded or queued, so a
+15 MB prompt, a lone surrogate or a width of 8192 (or -256, or 10**30) is a 400 naming the field at once and
+never reaches the work that scales with it (decoding, resizing, the worker). Image fields are skipped:
+their base64 is checked where it is decoded.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -63,3 +64,31 @@ def parse_size(text: str, *, param: str = "size") -> Bucket:
         shown = text if len(text) <= 40 else text[:40] + "..."
         raise InvalidRequestError(f"{param} {shown!r} is not WIDTHxHEIGHT, e.g. '1024x1024'", param=param)
     return Bucket(int(match.group(1)), int(match.group(2)))
+
+
+def _shown_int(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
+
+
+def check_size(width: object, height: object, buckets: Sequence[Bucket], *,
+               params: tuple[str, str] = ("width", "height")) -> Bucket | None:
+    """The request's size as one of the engines' ``buckets`` (None when neither side is given, for the caller's
+    default), or a 400 naming the field and listing the built sizes; no work is sized from it before this."""
+    pw, ph = params
+    if width is None and height is None:
+        return None
+    if width is None or height is None:
+        missing = pw if width is None else ph
+        raise InvalidRequestError(f"give both {pw} and {ph}, or neither", param=missing)
+    for value, param in ((width, pw), (height, ph)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidRequestError(f"{param} must be a positive integer, got {_shown_int(value)}", param=param)
+    assert isinstance(width, int) and isinstance(height, int)
+    bucket = Bucket(width, height)
+    if bucket not in buckets:
+        param = pw if all(b.width != width for b in buckets) else ph
+        shown = f"{_shown_int(width)}x{_shown_int(height)}"
+        raise InvalidRequestError(f"{pw if pw == ph else f'{pw}x{ph}'} {shown} is not a size these engines were "
+                                  f"built for; built: {', '.join(map(str, buckets))}", param=param)
+    return bucket

@@ -3,13 +3,15 @@
 
 The double misbehaves on cue, by prompt, so tests can see what clients get when the engine does: ``boom``
 raises an unexpected exception inside the batch, ``short`` returns too few results, ``hang`` blocks for
-``HANG_S``; ``slow`` takes ``SLOW_S``; anything else returns tiny images at once.
+``HANG_S``; ``slow`` takes ``SLOW_S``; anything else returns tiny images at once. ``$SDXL_TRT_DOUBLE_CONTROLNETS``
+(comma-separated names) makes it claim those ControlNets, so the server decodes and preprocesses control images.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ SLOW_S = 1.5
 class MisbehavingPipeline(GatedPipeline):
     def __init__(self) -> None:
         super().__init__(open_gate=True)
+        self.controlnet_names = [n for n in os.environ.get("SDXL_TRT_DOUBLE_CONTROLNETS", "").split(",") if n]
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         prompts = [r.prompt for r in requests]
