@@ -63,7 +63,7 @@ class Client:
         self._lifespan = self.app.router.lifespan_context(self.app)
         self.loop.run_until_complete(self._lifespan.__aenter__())
         self.loop.run_until_complete(self.app.state.service.wait_loaded())
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://test",
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://127.0.0.1",
                                       timeout=120)
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:

@@ -129,7 +129,7 @@ def test_a_service_never_imports_export_or_engine(tiny_engines: Path) -> None:
         async def main():
             async with app.router.lifespan_context(app):
                 transport = httpx.ASGITransport(app=app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+                async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as c:
                     for _ in range(600):
                         if (await c.get("/ready")).status_code == 200:
                             break

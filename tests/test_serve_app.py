@@ -34,7 +34,7 @@ async def _with_app(settings: ServeSettings, factory: Callable[[ServeSettings], 
     app = create_app(settings, factory)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1",
                                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
             await body(client, app)
 
