@@ -390,31 +390,38 @@ def test_a_non_ascii_key_works_over_bearer_and_basic(tmp_path: Path) -> None:
         assert key not in srv.log()
 
 
-def test_other_hosts_and_cross_site_pages_are_refused(double: ServerProcess) -> None:
-    port = double.port
-    for host in (f"evil.example:{port}", "evil.example", "127.0.0.1.evil.example", f"localhost.:{port}"):
-        r = httpx.post(double.url + GEN, json={"prompt": "x"}, headers={**auth(), "Host": host}, timeout=TIMEOUT)
-        _openai_error(r, 400, None, "host")
-        r = httpx.get(double.url + "/health", headers={"Host": host}, timeout=TIMEOUT)
-        assert r.status_code == 400, (host, r.text)
-    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
-        r = httpx.post(double.url + GEN, json={"prompt": "x"}, headers={**auth(), "Host": host}, timeout=TIMEOUT)
-        assert r.status_code == 200, (host, r.text[:300])
-    # A form posted from a page elsewhere to 127.0.0.1 (a multipart edit needs no CORS preflight).
-    files = [("image", ("i.png", _png(Image.new("RGBA", (256, 256), (0, 0, 0, 0))), "image/png"))]
-    for origin in ("https://evil.example", "null"):
-        r = httpx.post(double.url + EDITS, data={"prompt": "x"}, files=files,
-                       headers={**auth(), "Origin": origin}, timeout=TIMEOUT)
-        _openai_error(r, 403, None, "cross-site")
-    r = httpx.post(double.url + EDITS, data={"prompt": "x"}, files=files,
-                   headers={**auth(), "Origin": f"http://localhost:{port}"}, timeout=TIMEOUT)
-    assert r.status_code == 200, r.text[:300]
+def test_other_hosts_and_cross_site_pages_are_refused(tmp_path: Path) -> None:
+    """A keyless server on loopback: the one a page elsewhere could use through DNS rebinding or a form."""
+    srv = _start(ServerProcess(None, tmp_path / "server.log", "--batch-window-ms", "0", double=True, env={}))
+    try:
+        port = srv.port
+        for host in (f"evil.example:{port}", "evil.example", "127.0.0.1.evil.example", f"localhost.:{port}"):
+            r = httpx.post(srv.url + GEN, json={"prompt": "x"}, headers={"Host": host}, timeout=TIMEOUT)
+            _openai_error(r, 400, None, "host")
+            r = httpx.get(srv.url + "/health", headers={"Host": host}, timeout=TIMEOUT)
+            assert r.status_code == 400, (host, r.text)
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
+            r = httpx.post(srv.url + GEN, json={"prompt": "x"}, headers={"Host": host}, timeout=TIMEOUT)
+            assert r.status_code == 200, (host, r.text[:300])
+        # A form posted from a page elsewhere to 127.0.0.1 (a multipart edit needs no CORS preflight).
+        files = [("image", ("i.png", _png(Image.new("RGBA", (256, 256), (0, 0, 0, 0))), "image/png"))]
+        for origin in ("https://evil.example", "null"):
+            r = httpx.post(srv.url + EDITS, data={"prompt": "x"}, files=files, headers={"Origin": origin},
+                           timeout=TIMEOUT)
+            _openai_error(r, 403, None, "cross-site")
+        r = httpx.post(srv.url + EDITS, data={"prompt": "x"}, files=files,
+                       headers={"Origin": f"http://localhost:{port}"}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text[:300]
+    finally:
+        assert srv.stop() == 0
 
 
 def test_allowed_hosts_defaults_and_flag(tmp_path: Path) -> None:
     from sdxl_trt.serve.core.settings import ServeSettings
 
-    assert "*" not in ServeSettings(engines=Path("."), host="127.0.0.1").hosts_allowed
+    local = ServeSettings(engines=Path("."), host="127.0.0.1").hosts_allowed
+    assert "*" not in local and {"localhost", "127.0.0.1", "::1"} <= set(local)
+    assert ServeSettings(engines=Path("."), host="127.0.0.1", api_key="k").hosts_allowed == ("*",)
     assert ServeSettings(engines=Path("."), host="0.0.0.0", api_key="k").hosts_allowed == ("*",)
     srv = _start(ServerProcess(None, tmp_path / "server.log", "--allowed-hosts",
                                "api.example.com,*.example.org,127.0.0.1", double=True))

@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-hosts", type=_hosts, default=None, metavar="NAME,...",
                    help="Host header values served (exact, *.domain for its subdomains, * for any; else 400), and "
                         "the pages (Origin) that may call it (else 403); default: localhost, 127.0.0.1 and ::1 "
-                        "when listening on loopback (against DNS rebinding), any name otherwise")
+                        "for a keyless server on loopback (against DNS rebinding), any name otherwise")
     p.add_argument("--http", choices=("auto", "httptools", "h11"), default=d.http,
                    help="uvicorn's HTTP parser (default auto: httptools where installed, else h11)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

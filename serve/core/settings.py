@@ -37,7 +37,7 @@ class ServeSettings:
     limit_concurrency: int = 512
     max_header_kb: float = 64.0  # a request's headers (request line included): one byte more is a 431, closed
     # Host header values served (exact names, or "*.example.com" for its subdomains; "*": any); None: the
-    # loopback names when listening on loopback, any name otherwise (see ``hosts_allowed``).
+    # loopback names for a keyless server on loopback, any name otherwise (see ``hosts_allowed``).
     allowed_hosts: tuple[str, ...] | None = None
     http: str = "auto"  # uvicorn's HTTP parser: auto (httptools where installed, else h11), httptools or h11
     device: str | None = None
@@ -60,12 +60,13 @@ class ServeSettings:
 
     @property
     def hosts_allowed(self) -> tuple[str, ...]:
-        """``allowed_hosts``, or its default: a server on loopback answers only loopback names, so a page
-        elsewhere cannot reach it through DNS rebinding (its own name resolving to 127.0.0.1); a server
-        listening elsewhere is reached by names it cannot know, and guards itself with its API key."""
+        """``allowed_hosts``, or its default: a keyless server on loopback answers only loopback names, so a
+        page elsewhere cannot use it through DNS rebinding (its own name resolving to 127.0.0.1) or a form
+        posted to 127.0.0.1; a server with a key is guarded by the key (a page cannot send it), and one
+        listening elsewhere is reached by names it cannot know (the CLI warns when it has no key either)."""
         if self.allowed_hosts is not None:
             return self.allowed_hosts
-        if is_loopback(self.host):
+        if self.api_key is None and is_loopback(self.host):
             return tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", self.host.strip("[]").lower())))
         return ("*",)
 
