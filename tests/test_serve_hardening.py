@@ -30,20 +30,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 from support.serve_server import API_KEY, ServerProcess, auth, decode_png, metric, png_b64
+from support.serve_server import start as _start
 
 from sdxl_trt.request import GenerationRequest
 
 TIMEOUT = 120.0
 GEN = "/v1/images/generations"
-
-
-def _start(srv: ServerProcess) -> ServerProcess:
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.stop()
-        raise
-    return srv
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from support.serve_server import API_KEY, ServerProcess, auth, decode_png
+from support.serve_server import start as _start
 from test_lora_build import lora_files  # noqa: F401 - the module fixture lora_dir reads
 
 TIMEOUT = 120.0
@@ -43,15 +44,6 @@ A1111 = {"prompt": "x", "width": 256, "height": 256, "steps": 2}
 PEAK_GROWTH_MB = 150
 REFUSED_S = 3.0
 MEANWHILE_S = 5.0
-
-
-def _start(srv: ServerProcess) -> ServerProcess:
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.stop()
-        raise
-    return srv
 
 
 def _double_env(**extra: str) -> dict[str, str]:
@@ -105,6 +97,27 @@ def _meanwhile(srv: ServerProcess, attack: Callable[[], Any]) -> tuple[Any, floa
     assert r.status_code == 200, r.text[:300]
     runner.join(TIMEOUT)
     return out[0], plain_s
+
+
+def _with_health_probed(srv: ServerProcess, attack: Callable[[], Any]) -> tuple[Any, float]:
+    """``attack()``'s result, and the slowest of the ``/health`` requests made every 50 ms while it ran."""
+    done = threading.Event()
+    slowest = [0.0]
+
+    def probe() -> None:
+        while not done.is_set():
+            t0 = time.monotonic()
+            ok = httpx.get(srv.url + "/health", timeout=TIMEOUT).status_code == 200
+            slowest[0] = max(slowest[0], time.monotonic() - t0 if ok else float("inf"))
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        return attack(), slowest[0]
+    finally:
+        done.set()
+        prober.join(TIMEOUT)
 
 
 def _a1111_error(r: httpx.Response, status: int, *words: str) -> None:
@@ -315,27 +328,8 @@ def test_request_headers_over_the_cap_get_431_and_a_closed_connection(http_impl:
             err = json.loads(body)
             assert err["error"] == "RequestHeaderFieldsTooLarge" and "64 KiB" in err["detail"], err
 
-        def attack() -> tuple[int, float]:
-            done = threading.Event()
-            slowest = [0.0]
-
-            def probe() -> None:
-                while not done.is_set():
-                    t0 = time.monotonic()
-                    assert httpx.get(srv.url + "/health", timeout=TIMEOUT).status_code == 200
-                    slowest[0] = max(slowest[0], time.monotonic() - t0)
-                    time.sleep(0.05)
-
-            prober = threading.Thread(target=probe)
-            prober.start()
-            try:
-                sent = _stream_header(srv.port, 300)
-            finally:
-                done.set()
-                prober.join(TIMEOUT)
-            return sent, slowest[0]
-
-        growth, (sent, health_s) = _peak_growth_mb(srv.proc.pid, attack)
+        growth, (sent, health_s) = _peak_growth_mb(
+            srv.proc.pid, lambda: _with_health_probed(srv, lambda: _stream_header(srv.port, 300)))
         print(f"\n{http_impl}: a streamed header was cut after {sent / 2**20:.0f} MB sent; peak RSS +{growth:.0f} MB; "
               f"/health at most {health_s:.2f} s meanwhile")
         assert growth < PEAK_GROWTH_MB and health_s < MEANWHILE_S
@@ -373,23 +367,6 @@ def test_deep_json_is_a_400_before_the_work(double: ServerProcess) -> None:
 
 
 # ------------------------------------------------------------------ 7: keys and hosts
-def test_a_non_ascii_key_works_over_bearer_and_basic(tmp_path: Path) -> None:
-    key = "clé-ключ-鍵"
-    srv = _start(ServerProcess(None, tmp_path / "server.log", "--batch-window-ms", "0", double=True,
-                               env={"SDXL_TRT_API_KEY": key}))
-    try:
-        bearer = {b"Authorization": b"Bearer " + key.encode("utf-8")}
-        basic = {b"Authorization": b"Basic " + base64.b64encode(b"user:" + key.encode("utf-8"))}
-        for headers in (bearer, basic):
-            r = httpx.post(srv.url + GEN, json={"prompt": "x"}, headers=headers, timeout=TIMEOUT)
-            assert r.status_code == 200, (headers, r.text[:300])
-        wrong = {b"Authorization": b"Bearer " + key.encode("latin-1", "replace")}
-        _openai_error(httpx.post(srv.url + GEN, json={"prompt": "x"}, headers=wrong, timeout=TIMEOUT), 401, None)
-    finally:
-        assert srv.stop() == 0
-        assert key not in srv.log()
-
-
 def test_other_hosts_and_cross_site_pages_are_refused(tmp_path: Path) -> None:
     """A keyless server on loopback: the one a page elsewhere could use through DNS rebinding or a form."""
     srv = _start(ServerProcess(None, tmp_path / "server.log", "--batch-window-ms", "0", double=True, env={}))
@@ -416,22 +393,32 @@ def test_other_hosts_and_cross_site_pages_are_refused(tmp_path: Path) -> None:
         assert srv.stop() == 0
 
 
-def test_allowed_hosts_defaults_and_flag(tmp_path: Path) -> None:
+def test_allowed_hosts_flag_and_a_non_ascii_key(tmp_path: Path) -> None:
     from sdxl_trt.serve.core.settings import ServeSettings
 
     local = ServeSettings(engines=Path("."), host="127.0.0.1").hosts_allowed
     assert "*" not in local and {"localhost", "127.0.0.1", "::1"} <= set(local)
     assert ServeSettings(engines=Path("."), host="127.0.0.1", api_key="k").hosts_allowed == ("*",)
     assert ServeSettings(engines=Path("."), host="0.0.0.0", api_key="k").hosts_allowed == ("*",)
+    key = "clé-ключ-鍵"
     srv = _start(ServerProcess(None, tmp_path / "server.log", "--allowed-hosts",
-                               "api.example.com,*.example.org,127.0.0.1", double=True))
+                               "api.example.com,*.example.org,127.0.0.1", double=True, env={"SDXL_TRT_API_KEY": key}))
     try:
+        bearer = {b"Authorization": b"Bearer " + key.encode("utf-8")}
         for host, status in (("api.example.com", 200), ("a.b.example.org", 200), ("example.org", 400),
                              ("localhost", 400)):
-            r = httpx.get(srv.url + "/sdapi/v1/samplers", headers={**auth(), "Host": host}, timeout=TIMEOUT)
+            r = httpx.get(srv.url + "/sdapi/v1/samplers", headers={**bearer, b"Host": host.encode()}, timeout=TIMEOUT)
             assert r.status_code == status, (host, r.text[:200])
+        # The key's UTF-8 bytes on either scheme (a latin-1 header used to be compared with UTF-8 bytes).
+        basic = {b"Authorization": b"Basic " + base64.b64encode(b"user:" + key.encode("utf-8"))}
+        for headers in (bearer, basic):
+            r = httpx.post(srv.url + GEN, json={"prompt": "x"}, headers=headers, timeout=TIMEOUT)
+            assert r.status_code == 200, (headers, r.text[:300])
+        wrong = {b"Authorization": b"Bearer " + key.encode("latin-1", "replace")}
+        _openai_error(httpx.post(srv.url + GEN, json={"prompt": "x"}, headers=wrong, timeout=TIMEOUT), 401, None)
     finally:
         assert srv.stop() == 0
+        assert key not in srv.log()
 
 
 # ------------------------------------------------------------------ 6, 7: LoRA files and server paths (tiny engines)
@@ -489,29 +476,13 @@ def test_lora_files_are_read_off_the_loop_and_failures_remembered(tiny_lora: Ser
             first = list(pool.map(one, range(4)))  # the first reads of a large misfit file (diffusers' import too)
         return first + [one(0) for _ in range(3)]  # then the same file, unchanged
 
-    slowest = [0.0]
-    done = threading.Event()
-
-    def probe() -> None:
-        while not done.is_set():
-            t0 = time.monotonic()
-            assert httpx.get(tiny_lora.url + "/health", timeout=TIMEOUT).status_code == 200
-            slowest[0] = max(slowest[0], time.monotonic() - t0)
-            time.sleep(0.05)
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    try:
-        answers = attack()
-    finally:
-        done.set()
-        prober.join(TIMEOUT)
+    answers, health_s = _with_health_probed(tiny_lora, attack)
     print(f"\nmisfit LoRA: first refusals in {max(s for _, s in answers[:4]):.2f} s, the same file again in "
-          f"{', '.join(f'{s:.2f}' for _, s in answers[4:])} s; /health at most {slowest[0]:.2f} s meanwhile")
+          f"{', '.join(f'{s:.2f}' for _, s in answers[4:])} s; /health at most {health_s:.2f} s meanwhile")
     for r, _ in answers:
         _openai_error(r, 400, "loras", "misfit.safetensors", "does not fit")
         assert str(lora_folder) not in r.text and str(lora_folder.resolve()) not in r.text  # a name, not a path
-    assert slowest[0] < MEANWHILE_S
+    assert health_s < MEANWHILE_S
     assert max(s for _, s in answers[4:]) < REFUSED_S
     # Changed (a good LoRA under the same name): read again, and applied.
     shutil.copy(lora_folder / "style.safetensors", lora_folder / "misfit.safetensors")

@@ -75,6 +75,10 @@ def header_deadline_protocol(timeout_s: float, base: type[asyncio.Protocol] | No
     (408) or over ``max_header_bytes`` (431)."""
     parent: Any = base or uvicorn_protocol()
     h11_based = hasattr(parent, "handle_events")  # uvicorn's H11Protocol; HttpToolsProtocol has parser callbacks
+    if h11_based:
+        import h11
+
+        h11_send_body = h11.SEND_BODY
 
     class HeaderDeadlineProtocol(parent):
         """Arms a timer when a request may begin; a request whose headers completed is left alone."""
@@ -117,26 +121,28 @@ def header_deadline_protocol(timeout_s: float, base: type[asyncio.Protocol] | No
             self._disarm()
             super().connection_lost(exc)
 
-        # httptools' callbacks (the parser calls the protocol's methods): where a message's headers start and end
-        def on_message_begin(self) -> None:
-            self._in_headers = True
-            super().on_message_begin()
+        if h11_based:
+            def _receiving_headers(self) -> bool:
+                """True while the bytes arriving belong to a request's headers (not to a body)."""
+                return self.conn.their_state is not h11_send_body
+        else:
+            # httptools' callbacks (the parser calls the protocol's methods): where a message's headers start
+            # and end
+            def on_message_begin(self) -> None:
+                self._in_headers = True
+                super().on_message_begin()
 
-        def on_headers_complete(self) -> None:
-            self._in_headers = False
-            super().on_headers_complete()
+            def on_headers_complete(self) -> None:
+                self._in_headers = False
+                super().on_headers_complete()
 
-        def on_message_complete(self) -> None:
-            super().on_message_complete()
-            self._in_headers = True  # whatever comes next starts the next request
+            def on_message_complete(self) -> None:
+                super().on_message_complete()
+                self._in_headers = True  # whatever comes next starts the next request
 
-        def _receiving_headers(self) -> bool:
-            """True while the bytes arriving belong to a request's headers (not to a body)."""
-            if h11_based:
-                import h11
-
-                return self.conn.their_state is not h11.SEND_BODY
-            return self._in_headers
+            def _receiving_headers(self) -> bool:
+                """True while the bytes arriving belong to a request's headers (not to a body)."""
+                return self._in_headers
 
         def _over_cap(self, data: bytes) -> bool:
             if self._header_bytes + len(data) <= max_header_bytes:

@@ -75,6 +75,16 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def start(srv: ServerProcess) -> ServerProcess:
+    """``srv`` once ready (stopped if it never gets there)."""
+    try:
+        srv.wait_ready()
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
 
