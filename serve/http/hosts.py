@@ -2,12 +2,12 @@
 
 Without it, a keyless server on loopback can be reached by any web page its user visits: DNS rebinding makes
 the page's own name resolve to 127.0.0.1, and the browser then sends the page's requests, and reads the
-answers, as same-origin. Checking ``Host`` stops that, as Starlette's ``TrustedHostMiddleware`` does (same
-rules: exact names or ``*.domain`` for its subdomains, ``*`` for any, the port ignored; a 400 otherwise),
-but answered in the called API's error shape and with IPv6 literals (``[::1]:7860``) understood. A browser
-request from a page elsewhere that names an allowed host (a form posted cross-site to 127.0.0.1: a multipart
-edit needs no preflight) carries that page's ``Origin``; an ``Origin`` whose host is not allowed (or ``null``)
-is a 403. Clients other than browsers send no ``Origin``.
+answers, as same-origin. Checking ``Host`` stops that, with the rules of Starlette's ``TrustedHostMiddleware``
+(exact names or ``*.domain`` for its subdomains, ``*`` for any, the port ignored; a 400 otherwise), but not
+Starlette's class: its 400 is plain text, not the called API's error shape, and it has no ``Origin`` check. A
+browser request from a page elsewhere that names an allowed host (a form posted cross-site to 127.0.0.1: a
+multipart edit needs no preflight) carries that page's ``Origin``; an ``Origin`` whose host is not allowed (or
+``null``) is a 403. Clients other than browsers send no ``Origin``.
 """
 
 from __future__ import annotations
