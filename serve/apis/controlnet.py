@@ -112,7 +112,7 @@ def check_unit_count(names_used: Sequence[str], pipeline: PipelineLike, *, param
         return
     names = controlnet_names(pipeline)
     if not names:
-        model = getattr(getattr(pipeline, "manifest", None), "model", None) or {}
+        model = pipeline.manifest.model
         raise InvalidRequestError(
             "these engines were built without ControlNet; rebuild them with one or more --controlnet PATH:NAME "
             f"(sdxl-trt build --model {model.get('name', 'MODEL')} ... --controlnet PATH:NAME)", param=param)
