@@ -35,8 +35,9 @@ def fused_identity(identity: str, specs: Sequence[LoraSpec]) -> str:
 
 
 def fuse_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> list[dict[str, Any]]:
-    """Merge ``specs`` into ``model``'s UNet and text encoders in place; returns what the manifest records
-    (path, SHA-256, format, layers per component, scale) for each."""
+    """Merge ``specs`` (LoRA, LoCon, LoHa, LoKr, DoRA files) into ``model``'s UNet and text encoders in place,
+    one after another in the given order; returns what the manifest records (path, SHA-256, key layout, kind,
+    layers per component, scale) for each."""
     if not specs:
         return []
     if model.kind != "base":
@@ -46,6 +47,6 @@ def fuse_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> list[dict[str, 
     loras = [(read_lora(s.path, targets=shapes, unet_config=model.unet.config), s.scale) for s in specs]
     changed = fuse_into_modules(modules, loras)
     for lora, scale in loras:
-        log.info("fused LoRA %s at scale %g (%d layers)", lora.path, scale, lora.num_layers)
+        log.info("fused %s %s at scale %g (%d layers)", lora.kind, lora.path, scale, lora.num_layers)
     log.info("LoRAs changed %d weights of %s", changed, model.name)
     return [FusedLora(lora, scale).to_json() for lora, scale in loras]

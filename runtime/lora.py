@@ -1,8 +1,10 @@
 """Per-request LoRAs: switch the engines' weights between batches, never their engines, graphs or buffers.
 
-A switch computes, for every weight the old or the new LoRA set touches, ``base + sum(scale * delta)``
-from a kept copy of the base weight (never delta on delta, so A -> B -> A gives A's weights bit for bit)
-and hands the values to each engine by the name the weight map recorded at build time:
+A switch computes, for every weight the old or the new LoRA set touches, the base weight with each file of
+the set merged in order (``+ scale * delta``; DoRA renormalises per channel: :mod:`sdxl_trt.lora.kinds`;
+LoRA, LoCon, LoHa, LoKr and DoRA alike) from a kept copy of the base weight (never delta on delta, so
+A -> B -> A gives A's weights bit for bit) and hands the values to each engine by the name the weight map
+recorded at build time:
 
 * torch engines overwrite their parameters in place (same addresses: CUDA graphs and compiled code stay
   valid);

@@ -2,12 +2,13 @@
 
 Ground truth: each test file is written by tests/support/lora_files.py, which also returns the delta every
 weight must get (float64, from the factors it wrote and its own key layout). Fused weights are checked
-against that truth, and, where peft is importable, against diffusers' own ``load_lora_into_unet`` +
-``fuse_lora`` on the same weights. (peft is not a dependency; with the newest transformers its text-encoder
-path refuses the peft release the registry serves, so text encoders are checked against the truth only.)
+against that truth, and against diffusers' own ``load_lora_into_unet`` + ``fuse_lora`` on the same weights
+(peft, which diffusers loads LoRAs with, is a test dependency; tests/test_lora_kinds.py compares every kind
+with its reference library through images too).
 
 kohya semantics: each layer scales by its own ``alpha / rank`` (what kohya's sd-scripts, A1111 and ComfyUI
-do). diffusers agrees when a file has one alpha for all layers; with per-layer alphas it falls back to the
+do); LyCORIS kinds (LoHa, LoKr, DoRA) merge as A1111 and ComfyUI merge them, checked here against deltas
+written out from their definitions and, in tests/test_lora_kinds.py, against peft's and LyCORIS' own layers. diffusers agrees when a file has one alpha for all layers; with per-layer alphas it falls back to the
 most common alpha for attention layers, so that comparison uses one alpha.
 """
 
@@ -137,20 +138,109 @@ def test_fused_unet_equals_diffusers_fuse_lora(tmp_path, base, shapes):
             torch.testing.assert_close(o[k], t[k], rtol=0, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("writer, expected", [
-    (lf.write_sd15_kohya_lora, "Stable Diffusion 1.x/2.x"),
-    (lf.write_sd15_unet_only_lora, "none of its layers is in this model"),
-    (lf.write_loha_lora, "LoHa"),
-    (lf.write_dora_lora, "DoRA"),
-    (lf.write_lokr_lora, "LoKr"),
-    (lf.write_peft_dora_lora, "DoRA"),
-])
-def test_other_architectures_and_formats_are_refused(tmp_path, base, shapes, writer, expected):
+def test_training_script_and_attention_processor_layouts(tmp_path, base, shapes):
+    """diffusers' SDXL training scripts save peft's factors through diffusers' renames (``to_k.lora.down``
+    beside ``conv1.lora_A``, text encoders' ``lora_linear_layer``); older ones saved attention processors
+    (``processor.to_k_lora``). Both read as the layers they name, whatever the order of their keys."""
+    truth = lf.write_training_script_lora(tmp_path / "pytorch_lora_weights.safetensors", shapes)
+    lora = _read(tmp_path / "pytorch_lora_weights.safetensors", base, shapes)
+    assert (lora.format, lora.kind) == ("diffusers", "LoCon")  # it reaches the 3x3 convolutions too
+    assert {c: len(v) for c, v in lora.layers.items()} == {c: len(v) for c, v in shapes.items()}
+    _assert_matches_truth(lora, truth)
+    truth = lf.write_attn_procs_lora(tmp_path / "procs.safetensors", shapes)
+    lora = _read(tmp_path / "procs.safetensors", base, shapes)
+    assert lora.kind == "LoRA" and len(lora.layers["unet"]) == len(truth["unet"]) > 0
+    _assert_matches_truth(lora, truth, scale=0.5)
+
+
+@pytest.mark.parametrize("cp", [True, False], ids=["cp-cores", "plain"])
+def test_loha(tmp_path, base, shapes, cp):
+    truth = lf.write_loha_lora(tmp_path / "h.safetensors", shapes, cp=cp)
+    lora = _read(tmp_path / "h.safetensors", base, shapes)
+    assert (lora.format, lora.kind) == ("kohya", "LoHa")
+    assert all(len(truth[c]) > 0 for c in truth)
+    _assert_matches_truth(lora, truth, scale=0.7)
+
+
+def test_lokr_in_every_form_lycoris_writes(tmp_path, base, shapes):
+    from safetensors import safe_open
+
+    truth = lf.write_lokr_lora(tmp_path / "k.safetensors", shapes)
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        factors = {k.partition(".")[2] for k in f.keys()}  # noqa: SIM118
+    assert {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a", "lokr_t2", "alpha"} <= factors
+    lora = _read(tmp_path / "k.safetensors", base, shapes)
+    assert lora.kind == "LoKr"
+    _assert_matches_truth(lora, truth, scale=-0.4)
+
+
+def _dora_weight(w, delta, magnitude, on_output, scale):
+    """A1111 / ComfyUI: W + s * (m * (W + dW) / ||W + dW|| - W), the norm per output row or input column."""
+    merged = w + delta
+    dims = tuple(d for d in range(merged.dim()) if d != (0 if on_output else 1))
+    return w + scale * (merged * magnitude / torch.linalg.vector_norm(merged, dim=dims, keepdim=True) - w)
+
+
+@pytest.mark.parametrize("on_output", [True, False], ids=["per-output", "per-input"])
+def test_dora_renormalises_as_a1111_and_comfyui(tmp_path, base, shapes, on_output):
+    """At weight 0 the base bit for bit; at 1 the renormalised weight; between, A1111's blend; stacked after a
+    LoRA, DoRA renormalises the weight that LoRA left (one network after another, in order)."""
+    originals = {"unet": base.unet, "text_encoder": base.text_encoder, "text_encoder_2": base.text_encoder_2}
+    params = {c: {n: p.detach() for n, p in m.named_parameters()} for c, m in originals.items()}
+    truth = lf.write_kohya_dora(tmp_path / "d.safetensors", shapes, params, on_output=on_output)
+    lora = _read(tmp_path / "d.safetensors", base, shapes)
+    assert lora.kind == "DoRA"
+    plain_truth = lf.write_kohya_lora(tmp_path / "k.safetensors", shapes, seed=9, std=0.1)
+    plain = _read(tmp_path / "k.safetensors", base, shapes)
+    for stack in ([(lora, 0.0)], [(lora, 1.0)], [(lora, 0.6)], [(plain, 0.5), (lora, 0.8)]):
+        modules = {c: copy.deepcopy(m) for c, m in originals.items()}
+        fuse_into_modules(modules, stack)
+        for comp, layers in truth.items():
+            got = dict(modules[comp].named_parameters())
+            for name, (delta, magnitude, axis) in layers.items():
+                w = params[comp][name].double()
+                for what, s in stack:
+                    w = w + s * plain_truth[comp][name] if what is plain else _dora_weight(w, delta, magnitude, axis, s)
+                what = [(x.kind, s) for x, s in stack]
+                if stack == [(lora, 0.0)]:
+                    assert torch.equal(got[name], params[comp][name]), name  # a DoRA at weight 0 is the base
+                torch.testing.assert_close(got[name].double(), w, rtol=0, atol=2e-6, msg=f"{comp}.{name} {what}")
+
+
+REFUSED = [
+    (lf.write_sd15_kohya_lora, "LoRA", "Stable Diffusion 1.x/2.x"),
+    (lf.write_sd15_unet_only_lora, "LoRA", "none of its layers is in this model"),
+    (lf.write_sd15_loha, "LoHa", "Stable Diffusion 1.x/2.x"),
+    (lambda p: lf.write_refused_kind(p, "OFT"), "OFT", "rotation"),
+    (lambda p: lf.write_refused_kind(p, "BOFT"), "BOFT", "rotations"),
+    (lambda p: lf.write_refused_kind(p, "(IA)^3"), "(IA)^3", "scales activations"),
+    (lambda p: lf.write_refused_kind(p, "GLoRA"), "GLoRA", "its update mixes"),
+    (lambda p: lf.write_refused_kind(p, "full"), "full-weight difference", "not low-rank factors"),
+    (lf.write_mixed_rank_loha, "LoHa", r"\(64, 4\) and \(3, 64\) do not fit together \(mixed ranks"),
+    (lf.write_unmatched_lokr, "LoKr", "none of its layers.*down_blocks.3.*matches no layer"),
+    (lf.write_diffusers_layout_loha, "LoHa", "read in the kohya/LyCORIS layout"),
+]
+
+
+@pytest.mark.parametrize("writer, kind, expected", REFUSED, ids=[f"{k}-{i}" for i, (_, k, _) in enumerate(REFUSED)])
+def test_refusals_name_the_file_the_kind_and_the_keys(tmp_path, base, shapes, writer, kind, expected):
+    """Kinds that are no added update, networks for SD 1.x/2.x, layers that match nothing and factors that do
+    not multiply: refused before anything changes, naming the file, the kind and the keys; the header-only
+    listing (GET /sdapi/v1/loras) names the same kind."""
+    from safetensors import safe_open
+
+    from sdxl_trt.lora.layouts import inspect_file
+
     path = tmp_path / "bad.safetensors"
     writer(path)
     with pytest.raises(LoraError, match=expected) as e:
         _read(path, base, shapes)
-    assert str(path) in str(e.value)
+    message = str(e.value)
+    with safe_open(str(path), "pt") as f:
+        layers = {k.partition(".")[0] if k.startswith("lora_") else k.rpartition(".")[0] for k in f.keys()}  # noqa: SIM118
+    assert str(path) in message and kind in message and any(layer in message for layer in layers), message
+    listed = inspect_file(path)
+    assert kind in listed.kind or listed.kind in message
 
 
 def test_partly_matching_file_is_refused_whole(tmp_path, base, shapes):

@@ -167,3 +167,87 @@ def test_sdxl_trt_run_takes_loras(tiny_engines, lora_dir, tmp_path):
     direct = Pipeline.load(tiny_engines, device="cpu", lora_dirs=[d]).generate(
         GenerationRequest(**PROMPT, loras=(("style", 0.8),)))
     assert np.asarray(Image.open(out).convert("RGB")).tobytes() == _pixels(direct)
+
+
+@pytest.fixture(scope="module")
+def kind_dir(tmp_path_factory, tiny_models) -> Path:
+    """A LoHa (CP cores on the 3x3 convolutions) and a kohya DoRA over the tiny model's kohya layers."""
+    from sdxl_trt.lora import lora_weight_shapes
+
+    base = tiny_models[0]
+    modules = {"unet": base.unet, "text_encoder": base.text_encoder, "text_encoder_2": base.text_encoder_2}
+    shapes = lora_weight_shapes(modules)
+    weights = {c: {n: p.detach() for n, p in m.named_parameters()} for c, m in modules.items()}
+    d = tmp_path_factory.mktemp("kind-loras")
+    lf.write_loha_lora(d / "loha.safetensors", shapes, std=0.3)
+    lf.write_kohya_dora(d / "dora.safetensors", shapes, weights, std=0.1)
+    return d
+
+
+class RefitEmulation:
+    """TensorRT refit's contract over an ONNX Runtime engine: ``set_weights(values)`` replaces the named
+    weights and every other keeps its current value (so the switcher must restore what the old set changed).
+    It runs from the start on a session holding every LoRA-able weight as an override, so that images before
+    and after switches come from sessions built alike."""
+
+    backend = "tensorrt"
+
+    def __init__(self, inner, weights: dict[str, np.ndarray]) -> None:
+        self._inner = inner
+        self.weights = dict(weights)
+        self.refits = 0
+        inner.set_weights(("refit", 0), dict(self.weights))
+
+    def set_weights(self, values, *, rebuild: str) -> None:
+        assert "--refittable" in rebuild
+        self.weights.update({k: np.array(v, copy=True) for k, v in values.items()})
+        self.refits += 1
+        self._inner.set_weights(("refit", self.refits), dict(self.weights))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _refit_emulated(pipe):
+    import onnx
+    from onnx import numpy_helper
+
+    from sdxl_trt.lora.weight_map import WeightMap
+
+    wm = WeightMap.load(pipe.directory / "weight_map.json")
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        cw, engine = wm.components[component], pipe.engines[component]
+        wanted = {w.onnx for w in cw.weights.values() if w.onnx}
+        initial = {i.name: numpy_helper.to_array(i).copy() for i in onnx.load(str(engine.path)).graph.initializer
+                   if i.name in wanted}
+        pipe.engines[component] = RefitEmulation(engine, initial)
+    return pipe
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", "tensorrt-refit"])
+def test_switching_base_loha_dora_loha_base_is_exact_at_each_return(backend, tiny_engines, torch_engines, kind_dir):
+    """One pipeline through base -> LoHa -> DoRA -> LoHa -> base: each return gives the image of its first
+    visit bit for bit (ONNX Runtime and torch: also of a fresh load). DoRA renormalises the weight it is merged
+    into, so a switch that merged it onto LoHa's weights instead of the kept base would show here. TensorRT
+    refit is emulated over ONNX Runtime (``RefitEmulation``): what is checked is what the switcher hands refit."""
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    engines = torch_engines if backend == "torch" else tiny_engines
+    sets = {"base": (), "LoHa": (("loha", 1.0),), "DoRA": (("dora", 0.7),)}
+
+    def load():
+        pipe = Pipeline.load(engines, device="cpu", lora_dirs=[kind_dir])
+        return _refit_emulated(pipe) if backend == "tensorrt-refit" else pipe
+
+    pipe = load()
+    seen: dict[str, bytes] = {}
+    for name in ("base", "LoHa", "DoRA", "LoHa", "base"):
+        pixels = _pixels(pipe.generate(GenerationRequest(**PROMPT, loras=sets[name])))
+        assert seen.setdefault(name, pixels) == pixels, f"{backend}: {name} again differs"
+    assert len(set(seen.values())) == 3
+    if backend == "tensorrt-refit":
+        assert [e.refits for e in pipe.engines.values() if isinstance(e, RefitEmulation)] == [4, 4, 4]
+    else:
+        for name in ("LoHa", "DoRA"):
+            fresh = load().generate(GenerationRequest(**PROMPT, loras=sets[name]))
+            assert _pixels(fresh) == seen[name], f"{backend}: {name} differs from a fresh load's"

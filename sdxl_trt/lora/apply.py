@@ -10,6 +10,7 @@ stored transposed. A LoRA that touches a weight the engine does not hold as its 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -55,4 +56,4 @@ def onnx_weight_updates(cw: ComponentWeights, component: str, base: Mapping[str,
 def _only(lora: Lora, component: str, names: set[str]) -> Lora:
     """``lora`` restricted to ``names`` of ``component`` (skipping weights the engine does not use)."""
     layers = {component: {n: f for n, f in lora.layers.get(component, {}).items() if n in names}}
-    return Lora(path=lora.path, sha256=lora.sha256, format=lora.format, layers=layers)
+    return replace(lora, layers=layers)

@@ -1,7 +1,8 @@
 """The canonical LoRA: ``{component: {PyTorch parameter name: low-rank factors}}``, whatever file it came from.
 
-A LoRA file (diffusers/peft or kohya keys) is read once (:mod:`.reading`) into this form, checked against
-the model it will change; everything after that only sees parameter names and factors:
+A LoRA file (diffusers/peft or kohya/LyCORIS keys; LoRA, LoCon, LoHa, LoKr, DoRA: :mod:`.kinds`) is read once
+(:mod:`.reading`) into this form, checked against the model it will change; everything after that only sees
+parameter names and layer updates:
 
 * build (export/) fuses the deltas into the PyTorch modules before export and calibration;
 * a runtime can later compute the same deltas and write ``base + delta`` into an engine's weights in place,
@@ -25,6 +26,8 @@ import torch
 
 from sdxl_trt.errors import SdxlTrtError
 
+from .kinds import LayerUpdate
+
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 """The components a SDXL LoRA can change (the base model's; a refiner has its own UNet)."""
 
@@ -36,39 +39,14 @@ class LoraError(SdxlTrtError):
 
 
 @dataclass(frozen=True)
-class LoraFactors:
-    """One layer's update ``delta W = up @ down * alpha_scale * scale``; a conv layer's factors are flattened
-    over the kernel (``up`` is 1x1, ``down`` carries the kernel), as peft merges them."""
-
-    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
-    down: torch.Tensor  # [rank, in] or [rank, in, kh, kw]
-    alpha_scale: float  # alpha / rank (1.0 when the file names no alpha)
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        """The shape of the weight this update applies to."""
-        return (int(self.up.shape[0]), *map(int, self.down.shape[1:]))
-
-    def delta(self, scale: float = 1.0, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device | None = None) -> torch.Tensor:
-        """The weight update at ``scale``, computed in ``dtype`` (fp32 by default, whatever the file's)."""
-        up = self.up.to(device=device, dtype=dtype).flatten(1)
-        down = self.down.to(device=device, dtype=dtype).flatten(1)
-        return (up @ down).mul_(self.alpha_scale * scale).reshape(self.weight_shape)
-
-
-@dataclass(frozen=True)
 class Lora:
     """A LoRA file read and checked against one model: every layer it changes, by parameter name."""
 
     path: str
     sha256: str
-    format: str  # "diffusers" (peft / diffusers keys) or "kohya" (lora_unet_*, lora_te1_*, lora_te2_*)
-    layers: Mapping[str, Mapping[str, LoraFactors]]  # component -> parameter name -> factors
+    format: str  # the key layout: "diffusers" (peft / diffusers keys) or "kohya" (lora_unet_*, lora_te1_*, ...)
+    layers: Mapping[str, Mapping[str, LayerUpdate]] = field(repr=False)  # component -> parameter name -> update
+    kind: str = "LoRA"  # LoRA, LoCon, LoHa, LoKr, DoRA (LoRA/LoCon with magnitudes), LoHa+DoRA, ... (file_kind)
 
     @property
     def num_layers(self) -> int:
@@ -76,7 +54,7 @@ class Lora:
 
     def describe(self) -> dict[str, Any]:
         """What a manifest records about the file (the factors themselves stay in the file)."""
-        return {"path": self.path, "sha256": self.sha256, "format": self.format,
+        return {"path": self.path, "sha256": self.sha256, "format": self.format, "kind": self.kind,
                 "layers": {c: len(v) for c, v in self.layers.items() if v}}
 
 
@@ -144,16 +122,21 @@ def lora_weight_shapes(modules: Mapping[str, torch.nn.Module]) -> dict[str, dict
 
 def merged_weights(base: Mapping[str, torch.Tensor], component: str,
                    loras: Sequence[tuple[Lora, float]]) -> dict[str, torch.Tensor]:
-    """``base + sum(scale * delta)`` for every parameter of ``component`` that the LoRAs touch, in each base
-    weight's dtype and device (the sum is formed in fp32 first). ``base`` must hold the weights without
-    any LoRA: this is how a switch avoids delta-on-delta drift."""
-    sums: dict[str, torch.Tensor] = {}
-    for lora, scale in loras:
-        for name, factors in lora.layers.get(component, {}).items():
-            w = base[name]
-            d = factors.delta(scale, device=w.device)
-            sums[name] = sums[name].add_(d) if name in sums else d
-    return {name: (base[name].to(torch.float32) + d).to(base[name].dtype) for name, d in sums.items()}
+    """Every parameter of ``component`` that the LoRAs touch, with each LoRA merged at its scale in the given
+    order (:meth:`~.kinds.LayerUpdate.apply`: ``+ scale * delta``; DoRA renormalises what it is applied to,
+    so order matters only with DoRA, as in A1111 and ComfyUI), formed in fp32 and returned in each base
+    weight's dtype and device. ``base`` must hold the weights without any LoRA: this is how a switch avoids
+    delta-on-delta drift."""
+    touched = dict.fromkeys(n for lora, _ in loras for n in lora.layers.get(component, {}))
+    out = {}
+    for name in touched:
+        w = base[name].to(torch.float32, copy=True)  # never in place on the kept base
+        for lora, scale in loras:
+            update = lora.layers.get(component, {}).get(name)
+            if update is not None:
+                w = update.apply(w, scale)
+        out[name] = w.to(base[name].dtype)
+    return out
 
 
 def fuse_into_modules(modules: Mapping[str, torch.nn.Module], loras: Sequence[tuple[Lora, float]]) -> int:

@@ -52,7 +52,7 @@ from .a1111_api import (
     Txt2ImgRequest,
 )
 from .controlnet import IMAGE_KEYS, a1111_units, check_a1111_units, strip_images
-from .extras import available_loras, few_step_fields, lora_set, strip_a1111_loras
+from .extras import few_step_fields, lora_listing, lora_set, strip_a1111_loras
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"], route_class=endpoint.FastJsonRoute)
 
@@ -324,10 +324,9 @@ async def get_schedulers() -> list[Scheduler]:
 
 @router.get("/loras")
 async def get_loras(request: Request) -> list[dict[str, Any]]:
-    """The LoRAs of the server's --lora-dir, in A1111's shape (``<lora:NAME:WEIGHT>`` in a prompt uses them)."""
-    pipeline = endpoint.service_of(request).require_pipeline()
-    return [{"name": name, "alias": name, "path": path.name, "metadata": {}}
-            for name, path in sorted(available_loras(pipeline).items())]
+    """The LoRAs of the server's --lora-dir, in A1111's shape (``<lora:NAME:WEIGHT>`` in a prompt uses them),
+    with each file's kind."""
+    return lora_listing(endpoint.service_of(request).require_pipeline())
 
 
 @router.get("/sd-models", response_model=list[SDModel])

@@ -5,7 +5,7 @@ LoRA names are looked up in the server's ``--lora-dir`` listing only: nothing a 
 path (a name with a path separator or ``..`` is refused before the listing is even read). A name is letters
 and digits of any script, ``_``, ``-``, ``.`` and spaces, matched whole (a trailing newline is not a name)
 and compared in Unicode NFC; the listing (``GET /sdapi/v1/loras``) shows exactly the files such a name can
-use. A1111 clients put LoRAs in the prompt (``<lora:NAME:WEIGHT>``); the tags are removed from the text before
+use, with each file's kind. A1111 clients put LoRAs in the prompt (``<lora:NAME:WEIGHT>``); the tags are removed from the text before
 encoding, as A1111 does, and become the request's LoRA set.
 """
 
@@ -47,6 +47,17 @@ def available_loras(pipeline: PipelineLike) -> dict[str, Any]:
                         "spaces only; rename it", listing[name].name)
         del listing[name]
     return listing
+
+
+def lora_listing(pipeline: PipelineLike) -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/loras``: A1111's fields (name, alias, file name, metadata) and each file's kind (LoRA,
+    LoCon, LoHa, LoKr, DoRA, ...), key layout and, for a kind that is not merged, why; read from the files'
+    headers only, naming files by name (never by the server's paths)."""
+    from sdxl_trt.lora.layouts import inspect_file
+
+    return [{"name": name, "alias": name, "path": path.name, "metadata": {},
+             **inspect_file(path, label=path.name).to_json()}
+            for name, path in sorted(available_loras(pipeline).items())]
 
 
 def lora_set(pairs: Sequence[tuple[str, float]], pipeline: PipelineLike, *, param: str = "loras"
