@@ -75,11 +75,15 @@ def kinds(tmp_path_factory, base) -> dict[str, KindFile]:
         lr.merge_with_diffusers(base, modules, path)
         out[name] = KindFile(name, kind, path, modules)
 
-    through_diffusers("peft", "LoCon", lambda p: lf.write_diffusers_lora(p, shapes, alpha=8.0, std=0.06, seed=11))
-    through_diffusers("training", "LoCon", lambda p: lf.write_training_script_lora(p, shapes, std=0.08, seed=12))
+    through_diffusers("peft", "LoCon", lambda p: lf.write_diffusers_lora(p, shapes, alpha=8.0, std=0.06, seed=11,
+                                                                                module_names=True))
+    through_diffusers("training", "LoRA", lambda p: lf.write_training_script_lora(p, shapes, std=0.1, seed=12))
     through_diffusers("attn-procs", "LoRA", lambda p: lf.write_attn_procs_lora(p, shapes, std=0.3, seed=13))
     through_diffusers("locon", "LoCon", lambda p: lf.write_kohya_lora(p, shapes, alpha=2.0, std=0.1, seed=14))
-    through_diffusers("dora", "DoRA", lambda p: lf.write_peft_dora(p, shapes, weights, std=0.06, seed=15))
+    # UNet only: diffusers 0.42 under transformers 5 drops a text encoder's peft DoRA magnitudes (its load
+    # report lists them UNEXPECTED/MISSING); text-encoder DoRA is checked against LyCORIS ("lycoris-dora").
+    through_diffusers("dora", "DoRA", lambda p: lf.write_peft_dora(p, shapes, weights, std=0.06, seed=15,
+                                                                   components=("unet",)))
     for name, kw in (("loha", dict(kind="loha", rank=4, alpha=2.0, std=0.25, use_effective_conv2d=True)),
                      ("lokr", dict(kind="lokr", rank=2, alpha=3.0, std=0.2, use_effective_conv2d=True,
                                    decompose_both=True, rank_pattern={"to_q": 8}))):

@@ -48,11 +48,20 @@ def _te_file_name(param: str) -> str:
     return module if module.startswith("text_model.") else f"text_model.{module}"
 
 
+def _peft_metadata(comp: str, modules: list[str], rank: int, alpha: float, **extra: object) -> dict[str, object]:
+    """The ``lora_adapter_metadata`` entries diffusers' ``save_lora_weights`` writes for one component: its
+    peft LoraConfig, which diffusers' loader builds the adapter from (``target_modules`` included)."""
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(modules), **extra}
+    return {f"{comp}.{k}": v for k, v in config.items()}
+
+
 def write_diffusers_lora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ...]]], *, rank: int = 4,
                          alpha: float | None = None, seed: int = 0, std: float = 0.2,
                          components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2"),
-                         only: str | None = None) -> Truth:
-    """A peft-keyed LoRA on every Linear/Conv2d weight (``only``: names containing it) of ``components``."""
+                         only: str | None = None, module_names: bool = False) -> Truth:
+    """A peft-keyed LoRA on every Linear/Conv2d weight (``only``: names containing it) of ``components``;
+    text-encoder modules under CLIP's ``text_model.`` level, or (``module_names``) as the installed
+    transformers names them (what diffusers saves today)."""
     g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     truth: Truth = {}
@@ -63,12 +72,14 @@ def write_diffusers_lora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int
             if only is not None and only not in param:
                 continue
             down, up = _factors(shape, rank, g, std)
-            module = param.removesuffix(".weight") if comp == "unet" else _te_file_name(param)
+            module = param.removesuffix(".weight") if comp == "unet" or module_names else _te_file_name(param)
             tensors[f"{comp}.{module}.lora_A.weight"] = down
             tensors[f"{comp}.{module}.lora_B.weight"] = up
             truth[comp][param] = _delta(down, up, (alpha if alpha is not None else rank) / rank)
         if alpha is not None:
-            meta.update({f"{comp}.r": rank, f"{comp}.lora_alpha": alpha})
+            modules = [k.removeprefix(f"{comp}.").removesuffix(".lora_A.weight") for k in tensors
+                       if k.startswith(f"{comp}.") and k.endswith(".lora_A.weight")]
+            meta.update(_peft_metadata(comp, modules, rank, alpha))
     metadata = {"format": "pt", **({"lora_adapter_metadata": json.dumps(meta)} if meta else {})}
     save_file(tensors, str(path), metadata=metadata)
     return truth
@@ -227,7 +238,8 @@ def write_kohya_dora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ..
 
 def write_peft_dora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
                     base: Mapping[str, Mapping[str, torch.Tensor]], *, rank: int = 4, alpha: float = 8.0, seed: int = 8,
-                    std: float = 0.2, only: str | None = None) -> DoraTruth:
+                    std: float = 0.2, only: str | None = None,
+                    components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")) -> DoraTruth:
     """A DoRA as diffusers saves a peft ``use_dora`` adapter: ``lora_A``/``lora_B`` plus ``lora_magnitude_vector``
     per layer (``[out]``, convolutions ``[1, out, 1, 1]``: peft's shapes, always per output channel), module
     names as the installed libraries name them, alpha in ``lora_adapter_metadata``. Magnitudes as
@@ -235,7 +247,7 @@ def write_peft_dora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ...
     g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     truth: DoraTruth = {}
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
+    for comp in components:
         truth[comp] = {}
         for param, shape in shapes[comp].items():
             if only is not None and only not in param:
@@ -249,19 +261,28 @@ def write_peft_dora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ...
             tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = down, up
             tensors[f"{stem}.lora_magnitude_vector"] = magnitude.reshape(1, -1, 1, 1) if len(shape) == 4 else magnitude
             truth[comp][param] = (delta, magnitude.double().reshape(shape[0], *([1] * (len(shape) - 1))), True)
-    meta = {f"{c}.{k}": v for c in truth for k, v in (("r", rank), ("lora_alpha", alpha), ("use_dora", True))}
+    meta = {}
+    for c, layers in truth.items():
+        meta.update(_peft_metadata(c, [n.removesuffix(".weight") for n in layers], rank, alpha, use_dora=True))
     save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
     return truth
 
 
+SCRIPT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "q_proj", "k_proj", "v_proj",
+                  "out_proj", "fc1", "fc2")
+"""The training scripts' attention layers plus the feed-forwards (their ``--lora_layers``-style choice)."""
+
+
 def write_training_script_lora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ...]]], *, rank: int = 4,
-                               seed: int = 6, std: float = 0.2) -> Truth:
+                               seed: int = 6, std: float = 0.2,
+                               targets: tuple[str, ...] | None = SCRIPT_TARGETS) -> Truth:
     """A LoRA saved as diffusers' SDXL LoRA training scripts save it:
     ``StableDiffusionXLPipeline.save_lora_weights(unet_lora_layers=convert_state_dict_to_diffusers(
     get_peft_model_state_dict(unet)), text_encoder_lora_layers=..., ...)``: peft's state dict (``lora_A``/``lora_B``)
     through diffusers' own renaming, so attention layers read ``to_k.lora.down.weight`` (text encoders
     ``q_proj.lora_linear_layer.down.weight``) beside ``conv1.lora_A.weight``; module names as the installed
-    transformers names them (peft's state dict does); no alpha (alpha = rank)."""
+    transformers names them (peft's state dict does); no alpha (alpha = rank). ``targets``: the modules
+    trained (None: every Linear/Conv2d layer)."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -271,8 +292,10 @@ def write_training_script_lora(path: Path, shapes: Mapping[str, Mapping[str, tup
     for comp in ("unet", "text_encoder", "text_encoder_2"):
         peft_sd, truth[comp] = {}, {}
         for param, shape in shapes[comp].items():
-            down, up = _factors(shape, rank, g, std)
             module = param.removesuffix(".weight")
+            if targets is not None and not module.endswith(targets):
+                continue
+            down, up = _factors(shape, rank, g, std)
             peft_sd[f"{module}.lora_A.weight"], peft_sd[f"{module}.lora_B.weight"] = down, up
             truth[comp][param] = _delta(down, up, 1.0)
         layers[comp] = convert_state_dict_to_diffusers(peft_sd)

@@ -58,7 +58,7 @@ def diffusers_pipe(base, modules: Modules):
 def merge_with_diffusers(base, modules: Modules, path: Path, scale: float = 1.0) -> None:
     """diffusers' own loading and fusing of ``path`` into ``modules`` (in place)."""
     pipe = diffusers_pipe(base, modules)
-    pipe.load_lora_weights(str(path), adapter_name=path.stem.replace(".", "_").replace("-", "_"))
+    pipe.load_lora_weights(str(path), adapter_name="ref_" + path.stem.replace(".", "_").replace("-", "_"))
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
 
