@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -200,14 +201,18 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("%s %s: %s", backend, kind, rows[-1])
 
     report = {"model": args.model, "device": args.device, "platform": platform.platform(), "python": sys.version,
-              "torch": torch.__version__, "lora_layers": layers, "rank": args.rank, "steps": args.steps,
+              "torch": torch.__version__, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+              "threads": torch.get_num_threads(), "lora_layers": layers, "rank": args.rank, "steps": args.steps,
               "runs": args.runs, "baseline": kinds[0], "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"lora-{args.model}-{args.device}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     labels = list(rows[0]["switch_s"]) if rows else []
+    load = ", ".join(f"{x:.1f}" for x in report["load_average"])
     lines = [f"# LoRA switching per kind ({args.model}, {args.device}, rank {args.rank}, {args.steps} steps, "
              f"median of {args.runs}; baseline {kinds[0]})", "",
+             f"{report['cpus']} CPUs, {report['threads']} torch threads, load average at the end {load} "
+             "(other processes share the machine when it is above the CPU count).", "",
              "| backend | kind | layers | " + " | ".join(f"switch {k} (s)" for k in labels)
              + " | first switch vs baseline | image, no LoRA (s) | image, LoRA (s) |",
              "|---|---|---|" + "---|" * (len(labels) + 3)]

@@ -20,6 +20,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from support import lora_files as lf
+from support.lora_references import diffusers_pipe
 from test_pipeline import assert_close, run_diffusers_txt2img, to_uint8
 
 from sdxl_trt.cli import main
@@ -68,17 +69,7 @@ def _fused_reference(base, lora_files):
 
 
 def _diffusers_pipe(base, modules):
-    import diffusers
-    from transformers import CLIPTokenizer
-
-    pipe = diffusers.StableDiffusionXLPipeline(
-        vae=base.vae, text_encoder=modules["text_encoder"], text_encoder_2=modules["text_encoder_2"],
-        tokenizer=CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer")),
-        tokenizer_2=CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer_2")), unet=modules["unet"],
-        scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(str(base.config_dir / "scheduler")),
-        force_zeros_for_empty_prompt=True, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipe(base, modules)
 
 
 def test_build_with_loras_matches_diffusers_with_loras_fused(lora_engines, lora_files, tiny_models):

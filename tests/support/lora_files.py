@@ -208,6 +208,17 @@ def write_lokr_lora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ...
 DoraTruth = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, bool]]]
 
 
+def _trained_magnitudes(merged: torch.Tensor, on_output: bool, g: torch.Generator) -> torch.Tensor:
+    """DoRA magnitudes as training leaves them: the norms of base + delta per output row (``[out, 1, ...]``)
+    or input column (``[1, in, ...]``), each scaled by 0.7..1.3."""
+    ones = [1] * (merged.dim() - 2)
+    if on_output:
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], 1, *ones)
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(1, merged.shape[1], *ones)
+    return (norm * (0.7 + 0.6 * torch.rand(norm.shape, generator=g, dtype=torch.float64))).float()
+
+
 def write_kohya_dora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
                      base: Mapping[str, Mapping[str, torch.Tensor]], *, rank: int = 4, alpha: float = 2.0,
                      seed: int = 5, std: float = 0.2, on_output: bool = True) -> DoraTruth:
@@ -221,13 +232,7 @@ def write_kohya_dora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ..
     for comp, param, name, shape in kohya_layers(shapes):
         down, up = _factors(shape, rank, g, std)
         delta = _delta(down, up, alpha / rank)
-        merged = base[comp][param].double() + delta
-        ones = [1] * (len(shape) - 2)
-        if on_output:
-            norm = merged.reshape(shape[0], -1).norm(dim=1).reshape(shape[0], 1, *ones)
-        else:
-            norm = merged.transpose(0, 1).reshape(shape[1], -1).norm(dim=1).reshape(1, shape[1], *ones)
-        magnitude = (norm * (0.7 + 0.6 * torch.rand(norm.shape, generator=g, dtype=torch.float64))).float()
+        magnitude = _trained_magnitudes(base[comp][param].double() + delta, on_output, g)
         tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
         tensors[f"{name}.dora_scale"] = magnitude
@@ -254,13 +259,12 @@ def write_peft_dora(path: Path, shapes: Mapping[str, Mapping[str, tuple[int, ...
                 continue
             down, up = _factors(shape, rank, g, std)
             delta = _delta(down, up, alpha / rank)
-            merged = base[comp][param].double() + delta
-            norm = merged.reshape(shape[0], -1).norm(dim=1)
-            magnitude = (norm * (0.7 + 0.6 * torch.rand(norm.shape, generator=g, dtype=torch.float64))).float()
+            magnitude = _trained_magnitudes(base[comp][param].double() + delta, True, g)  # [out, 1, ...]
             stem = f"{comp}.{param.removesuffix('.weight')}"
             tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = down, up
-            tensors[f"{stem}.lora_magnitude_vector"] = magnitude.reshape(1, -1, 1, 1) if len(shape) == 4 else magnitude
-            truth[comp][param] = (delta, magnitude.double().reshape(shape[0], *([1] * (len(shape) - 1))), True)
+            tensors[f"{stem}.lora_magnitude_vector"] = magnitude.reshape(1, -1, 1, 1) if len(shape) == 4 \
+                else magnitude.flatten()
+            truth[comp][param] = (delta, magnitude.double(), True)
     meta = {}
     for c, layers in truth.items():
         meta.update(_peft_metadata(c, [n.removesuffix(".weight") for n in layers], rank, alpha, use_dora=True))

@@ -90,7 +90,8 @@ def peft_lycoris(modules: Modules, shapes, kind: str, path: Path, *, seed: int, 
     tensors: dict[str, torch.Tensor] = {}
     for comp in COMPONENTS:
         names = _kohya_names(comp, shapes)
-        model = get_peft_model(modules[comp], config_cls(r=rank, alpha=alpha, target_modules=list(names), **config))
+        cfg = {k: v for k, v in config.items() if comp == "unet" or k != "rank_pattern"}  # UNet module names
+        model = get_peft_model(modules[comp], config_cls(r=rank, alpha=alpha, target_modules=list(names), **cfg))
         _randomize(model, (marker,), g, std)
         layers: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in get_peft_model_state_dict(model).items():
