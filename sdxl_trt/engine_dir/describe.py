@@ -28,7 +28,8 @@ def format_manifest(manifest: Manifest) -> str:
         f"model:      {m.model.get('name')} ({m.model.get('kind')}, hash {str(m.model.get('identity_hash'))[:12]})",
         *([f"refiner:    {m.refiner.get('name')} (hash {str(m.refiner.get('identity_hash'))[:12]})"] if m.refiner else []),
         *[f"LoRA:       {lo['path']} (scale {lo['scale']:g}, sha256 {lo['sha256'][:12]}"
-          + (f", {lo['format']}, " + ", ".join(f"{c} {n} layers" for c, n in lo['layers'].items()) if 'layers' in lo else "")
+          + (f", {lo.get('kind', 'LoRA')} in {lo['format']} keys, "
+             + ", ".join(f"{c} {n} layers" for c, n in lo['layers'].items()) if 'layers' in lo else "")
           + ")" for lo in m.model.get("loras", [])],
         f"backend:    {m.backend}   precision: {m.precision}   profiles: {m.profile_mode}",
         f"buckets:    {', '.join(m.buckets)}",
