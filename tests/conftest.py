@@ -1,29 +1,103 @@
-"""Shared fixtures: tiny models in PyTorch and their ONNX Runtime engines, built once per test session."""
+"""Shared fixtures and the suite's rules.
+
+* Tiny models in PyTorch (per process) and their ONNX Runtime engines, built once per machine and shared by
+  every pytest process (tests/support/engine_cache.py says when a cached build is reused). A test that writes
+  into a shared engine directory fails at its teardown; tests that change one copy it first.
+* ``slow`` tests (over ~8 s on 2 cores) are deselected unless ``--run-slow`` is given (CI gives it), a ``-m``
+  expression chooses, or the test is named on the command line.
+* No test writes into the checkout: ``git status`` is compared at session end.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from support import engine_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SDXL_TRT_CACHE_DIR", tempfile.mkdtemp(prefix="sdxl-trt-test-cache-"))  # hermetic hash cache
 # Under pytest-xdist (CI runs two workers on its two cores) each worker takes one core's share of threads.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+logging.getLogger("sdxl_trt.tests").setLevel(logging.INFO)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run tests marked slow (deselected by default; CI runs them)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    if config.getoption("--run-slow") or config.getoption("markexpr"):
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    named = [a.split("[")[0] for a in config.args if "::" in a]
+
+    def asked_for(item: pytest.Item) -> bool:
+        test = item.nodeid.split("[")[0]
+        return any(test == n or test.startswith(n + "::") for n in named)
+
+    slow = [i for i in items if "slow" in i.keywords and not asked_for(i)]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [i for i in items if "slow" not in i.keywords or asked_for(i)]
+
+
+# --------------------------------------------------------------------------------------- the checkout guard
+def _git_status() -> str | None:
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_unchanged() -> Iterator[None]:
+    """Fails the session if a test wrote into the checkout (skipped outside a git checkout)."""
+    before = _git_status()
+    yield
+    if before is None:
+        return
+    after = _git_status()
+    assert after == before, (
+        "a test wrote into the checkout (write under tmp_path instead); `git status --porcelain` went from\n"
+        f"{before or '(clean)'}\nto\n{after or '(clean)'}")
+
+
+# ------------------------------------------------------------------------------------ shared engine directories
+@pytest.fixture(autouse=True)
+def _shared_dirs_unchanged() -> Iterator[None]:
+    """After every test: the shared directories handed out in this process kept every file's size and mtime."""
+    yield
+    for d in engine_cache.handed_out():
+        changed = d.changed_since_last_check()
+        assert not changed, (
+            f"the shared test directory {d.path} ({d.name}) changed during this test (or in another pytest process "
+            f"sharing it): {', '.join(changed[:8])}; copy it first (shutil.copytree into tmp_path)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_dirs_intact() -> Iterator[None]:
+    """At session end: every shared directory handed out still has the bytes its build wrote."""
+    yield
+    for d in engine_cache.handed_out():
+        changed = d.changed_contents()
+        assert not changed, f"the shared test directory {d.path} ({d.name}) was changed: {', '.join(changed[:8])}"
 
 
 @pytest.fixture(scope="session")
@@ -35,15 +109,10 @@ def tiny_models():
 
 
 @pytest.fixture(scope="session")
-def tiny_engines(tmp_path_factory: pytest.TempPathFactory, tiny_models) -> Path:
-    """ONNX Runtime engines for tiny + tiny-refiner, all five tiny buckets, up to 2 images per batch."""
-    from sdxl_trt.engine.build import BuildOptions, build_engines
-
-    logging.getLogger("sdxl_trt").setLevel(logging.WARNING)
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    build_engines(BuildOptions(model="tiny", refiner="tiny-refiner", out=out, backend="onnxruntime",
-                               precision="fp32", max_batch=2))
-    return out
+def tiny_engines() -> Path:
+    """ONNX Runtime engines for tiny + tiny-refiner, all five tiny buckets, up to 2 images per batch. Shared:
+    read it, or copy it before changing anything."""
+    return engine_cache.shared("tiny")
 
 
 @pytest.fixture(scope="session")
@@ -54,22 +123,14 @@ def tiny_pipeline(tiny_engines: Path):
 
 
 @pytest.fixture(scope="session")
-def tiny_controlnet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """tiny-controlnet-small written as a diffusers-format directory (the build reads it like a user's)."""
-    from support.controlnet_files import write_controlnet_dir
-
-    d = tmp_path_factory.mktemp("controlnets")
-    return {"depth": write_controlnet_dir("tiny-controlnet-small", d / "tiny-controlnet-small")}
+def tiny_controlnet_files() -> dict[str, Path]:
+    """tiny-controlnet-small written as a diffusers-format directory (the build reads it like a user's). Shared."""
+    return {"depth": engine_cache.shared(engine_cache.CONTROLNET_SOURCE)}
 
 
 @pytest.fixture(scope="session")
-def tiny_controlnet_engines(tmp_path_factory: pytest.TempPathFactory, tiny_controlnet_files: dict[str, Path]) -> Path:
+def tiny_controlnet_engines(tiny_controlnet_files: dict[str, Path]) -> Path:
     """ONNX Runtime fp32 engines of tiny (no refiner) with ControlNets ``edges`` (preset tiny-controlnet) and
-    ``depth`` (tiny-controlnet-small from a diffusers directory), all tiny buckets, up to 2 images per batch."""
-    from sdxl_trt.engine.build import BuildOptions, build_engines
-
-    logging.getLogger("sdxl_trt").setLevel(logging.WARNING)
-    out = tmp_path_factory.mktemp("engines") / "tiny-controlnet"
-    build_engines(BuildOptions(model="tiny", out=out, backend="onnxruntime", precision="fp32", max_batch=2,
-                               controlnets=("tiny-controlnet:edges", f"{tiny_controlnet_files['depth']}:depth")))
-    return out
+    ``depth`` (tiny-controlnet-small from a diffusers directory), all tiny buckets, up to 2 images per batch.
+    Shared: read it, or copy it before changing anything."""
+    return engine_cache.shared("tiny-controlnet")

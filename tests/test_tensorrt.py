@@ -1,8 +1,9 @@
 """The TensorRT backend without TensorRT: type-checked against the mended stubs, logic tested in pure Python.
 
 * mypy runs on engine/tensorrt_backend.py and runtime/tensorrt_engine.py against tensorrt-stubs (mended by
-  tests/support/mend_tensorrt_stubs.py) and must pass; on a deliberately wrong snippet it must fail with
-  the expected errors, which proves the check is not vacuous.
+  tests/support/mend_tensorrt_stubs.py) as its own step of `.ci/run` (tests/support/typecheck.py), and must
+  pass; on a deliberately wrong snippet it must fail with the expected errors, which proves the check is not
+  vacuous.
 * The pure parts (flag mapping, component precision, profile translation, install errors) are tested
   directly; build and load are exercised up to the library boundary with a small fake ``tensorrt`` module
   whose methods record their calls.
@@ -14,10 +15,8 @@ import enum
 import importlib.util
 import itertools
 import json
-import re
 import subprocess
 import sys
-import textwrap
 import types
 from dataclasses import dataclass
 from importlib import metadata
@@ -43,54 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MEND = ROOT / "tests" / "support" / "mend_tensorrt_stubs.py"
 SPECS = component_specs(ModelDims())
 BUCKETS = [Bucket(1024, 1024), Bucket(1152, 896)]
-
-
-# --------------------------------------------------------------------------------------------- mypy
-
-
-def _require_mypy_and_stubs() -> None:
-    if importlib.util.find_spec("mypy") is None:
-        pytest.skip("mypy is not installed (pip install 'sdxl-trt[dev]')")
-    try:
-        metadata.distribution("tensorrt-stubs")
-    except metadata.PackageNotFoundError:
-        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs==10.13.0.35.1)")
-
-
-def _mypy(*files: str) -> subprocess.CompletedProcess[str]:
-    """Mend the stubs into build/typings (as CI does), then run mypy with the repository's mypy.ini."""
-    subprocess.run([sys.executable, str(MEND), "build/typings"], cwd=ROOT, check=True, capture_output=True)
-    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy.ini", *files],
-                          cwd=ROOT, capture_output=True, text=True)
-
-
-def test_mypy_accepts_the_tensorrt_modules() -> None:
-    _require_mypy_and_stubs()
-    result = _mypy()  # the files listed in mypy.ini
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Success: no issues found in 3 source files" in result.stdout
-
-
-def test_mypy_rejects_wrong_tensorrt_calls(tmp_path: Path) -> None:
-    _require_mypy_and_stubs()
-    snippet = tmp_path / "wrong_tensorrt_use.py"
-    snippet.write_text(textwrap.dedent("""\
-        import tensorrt as trt
-
-        def build() -> None:
-            builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
-            builder.no_such_method()
-            profile = builder.create_optimization_profile()
-            profile.set_shape("sample", (1, 4, 128, 128), trt.Dims([2, 4, 128, 128]), trt.Dims([2, 4, 128, 128]))
-            profile.set_shape("sample", trt.Dims([1]), trt.Dims([2]), trt.Dims([2]))
-    """))
-    result = _mypy(str(snippet))
-    out = result.stdout
-    assert result.returncode == 1, out + result.stderr
-    assert 'wrong_tensorrt_use.py:5: error: "Builder" has no attribute "no_such_method"' in out
-    assert re.search(r'wrong_tensorrt_use.py:7: error: Argument 2 to "set_shape" of "IOptimizationProfile" has '
-                     r'incompatible type "[Tt]uple\[int, int, int, int\]"; expected "Dims"', out), out
-    assert "Found 2 errors in 1 file" in out  # line 8, the correct call, passes
 
 
 def test_flag_names_exist_in_the_tensorrt_10_api() -> None:
