@@ -116,6 +116,13 @@ def tiny_engines() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_torch_engines() -> Path:
+    """torch.export programs of tiny (no refiner), fp32, the 256x256 bucket, one image per batch. Shared: read it,
+    or copy it before changing anything."""
+    return engine_cache.shared("tiny-torch")
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_engines: Path):
     from sdxl_trt.runtime.pipeline import Pipeline
 

@@ -307,15 +307,16 @@ def test_int8_build_writes_a_qdq_unet_and_reports_its_error(tmp_path: Path, tiny
     assert image.size == (256, 256)
 
 
-def test_torch_backend_builds_matches_pytorch_and_the_onnxruntime_pipeline(tmp_path: Path, tiny_pipeline):
+def test_torch_backend_builds_matches_pytorch_and_the_onnxruntime_pipeline(tiny_torch_engines: Path, tiny_pipeline):
     """`--backend torch`: torch.export programs, checked against PyTorch at build time, and the whole pipeline on
-    them gives the ONNX Runtime pipeline's image (both fp32 of the same weights: at most 2 levels apart)."""
-    from sdxl_trt.engine.build import BuildOptions, build_engines
+    them gives the ONNX Runtime pipeline's image (both fp32 of the same weights: at most 2 levels apart). The
+    build is the shared ``tiny-torch`` one (BuildOptions(model="tiny", backend="torch", precision="fp32",
+    buckets="256x256"), made by this checkout's build code: tests/support/engine_cache.py)."""
     from sdxl_trt.request import GenerationRequest
     from sdxl_trt.runtime.pipeline import Pipeline
 
-    out = tmp_path / "torch"
-    m = build_engines(BuildOptions(model="tiny", out=out, backend="torch", precision="fp32", buckets="256x256"))
+    out = tiny_torch_engines
+    m = Manifest.load(out)
     assert {e.file for e in m.components.values()} == {f"{n}.pt2" for n in m.components}
     for name, e in m.components.items():
         assert max(e.export_error.values()) < 1e-5, name

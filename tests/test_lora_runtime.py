@@ -40,12 +40,9 @@ def lora_dir(request):
 
 
 @pytest.fixture(scope="module")
-def torch_engines(tmp_path_factory) -> Path:
-    from sdxl_trt.engine.build import BuildOptions, build_engines
-
-    out = tmp_path_factory.mktemp("lora-torch") / "tiny"
-    build_engines(BuildOptions(model="tiny", out=out, backend="torch", precision="fp32", buckets="256x256"))
-    return out
+def torch_engines(tiny_torch_engines: Path) -> Path:
+    """torch programs of tiny at 256x256 (shared: runtime LoRAs change the loaded weights, never the files)."""
+    return tiny_torch_engines
 
 
 def _pixels(result) -> bytes:

@@ -65,10 +65,12 @@ RECIPES: dict[str, dict[str, Any]] = {
              "max_batch": 2},
     "tiny-controlnet": {"model": "tiny", "backend": "onnxruntime", "precision": "fp32", "max_batch": 2,
                         "controlnets": ("tiny-controlnet:edges", "{controlnet_source}:depth")},
+    "tiny-torch": {"model": "tiny", "backend": "torch", "precision": "fp32", "buckets": "256x256"},
 }
 """BuildOptions fields of each shared directory (``out`` is the cache's). ``tiny``: base + refiner, all five tiny
 buckets, up to 2 images per batch. ``tiny-controlnet``: the base alone with ControlNets ``edges`` (a preset) and
-``depth`` (:data:`CONTROLNET_SOURCE` from a diffusers directory)."""
+``depth`` (:data:`CONTROLNET_SOURCE` from a diffusers directory). ``tiny-torch``: the base as torch.export
+programs, one bucket (the costliest build: torch.export of every component)."""
 
 
 # ------------------------------------------------------------------------------------------------ the key
