@@ -15,7 +15,7 @@ import pytest
 from support.serve_double import MisbehavingPipeline
 from support.serve_fakes import GatedPipeline
 
-from sdxl_trt.serve.core.pipeline_like import LoraListing, ModelFacts, PipelineLike
+from sdxl_trt.serve.core.pipeline_like import LoraListing, ModelFacts, PipelineLike, ProgressReader
 from sdxl_trt.serve.core.settings import ServeSettings
 from sdxl_trt.serve.http.app import create_app
 
@@ -66,7 +66,7 @@ class _Only:
     """A proxy that answers the members of ``protocol`` (wrapping nested ones) and raises for anything else.
     ``warmup`` is recorded, not run: the shared session pipeline must not have capture forbidden."""
 
-    NESTED = {"manifest": ModelFacts, "loras": LoraListing}
+    NESTED = {"manifest": ModelFacts, "loras": LoraListing, "progress": ProgressReader}
 
     def __init__(self, target: Any, protocol: type) -> None:
         self._target, self._allowed = target, set(_members(protocol))
@@ -92,7 +92,7 @@ def test_the_app_reads_nothing_past_the_protocol(tiny_pipeline) -> None:
             await app.state.service.wait_loaded()
             assert app.state.service.state == "ready", app.state.service.error
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
                 for path in ("/ready", "/metrics", "/sdapi/v1/sd-models", "/sdapi/v1/options", "/sdapi/v1/loras",
                              "/sdapi/v1/samplers", "/controlnet/model_list"):
                     r = await client.get(path)
