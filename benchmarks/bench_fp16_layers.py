@@ -95,6 +95,20 @@ def layers() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...], str]]
     return out
 
 
+def _small(x: torch.Tensor) -> torch.Tensor:
+    """A trace-sized copy: 1 row and at most 8 along spatial/token axes (PyTorch's CPU fp16 convolutions are too slow
+    to trace at full size; the graph is traced with dynamic axes and run at full size, as the exporter does)."""
+    if x.ndim == 1:
+        return x[:1]
+    index = [slice(0, 1)] + [slice(0, 8) if i in _spatial(x) else slice(None) for i in range(1, x.ndim)]
+    return x[tuple(index)].contiguous()
+
+
+def _spatial(x: torch.Tensor) -> tuple[int, ...]:
+    """Axes that vary with the image: tokens of [B, tokens, C], height and width of [B, C, H, W]."""
+    return {3: (1,), 4: (2, 3)}.get(x.ndim, ())
+
+
 def run_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype, path: Path) -> np.ndarray:
     import onnx
     import onnxruntime as ort
@@ -104,10 +118,13 @@ def run_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], dtype: t
     # The timestep is a float32 input in every precision (the contract's): only activations follow ``dtype``.
     cast = tuple(x if x.ndim == 1 else x.to(dtype) for x in inputs)
     raw = path.with_suffix(".raw.onnx")
+    names = [f"in{i}" for i in range(len(cast))]
+    axes = {n: {a: f"{n}_{a}" for a in (0, *_spatial(x))} for n, x in zip(names, cast, strict=True)}
+    axes["out"] = {0: "out_0", 1: "out_1", 2: "out_2", 3: "out_3"}  # a superset is fine: rank-3 outputs use 0-2
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.to(dtype), cast, str(raw), opset_version=ONNX_OPSET, dynamo=False,
-                          input_names=[f"in{i}" for i in range(len(cast))], output_names=["out"])
+        torch.onnx.export(module.to(dtype), tuple(_small(x) for x in cast), str(raw), opset_version=ONNX_OPSET,
+                          dynamo=False, input_names=names, output_names=["out"], dynamic_axes=axes)
     model = clean_graph(onnx.load(str(raw)))
     if dtype == torch.float16:
         unify_float16(model)
