@@ -1044,3 +1044,24 @@ def test_invalidated_graphs_are_captured_again_after_warm_up(monkeypatch: pytest
     assert graphs.get(text, lambda: None, graph_safe=True, mutable=()) == "graph-2"  # untouched
     assert graphs.get(("text", "text_encoder", 1), lambda: None, graph_safe=True, mutable=()) is None
     assert captured == [step, text, step]
+
+
+@pytest.mark.parametrize("built,here,refused", [("10.13.0.35", "11.4.0.9", True), ("11.4.0.9", "10.13.0.35", True),
+                                                ("10.8.0.43", "10.13.0.35", False), ("11.0.0.1", "11.4.0.9", False)])
+def test_manifest_refuses_plans_of_another_tensorrt_major(tmp_path: Path, built: str, here: str, refused: bool) -> None:
+    """A 10.x plan on 11.x (or back) is refused with the rebuild command; minor versions of one major load."""
+    from sdxl_trt.engine_dir.manifest import Manifest, check_engine_dir
+
+    gpu = {"type": "cuda", "name": "NVIDIA H200", "compute_capability": "9.0"}
+    manifest = Manifest(backend="tensorrt", precision="fp8", model={"name": "sdxl-base-1.0"}, model_dims={},
+                        buckets=["1024x1024"], max_batch=1, max_prompt_chunks=3, profile_mode="per-bucket",
+                        pipeline={}, versions={"tensorrt": built}, device=gpu,
+                        build_command="sdxl-trt build --model sdxl-base-1.0 --precision fp8 --out engines")
+    check = lambda: check_engine_dir(tmp_path, manifest, device=gpu, versions={"tensorrt": here},  # noqa: E731
+                                     check_model_source=False)
+    if not refused:
+        check()
+        return
+    with pytest.raises(ManifestError, match=rf"TensorRT {built}, this machine has {here}: plans do not load across "
+                                            r"major versions. Rebuild: sdxl-trt build --model sdxl-base-1.0"):
+        check()
