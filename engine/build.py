@@ -119,7 +119,7 @@ def _backend(backend: str, opts: BuildOptions, out: Path, precision: str, loras:
         return torch_builder, torch_builder
     from .onnx_source import OnnxExport
 
-    source = OnnxExport.run(opts, out, precision, loras=loras, controlnets=controlnets)
+    source = OnnxExport.run(opts, out, precision, loras=loras, controlnets=controlnets, backend=backend)
     if backend == "tensorrt":
         from .tensorrt_backend import TensorRTBuilder
 
@@ -135,9 +135,10 @@ def _controlnet_specs(opts: BuildOptions, precision: str) -> list[Any]:
     would clip what a ControlNet adds."""
     if not opts.controlnets:
         return []
-    if precision == "int8":
-        raise BuildError("--controlnet with --precision int8 is not supported: the UNet's INT8 ranges are calibrated "
-                         "without ControlNet residuals and would clip them; rebuild with --precision fp16")
+    if precision in ("int8", "fp8"):
+        raise BuildError(f"--controlnet with --precision {precision} is not supported: the UNet's {precision.upper()} "
+                         "ranges are calibrated without ControlNet residuals and would clip them; rebuild with "
+                         "--precision fp16")
     from sdxl_trt.export.controlnet import check_controlnets, parse_controlnets
 
     specs = parse_controlnets(opts.controlnets)

@@ -83,6 +83,17 @@ def resolve_precision(backend: str, requested: str | None) -> str:
     if backend == "torch" and precision == "int8":
         raise BuildError("--precision int8 is for tensorrt and onnxruntime engines (explicit Q/DQ); "
                          "use fp16 or fp32 with --backend torch")
+    if precision == "fp8":
+        if backend != "tensorrt":
+            why = ("ONNX Runtime's CPU and CUDA providers run FP8 Q/DQ by dequantizing to float, so it would be "
+                   "slower than fp16, not faster" if backend == "onnxruntime" else
+                   "PyTorch has no FP8 convolutions, so the torch backend cannot run the FP8 recipe")
+            raise BuildError(f"--precision fp8 is for --backend tensorrt on compute capability 8.9+ GPUs: {why}; "
+                             "use --precision int8 or fp16 here (`sdxl-trt export --precision fp8` still writes "
+                             "and verifies the FP8 Q/DQ files for a TensorRT machine)")
+        from .tensorrt_backend import require_fp8_gpu
+
+        require_fp8_gpu()
     if backend in ("onnxruntime", "torch") and precision == "fp16" and not gpu:
         raise BuildError(f"--precision fp16 with --backend {backend} needs a CUDA GPU (CPU kernels for fp16 are "
                          "missing or slow); use --precision fp32 on this machine")

@@ -1,4 +1,5 @@
-"""TensorRT build side: one ONNX file -> one serialized plan, written to TensorRT 10's Python API.
+"""TensorRT build side: one ONNX file -> one serialized plan, written to the Python API of TensorRT 10.8+
+and 11.x alike (type-checked against both: mypy.ini, tests/test_tensorrt.py).
 
 TensorRT is an optional extra (``pip install 'sdxl-trt[tensorrt]'``, NVIDIA GPU and driver). It is imported
 only inside the functions that need it, so the pure parts (build config, flag mapping, profile translation)
@@ -9,8 +10,12 @@ module:
   error and no half-written files.
 * A plan is built in the precision its config names: which precision a component gets is the one rule in
   ``contracts.component_precision``, applied by the caller (``build_engines``), never again here.
+* Every network is strongly typed: the tensor types in the ONNX decide every kernel's precision (fp16 files,
+  INT8/FP8 as Q/DQ nodes in the fp16 UNet). TensorRT 11 has nothing else; 10.x gets ``STRONGLY_TYPED`` set.
+  No precision flag (``FP16``, ``INT8``, ``FP8``, ...) is ever touched: 11 removed them. The file's float I/O
+  dtypes are checked against the precision asked for, so an fp32 ONNX never silently builds an "fp16" plan.
 * Which builder and network flags a config means is decided by the pure :func:`flag_names`; the build
-  only translates names to enums. A strongly typed network never gets precision flags.
+  only translates names to enums.
 * The plan and the timing cache are written atomically (``sdxl_trt.files``).
 * Progress goes to ``logging``; TensorRT's own messages are forwarded there too.
 """
@@ -25,12 +30,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
-from sdxl_trt.contracts import ComponentSpec, family_of
+from sdxl_trt.contracts import FP8_MIN_COMPUTE_CAPABILITY, ComponentSpec, family_of
 from sdxl_trt.engine_dir.layout import TIMING_CACHE_NAME, engine_file_name
 from sdxl_trt.engine_dir.profiles import Profile, validate_shapes
 from sdxl_trt.errors import BackendUnavailableError, BuildError, ProfileError
 from sdxl_trt.files import write_atomic
-from sdxl_trt.tensorrt_support import INSTALL_HINT, logger_bridge, tensorrt_status
+from sdxl_trt.tensorrt_support import (
+    INSTALL_HINT,
+    logger_bridge,
+    needs_strongly_typed_flag,
+    tensorrt_major,
+    tensorrt_status,
+)
 
 from .builder import BuiltEngine, OnnxFiles
 from .options import BuildOptions
@@ -40,12 +51,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp16", "int8", "fp32"]
+Precision = Literal["fp16", "int8", "fp8", "fp32"]
 
-BUILDER_FLAG_NAMES = ("FP16", "INT8", "REFIT", "REFIT_IDENTICAL", "WEIGHT_STREAMING")
-"""Every ``trt.BuilderFlag`` name :func:`flag_names` can return."""
+BUILDER_FLAG_NAMES = ("REFIT", "REFIT_IDENTICAL", "WEIGHT_STREAMING")
+"""Every ``trt.BuilderFlag`` name :func:`flag_names` can return: none is a precision flag (11 removed them)."""
 NETWORK_FLAG_NAMES = ("STRONGLY_TYPED",)
-"""Every ``trt.NetworkDefinitionCreationFlag`` name :func:`flag_names` can return."""
+"""Every ``trt.NetworkDefinitionCreationFlag`` name :func:`flag_names` can return (10.x only)."""
+ONNX_FLOAT_TYPE: dict[str, str] = {"fp32": "FLOAT", "fp16": "HALF", "int8": "HALF", "fp8": "HALF"}
+"""The ``trt.DataType`` name of a strongly typed network's float inputs and outputs, per precision: fp16 files
+for fp16, and INT8/FP8 Q/DQ nodes in the fp16 UNet (``contracts.io_dtype(p, "tensorrt")``)."""
 MAX_OPTIMIZATION_LEVEL = 5
 
 
@@ -61,18 +75,11 @@ class TensorRTBuildConfig:
     """How to build a plan. Saved beside the engine (``to_json``) so a rebuild can repeat it."""
 
     precision: Precision = "fp16"
-    """fp16: FP16 kernels on tensor cores, about 2x fp32's speed and half its plan size (the VAE is built in
-    fp32 unless ``vae_fp16_safe``: ``contracts.component_precision``). int8: explicit quantization only: the ONNX
-    must carry Q/DQ nodes from calibration (engine/int8/__init__.py); built weakly typed with FP16 and INT8
-    allowed, so the layers calibration left unquantized (norms, attention, embeddings: fp32 in that ONNX) run in
-    fp16 rather than fp32. Only the base UNet has Q/DQ nodes; the rule builds the others in fp16.
-    fp32: the slowest; reference numerics."""
-
-    strongly_typed: bool | None = None
-    """Tensor dtypes come from the ONNX (``STRONGLY_TYPED``) and TensorRT may not pick precisions, so no
-    precision flag is set (TensorRT rejects them). Needed for weight streaming; fp16 then needs an fp16
-    ONNX (an fp32 ONNX builds an fp32 engine), int8 an fp16 Q/DQ ONNX. None: strongly typed only for
-    weight streaming. Costs: no precision autotuning; a wrongly typed ONNX is slow rather than wrong."""
+    """What the ONNX is, checked at parse (the network is strongly typed, so the file decides every kernel):
+    fp16: an fp16 file, FP16 tensor-core kernels, about 2x fp32's speed and half its plan size (the VAE stays an
+    fp32 file unless ``vae_fp16_safe``: ``contracts.component_precision``). int8 / fp8: the fp16 UNet with
+    calibrated Q/DQ nodes (engine/int8/): the quantized convolutions and linears run INT8 / FP8 E4M3, the
+    remainder fp16 (fp8 needs compute capability 8.9+). fp32: the slowest; reference numerics."""
 
     workspace_gib: float | None = None
     """Cap on the builder's workspace pool (``MemoryPoolType.WORKSPACE``). None: TensorRT's default (the
@@ -106,24 +113,11 @@ class TensorRTBuildConfig:
             raise BuildError(f"precision must be one of {get_args(Precision)}, got {self.precision!r}")
         if self.refittable not in (False, True, "identical"):
             raise BuildError(f"refittable must be False, True (any weights, e.g. LoRA) or 'identical', got {self.refittable!r}")
-        if self.strongly_typed is False:
-            if self.weight_streaming:
-                raise BuildError(
-                    "weight_streaming=True needs a strongly typed network (a TensorRT 10 rule), but strongly_typed=False; "
-                    "build from an fp16 ONNX with strongly_typed=True (or unset), or turn weight streaming off"
-                )
         if self.workspace_gib is not None and not self.workspace_gib > 0:
             raise BuildError(f"workspace_gib must be positive (GiB) or None for TensorRT's default, got {self.workspace_gib}")
         level = self.builder_optimization_level
         if level is not None and not 0 <= level <= MAX_OPTIMIZATION_LEVEL:
             raise BuildError(f"builder_optimization_level must be 0..{MAX_OPTIMIZATION_LEVEL} (default 3), got {level}")
-
-    @property
-    def is_strongly_typed(self) -> bool:
-        """The resolved ``strongly_typed``: weight streaming implies it."""
-        if self.strongly_typed is not None:
-            return self.strongly_typed
-        return self.weight_streaming
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -136,16 +130,13 @@ class FlagNames(NamedTuple):
     network: list[str]  # trt.NetworkDefinitionCreationFlag names
 
 
-def flag_names(config: TensorRTBuildConfig) -> FlagNames:
-    """The TensorRT flags a (per-component) config means, by name. Pure: testable without TensorRT."""
+def flag_names(config: TensorRTBuildConfig, *, strongly_typed_flag: bool = True) -> FlagNames:
+    """The TensorRT flags a (per-component) config means, by name. Pure: testable without TensorRT.
+
+    ``strongly_typed_flag``: whether this TensorRT needs ``STRONGLY_TYPED`` to build a strongly typed network
+    (10.x yes; 11.x no: every network is, and the flag is deprecated and ignored). Precision is never a flag."""
     builder: list[str] = []
-    network: list[str] = []
-    if config.is_strongly_typed:
-        network.append("STRONGLY_TYPED")  # the ONNX dtypes decide; precision flags are rejected
-    elif config.precision == "fp16":
-        builder.append("FP16")
-    elif config.precision == "int8":
-        builder += ["FP16", "INT8"]  # Q/DQ layers run INT8, the rest may pick FP16
+    network: list[str] = ["STRONGLY_TYPED"] if strongly_typed_flag else []
     if config.refittable == "identical":
         builder.append("REFIT_IDENTICAL")
     elif config.refittable is True:
@@ -191,13 +182,13 @@ def build_engine(
         raise ProfileError(f"{spec.name}: no optimization profiles given; TensorRT needs at least one")
     shapes = [profile_shapes(spec, p) for p in profiles]
     vae = family_of(spec.name) == "vae"
-    if vae and not config.is_strongly_typed and config.precision != "fp32" and not config.vae_fp16_safe:
+    if vae and config.precision != "fp32" and not config.vae_fp16_safe:
         raise BuildError(
-            f"{spec.name}: a weakly typed {config.precision} VAE would run in fp16 and overflow to NaN; build it with "
-            "precision='fp32' (contracts.component_precision picks it), or set vae_fp16_safe=True for an "
-            "fp16-safe VAE (e.g. sdxl-vae-fp16-fix)"
+            f"{spec.name}: a {config.precision} VAE would run in fp16 and overflow to NaN; build it with "
+            "precision='fp32' from an fp32 VAE ONNX (contracts.component_precision picks it), or set "
+            "vae_fp16_safe=True for an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)"
         )
-    flags = flag_names(config)
+    flags = flag_names(config, strongly_typed_flag=needs_strongly_typed_flag(trt))
 
     trt_logger = logger_bridge(log)
     builder = trt.Builder(trt_logger)
@@ -210,8 +201,7 @@ def build_engine(
     if not parser.parse_from_file(str(onnx_path)):
         raise BuildError(f"{spec.name}: TensorRT could not parse {onnx_path}:\n{_parser_errors(parser)}")
     _check_network_io(network, spec, onnx_path)
-    if config.is_strongly_typed and vae and not config.vae_fp16_safe:
-        _refuse_fp16_vae(network, spec, onnx_path)
+    _check_network_dtypes(network, spec, onnx_path, config.precision)
 
     builder_config = builder.create_builder_config()
     table = _builder_flags()
@@ -250,11 +240,12 @@ def build_engine(
         "seconds": round(seconds, 2),
         "bytes": plan_path.stat().st_size,
         "precision": config.precision,
-        "strongly_typed": config.is_strongly_typed,
+        "strongly_typed": True,
         "builder_flags": flags.builder,
         "network_flags": flags.network,
         "profiles": [p.name for p in profiles],
         "tensorrt_version": trt.__version__,
+        "tensorrt_major": tensorrt_major(trt),
         "config": config.to_json(),
     }
 
@@ -263,8 +254,6 @@ def _builder_flags() -> dict[str, trt.BuilderFlag]:
     import tensorrt as trt
 
     return {
-        "FP16": trt.BuilderFlag.FP16,
-        "INT8": trt.BuilderFlag.INT8,
         "REFIT": trt.BuilderFlag.REFIT,
         "REFIT_IDENTICAL": trt.BuilderFlag.REFIT_IDENTICAL,
         "WEIGHT_STREAMING": trt.BuilderFlag.WEIGHT_STREAMING,
@@ -296,17 +285,48 @@ def _check_network_io(network: trt.INetworkDefinition, spec: ComponentSpec, onnx
         )
 
 
-def _refuse_fp16_vae(network: trt.INetworkDefinition, spec: ComponentSpec, onnx_path: Path) -> None:
-    """Strongly typed means the ONNX dtypes decide, so an fp16 VAE ONNX would build an fp16 VAE: NaN images."""
+def _check_network_dtypes(network: trt.INetworkDefinition, spec: ComponentSpec, onnx_path: Path,
+                          precision: str) -> None:
+    """A strongly typed network runs in the file's types, so the file must be the precision asked for: an fp32
+    ONNX asked to build fp16 would build an fp32 plan (what a weak FP16 flag used to paper over, and 11 refuses),
+    and the runtime would hand it fp16 buffers. Fixed-type tensors (token ids, the fp32 timestep) are the
+    contract's own."""
     import tensorrt as trt
 
-    half = [t.name for t in (network.get_input(i) for i in range(network.num_inputs)) if t.dtype == trt.DataType.HALF]
-    if half:
+    want = ONNX_FLOAT_TYPE[precision]
+    tensors = [network.get_input(i) for i in range(network.num_inputs)]
+    tensors += [network.get_output(i) for i in range(network.num_outputs)]
+    wrong = []
+    for t in tensors:
+        if spec.tensor(t.name).dtype != "float":
+            continue
+        if t.dtype != getattr(trt.DataType, want):
+            wrong.append(f"{t.name} ({t.dtype.name})")
+    if wrong:
+        fix = (f"export it with `sdxl-trt export --precision {precision}`" if precision != "fp32"
+               else "export it in fp32")
+        vae = " (an SDXL VAE overflows in fp16 unless vae_fp16_safe)" if family_of(spec.name) == "vae" else ""
         raise BuildError(
-            f"{spec.name}: {onnx_path} takes fp16 inputs {half} and the network is strongly typed, so the SDXL VAE "
-            "would run in fp16 and overflow to NaN; export the VAE in fp32, or set vae_fp16_safe=True for an "
-            "fp16-safe VAE (e.g. sdxl-vae-fp16-fix)"
+            f"{spec.name}: {onnx_path} has float tensors {wrong} but a {precision} build needs {want}: TensorRT "
+            f"builds strongly typed networks only (the ONNX's types are the kernels' precision){vae}; {fix}"
         )
+
+
+def check_fp8_device(device_name: str, capability: tuple[int, int]) -> None:
+    """Refuse FP8 on a GPU without FP8 tensor cores (compute capability under 8.9), naming it."""
+    if tuple(capability) < FP8_MIN_COMPUTE_CAPABILITY:
+        need = ".".join(map(str, FP8_MIN_COMPUTE_CAPABILITY))
+        raise BuildError(
+            f"--precision fp8 needs FP8 tensor cores (compute capability {need} or newer: Ada, Hopper, Blackwell), "
+            f"but {device_name} has compute capability {capability[0]}.{capability[1]}; use --precision int8 or fp16"
+        )
+
+
+def require_fp8_gpu() -> None:
+    """:func:`check_fp8_device` on the current CUDA GPU (TensorRT builds for the GPU it runs on)."""
+    import torch
+
+    check_fp8_device(torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability()))
 
 
 def _attach_timing_cache(builder_config: trt.IBuilderConfig, path: Path) -> None:
@@ -331,7 +351,6 @@ class TensorRTBuilder:
         src, extra = self.source.onnx_for(component, precision)
         config = TensorRTBuildConfig(
             precision=precision,  # type: ignore[arg-type]
-            strongly_typed=True if self.source.export.precision == "fp16" else None,  # fp16 ONNX decides dtypes
             workspace_gib=self.opts.workspace_gib, timing_cache=out / TIMING_CACHE_NAME,
             refittable=self.opts.refittable, weight_streaming=self.opts.weight_streaming,
         )

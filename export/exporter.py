@@ -48,7 +48,7 @@ from .controlnet import (
 )
 from .loading import LoadedModel, load_model, model_dims
 from .lora_fusion import fuse_loras, fused_identity
-from .onnx_export import check_onnx, export_onnx, sample_inputs, verify_onnx
+from .onnx_export import check_onnx, export_onnx, fp32_outputs, sample_inputs, verify_onnx
 from .result import (
     ExportedComponent,
     ExportResult,
@@ -156,6 +156,10 @@ def export_model(
     for i, name in enumerate(todo, 1):
         prec = _precision(name, precision, vae_fp16_safe)
         dtype = io_dtype(prec)
+        verify_dims = {"B": 1 if family_of(name) == "vae" else 2, "S": TOKENS_PER_CHUNK, "h": vh, "w": vw}
+        # An fp16 file is also measured against PyTorch in fp32 (the export table's "vs fp32"), computed first.
+        reference = (fp32_outputs(modules[name].to(device=device), specs[name], dims=verify_dims, device=device)
+                     if dtype == torch.float16 else None)
         module = modules[name].to(device=device, dtype=dtype)
         path = out / onnx_file_name(name)
         log.info("[%d/%d] %s: exporting (%s)", i, len(todo), name, prec)
@@ -164,10 +168,10 @@ def export_model(
         t_export = time.perf_counter() - t0
         log.info("[%d/%d] %s: checking with onnx.checker", i, len(todo), name)
         check_onnx(path)
-        verify_dims = {"B": 1 if family_of(name) == "vae" else 2, "S": TOKENS_PER_CHUNK, "h": vh, "w": vw}
         log.info("[%d/%d] %s: verifying against PyTorch with ONNX Runtime at %s", i, len(todo), name, verify_dims)
         t1 = time.perf_counter()
-        ver = verify_onnx(module, specs[name], path, dims=verify_dims, precision=dtype, device=device)
+        ver = verify_onnx(module, specs[name], path, dims=verify_dims, precision=dtype, device=device,
+                          fp32_expected=reference)
         t_verify = time.perf_counter() - t1
         if name in LORA_COMPONENTS:  # while the module holds the weights exactly as exported
             weight_map.components[name] = onnx_weight_map(
@@ -186,6 +190,7 @@ def export_model(
             verify_dims=ver.dims,
             relative_error=ver.relative_error,
             max_abs_error=ver.max_abs_error,
+            fp32_relative_error=ver.fp32_relative_error,
         )
         log.info("[%d/%d] %s: done in %.1f s, relative error %.2e", i, len(todo), name,
                  t_export + t_verify, ver.worst_relative_error)
@@ -279,13 +284,16 @@ def copy_runtime_assets(base: LoadedModel, refiner: LoadedModel | None, out: Pat
 
 def format_export_table(result: ExportResult) -> str:
     """The verification table the CLI prints."""
-    rows = [("component", "precision", "size", "export s", "verify s", "rel. error (worst output)")]
+    rows = [("component", "precision", "size", "export s", "verify s", "rel. error", "vs PyTorch fp32")]
     for name, e in result.components.items():
+        vs32 = e.fp32_relative_error if e.fp32_relative_error is not None else e.relative_error
         rows.append((
             name, e.precision, human_bytes(e.size_bytes), f"{e.export_seconds:.1f}", f"{e.verify_seconds:.1f}",
-            f"{max(e.relative_error.values()):.2e}",
+            f"{max(e.relative_error.values()):.2e}", f"{max(vs32.values()):.2e}",
         ))
-    return format_table(rows)
+    return format_table(rows) + (
+        "\nrel. error: worst output against PyTorch in the file's precision (the export itself); vs PyTorch fp32: "
+        "against the fp32 model (what the precision costs; the same figure for fp32 files)")
 
 
 def pipeline_entry(base: LoadedModel, ref: LoadedModel | None) -> dict[str, Any]:

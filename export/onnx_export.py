@@ -2,6 +2,19 @@
 
 Names and dynamic axes come from the component's :class:`~sdxl_trt.contracts.ComponentSpec`. Files over
 2 GB (the full-size UNets) are saved with their weights in one external-data file beside the graph.
+
+fp16 files are traced from the fp16 model (what NVIDIA's demo/Diffusion does on TensorRT 11), not converted
+from the fp32 ONNX with ModelOpt's AutoCast: the traced graph already carries PyTorch's own mixed precision
+(softmax in fp32 where the model asks for it, LayerNormalization and GroupNorm statistics in fp32 through
+``stash_type``/InstanceNormalization), needs no new dependency, and is verified against the same PyTorch
+modules. The one fix it needs is :func:`unify_float16`: the tracer leaves a few float32 tensors (CLIP's
+attention mask promotes the first layer's residual to fp32) meeting fp16 ones in one op, which ONNX Runtime
+and TensorRT refuse ("LayerNormalization bound to different types"). Measured against PyTorch fp32 (relative L2):
+whole tiny components 7.8e-4 (text encoders) and 8.5e-4 (UNet) (``sdxl-trt export --model tiny --precision
+fp16``); single layers at full-size shapes 3.0e-4..4.0e-4 (time MLP, ResNet 640->1280, transformer block 1280 with
+2048-wide context at 1024 tokens, CLIP-bigG layer: benchmarks/results/fp16-layers-full-size.md). The traced
+graph computes the timestep sinusoid and the attention scale in fp32 and takes the timestep as a float32 input;
+nothing more is kept in fp32, since fp16 costs no more than that.
 """
 
 from __future__ import annotations
@@ -61,8 +74,9 @@ class Verification:
     """How far ONNX Runtime's outputs are from PyTorch's, per output tensor."""
 
     dims: dict[str, int]
-    relative_error: dict[str, float]  # ||onnx - torch||_2 / ||torch||_2
+    relative_error: dict[str, float]  # ||onnx - torch||_2 / ||torch||_2, torch in the file's precision
     max_abs_error: dict[str, float]
+    fp32_relative_error: dict[str, float] | None = None  # the same file against PyTorch in fp32 (fp16 files)
 
     @property
     def worst_relative_error(self) -> float:
@@ -106,6 +120,11 @@ def export_onnx(
             raise ExportError(f"torch.onnx.export failed for {spec.name}: {e}") from e
     model = onnx.load(str(raw), load_external_data=True)
     model = clean_graph(model)
+    if precision == torch.float16:
+        cast = unify_float16(model)
+        cast += type_float_outputs(model, spec, onnx.TensorProto.FLOAT16)
+        if cast:
+            log.info("%s: %d fp32 tensor(s) cast to fp16 (the tracer's type promotion)", spec.name, cast)
     save_onnx(model, path, external_data_threshold=external_data_threshold)
     for f in raw_dir.iterdir():
         f.unlink()
@@ -128,6 +147,96 @@ def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     if cleaned.ByteSize() < TWO_GB:
         cleaned = onnx.shape_inference.infer_shapes(cleaned)
     return cleaned
+
+
+MIXED_TYPE_OPS = frozenset({"Cast", "CastLike", "Resize", "Upsample", "Pow", "QuantizeLinear", "DequantizeLinear",
+                            "Shape", "Size", "ConstantOfShape", "Range"})
+"""Ops whose float inputs may legitimately differ in type (Resize's scales are float32 by the spec, Pow's
+exponent has its own type, a Cast changes type): :func:`unify_float16` leaves them alone."""
+
+
+def unify_float16(model: onnx.ModelProto, *, max_rounds: int = 8) -> int:
+    """Cast every float32 input of an op that also reads float16 (one type parameter bound to two types) to
+    float16, in place; returns how many inputs were cast. Types come from ONNX shape inference, repeated until
+    no op mixes them (a cast can make a later op consistent or not)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+    total = 0
+    made: dict[str, str] = {}  # float32 tensor -> its fp16 cast (one per tensor, across rounds)
+    del model.graph.value_info[:]  # the tracer's types, which the graph's ops may contradict: inferred from the ops
+    for _ in range(max_rounds):
+        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < TWO_GB else model
+        g = inferred.graph
+        types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+        types.update({i.name: i.data_type for i in g.initializer})
+        for n in g.node:  # Constant outputs are not always in value_info
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value":
+                        types[n.output[0]] = a.t.data_type
+        changed = 0
+        new_nodes = []
+        inits = {i.name: i for i in model.graph.initializer}
+        for n in model.graph.node:
+            if n.op_type not in MIXED_TYPE_OPS and n.domain in ("", "ai.onnx"):
+                seen = {types.get(i) for i in n.input if i}
+                if FLOAT in seen and HALF in seen:
+                    for k, name in enumerate(n.input):
+                        if name and types.get(name) == FLOAT:
+                            if name not in made:
+                                made[name] = f"{name}__to_fp16"
+                                if name in inits:  # a weight the tracer folded in fp32: store it in fp16
+                                    value = numpy_helper.to_array(inits[name]).astype(np.float16)
+                                    model.graph.initializer.append(numpy_helper.from_array(value, made[name]))
+                                else:
+                                    new_nodes.append(helper.make_node("Cast", [name], [made[name]], to=HALF,
+                                                                      name=f"{name}__Cast_fp16"))
+                            n.input[k] = made[name]
+                            changed += 1
+            new_nodes.append(n)
+        total += changed
+        if not changed:
+            break
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        del model.graph.value_info[:]  # stale types; inferred again
+    if total:
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used]  # fp32 weights now read as fp16 only
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        if model.ByteSize() < TWO_GB:
+            model.CopyFrom(onnx.shape_inference.infer_shapes(model))
+    return total
+
+
+def type_float_outputs(model: onnx.ModelProto, spec: ComponentSpec, elem_type: int) -> int:
+    """Make every ``float`` output of the contract ``elem_type`` (its engine precision's), casting the ones the
+    graph computes in another float type; returns how many were cast. The contract says an fp16 engine's float
+    tensors are fp16, whatever the tracer promoted on the way."""
+    from onnx import helper
+
+    floats = {t.name for t in spec.outputs if t.dtype == "float"}
+    inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < TWO_GB else model
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    cast = 0
+    for out in model.graph.output:
+        if out.name not in floats:
+            continue
+        computed = types.get(out.name, out.type.tensor_type.elem_type)
+        producer = producers.get(out.name)
+        if computed != elem_type and producer is not None:
+            inner = f"{out.name}__computed"
+            producer.output[list(producer.output).index(out.name)] = inner
+            for n in model.graph.node:
+                n.input[:] = [inner if i == out.name else i for i in n.input]
+            model.graph.node.append(helper.make_node("Cast", [inner], [out.name], to=elem_type,
+                                                     name=f"{out.name}__Cast"))
+            cast += 1
+        out.type.tensor_type.elem_type = elem_type
+    return cast
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, *, external_data_threshold: int = TWO_GB) -> None:
@@ -163,8 +272,11 @@ def verify_onnx(
     precision: torch.dtype,
     device: str | torch.device = "cpu",
     seed: int = 1,
+    fp32_expected: dict[str, torch.Tensor] | None = None,
 ) -> Verification:
-    """Run the same random inputs through PyTorch and ONNX Runtime (CPU) and compare."""
+    """Run the same random inputs through PyTorch and ONNX Runtime (CPU) and compare; with ``fp32_expected``
+    (:func:`fp32_outputs` on the same dims and seed) also against PyTorch in fp32: what fp16 costs. ONNX
+    Runtime's CPU provider runs an fp16 file by casting around the kernels it lacks in fp16 (slowly)."""
     import onnxruntime as ort
 
     inputs = sample_inputs(spec, dims, precision, device=device, seed=seed)
@@ -185,4 +297,26 @@ def verify_onnx(
         diff = g64 - e64
         rel[name] = float(np.linalg.norm(diff) / max(np.linalg.norm(e64), 1e-30))
         mx[name] = float(np.abs(diff).max())
-    return Verification(dict(dims), rel, mx)
+    rel32 = None
+    if fp32_expected is not None:
+        rel32 = {name: relative_l2(np.asarray(g, dtype=np.float64), fp32_expected[name].double().cpu().numpy())
+                 for name, g in zip(spec.output_names, got, strict=True)}
+    return Verification(dict(dims), rel, mx, rel32)
+
+
+def relative_l2(got: np.ndarray, expected: np.ndarray) -> float:
+    """||got - expected||_2 / ||expected||_2 (float64)."""
+    e = np.asarray(expected, dtype=np.float64)
+    return float(np.linalg.norm(np.asarray(got, dtype=np.float64) - e) / max(np.linalg.norm(e), 1e-30))
+
+
+def fp32_outputs(module: torch.nn.Module, spec: ComponentSpec, *, dims: Mapping[str, int],
+                 device: str | torch.device = "cpu", seed: int = 1) -> dict[str, torch.Tensor]:
+    """``module``'s outputs in fp32 on :func:`verify_onnx`'s inputs (same dims and seed, drawn in fp32 and
+    rounded to fp16 first, so both see the same values): the reference an fp16 file is measured against."""
+    inputs = sample_inputs(spec, dims, torch.float16, device=device, seed=seed)
+    inputs = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+    with torch.inference_mode():
+        out = module.float()(*(inputs[n] for n in spec.input_names))
+    out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    return {n: o.detach().float().cpu() for n, o in zip(spec.output_names, out, strict=True)}

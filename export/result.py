@@ -54,6 +54,7 @@ class ExportedComponent:
     settings: str  # settings_key(): a file whose key differs is exported again
     relative_error: dict[str, float]  # per output, against PyTorch through ONNX Runtime
     max_abs_error: dict[str, float] = field(default_factory=dict)
+    fp32_relative_error: dict[str, float] | None = None  # an fp16 file against PyTorch fp32 (None: fp32 file)
     external_data: str | None = None
     export_seconds: float = 0.0
     verify_seconds: float = 0.0

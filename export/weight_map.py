@@ -76,7 +76,7 @@ def onnx_weight_map(component_module: torch.nn.Module, wrapper: torch.nn.Module,
     """:func:`torch_weight_map` plus each weight's ONNX initializer in ``onnx_path``, found by content. The
     module must hold the weights exactly as exported (same dtype)."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     cw = torch_weight_map(component_module, wrapper)
     cw.onnx_sha256 = onnx_sha256
@@ -90,6 +90,7 @@ def onnx_weight_map(component_module: torch.nn.Module, wrapper: torch.nn.Module,
     params = dict(component_module.named_parameters())
     claimed: dict[str, list[str]] = defaultdict(list)
     found: dict[str, tuple[str, bool]] = {}
+    dtypes = {init.name: str(helper.tensor_dtype_to_np_dtype(init.data_type)) for init in graph.initializer}
     for name, loc in cw.weights.items():
         w = params[name].detach().cpu().numpy()
         layouts = [(w, False), (w.T, True)] if w.ndim == 2 else [(w, False)]
@@ -104,7 +105,8 @@ def onnx_weight_map(component_module: torch.nn.Module, wrapper: torch.nn.Module,
     for name, (init_name, transposed) in found.items():
         if name not in shared:
             loc = cw.weights[name]
-            cw.weights[name] = WeightLocation(shape=loc.shape, torch=loc.torch, onnx=init_name, onnx_transposed=transposed)
+            cw.weights[name] = WeightLocation(shape=loc.shape, torch=loc.torch, onnx=init_name, onnx_transposed=transposed,
+                                              onnx_dtype=dtypes[init_name])
     not_found = [n for n in cw.weights if n not in found]
     if not_found and sample:
         for name in unused_parameters(wrapper, sample, {n: params[n] for n in not_found}):

@@ -50,7 +50,7 @@ class EngineContext:
         self.dims = ModelDims.from_json(m.model_dims)
         self.specs = component_specs(self.dims, controlnet_names(m.components))
         self.profiles = {n: [Profile.from_json(p) for p in e.profiles] for n, e in m.components.items()}
-        self.dtypes = {n: io_dtype(e.precision) for n, e in m.components.items()}
+        self.dtypes = {n: io_dtype(e.precision, m.backend) for n, e in m.components.items()}
         self.buckets = [Bucket.parse(b) for b in m.buckets]
         self.arena = Arena(self.device)
         self._reserve_buffers()

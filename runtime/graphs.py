@@ -43,6 +43,7 @@ class CudaGraphs:
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self.capture_allowed = True
         self._warned: set[Hashable] = set()
+        self._recapture: set[Hashable] = set()  # keys dropped by invalidate(): captured again at next use
 
     def get(self, key: Hashable, work: Callable[[], None], *, graph_safe: bool,
             mutable: Sequence[torch.Tensor]) -> torch.cuda.CUDAGraph | None:
@@ -56,7 +57,7 @@ class CudaGraphs:
         graph = self.graphs.get(key)
         if graph is not None:
             return graph
-        if not self.capture_allowed:
+        if not self.capture_allowed and key not in self._recapture:
             if key not in self._warned:
                 log.warning("no CUDA graph was captured for %s at warm-up; running it eagerly", key)
                 self._warned.add(key)
@@ -83,8 +84,23 @@ class CudaGraphs:
             work()
         restore()
         self.graphs[key] = graph
+        self._recapture.discard(key)
         log.info("captured CUDA graph %d for %s", len(self.graphs), key)
         return graph
+
+    def invalidate(self, components: set[str]) -> list[Hashable]:
+        """Drop every graph whose key names one of ``components`` (the graphs that enqueue their engines) and
+        let each be captured again at its next use, even after warm-up. A TensorRT refit (a LoRA switch) calls
+        this: a graph replays the kernels and weight pointers it recorded, so one captured before a refit is not
+        proven to see the new weights. Returns the dropped keys."""
+        dropped = [k for k in self.graphs if _names(k) & components]
+        for k in dropped:
+            del self.graphs[k]
+            self._recapture.add(k)
+        if dropped:
+            log.info("dropped %d CUDA graph(s) enqueueing %s; they are captured again at their next use",
+                     len(dropped), sorted(components))
+        return dropped
 
     def forbid_capture(self) -> None:
         self.capture_allowed = False
@@ -99,3 +115,12 @@ class CudaGraphs:
 
     def stats(self) -> dict[str, int]:
         return {"graphs": len(self.graphs), "pool_bytes": self.pool_bytes()}
+
+
+def _names(key: Hashable) -> set[str]:
+    """Every string in a (nested) graph key: the component names it mentions."""
+    if isinstance(key, str):
+        return {key}
+    if isinstance(key, tuple):
+        return set().union(*(_names(k) for k in key)) if key else set()
+    return set()

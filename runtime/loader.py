@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from sdxl_trt.contracts import ModelDims, component_specs, controlnet_names
+from sdxl_trt.contracts import ModelDims, component_specs, controlnet_names, io_dtype
 from sdxl_trt.engine_dir.layout import cache_artifacts_path
 from sdxl_trt.engine_dir.manifest import Manifest
 from sdxl_trt.engine_dir.profiles import Profile
@@ -73,8 +73,11 @@ def load_engines(directory: Path, manifest: Manifest, *, device: torch.device,
 
             if shared_memory is None:
                 shared_memory = SharedDeviceMemory()
+            float_dtype = io_dtype(entry.precision, manifest.backend)  # what the arena gives this engine
             engines[name] = TensorRTEngine.load(path, specs[name], profiles, device_memory=shared_memory,
-                                                rebuild_hint=manifest.rebuild_hint(directory))
+                                                rebuild_hint=manifest.rebuild_hint(directory),
+                                                expected_dtypes={t.name: t.torch_dtype(float_dtype)
+                                                                 for t in specs[name].tensors})
         else:
             raise ManifestError(f"{directory}: unknown backend {manifest.backend!r} in manifest.json")
     if shared_memory is not None:

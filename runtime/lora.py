@@ -170,9 +170,10 @@ class LoraSwitcher:
                 if component not in self.ctx.engines:
                     raise InvalidRequestError(f"LoRA {Path(lora.path).name} changes {component}, which these engines "
                                               "lack", param="loras")
-                if self.ctx.manifest.components[component].precision == "int8":
+                precision = self.ctx.manifest.components[component].precision
+                if precision in ("int8", "fp8"):
                     raise InvalidRequestError(
-                        f"LoRA {Path(lora.path).name}: the {component} engine is INT8, whose quantization was "
+                        f"LoRA {Path(lora.path).name}: the {component} engine is {precision.upper()}, whose quantization was "
                         "calibrated for its weights; fuse the LoRA at build instead: "
                         f"{self.ctx.manifest.rebuild_hint(self.directory)} --lora {lora.path}", param="loras")
         return out
@@ -219,7 +220,9 @@ class LoraSwitcher:
             else:  # the ONNX is read once: keep every LoRA-able weight of it
                 read = base_weights_from_onnx(cw, self._onnx_initializers(component), list(cw.weights))
             for n, value in read.items():
-                self._base[(component, n)] = value.reshape(cw.weights[n].shape).clone()
+                # Kept in float32 whatever the engine's dtype: deltas are added in fp32 and the sum is rounded
+                # once, to the plan's dtype (an fp16 plan gets fp16(base + delta), never fp16 + fp16 delta).
+                self._base[(component, n)] = value.reshape(cw.weights[n].shape).float().clone()
         return {n: self._base[(component, n)] for n in names if (component, n) in self._base}
 
     def _onnx_initializers(self, component: str) -> dict[str, torch.Tensor]:
@@ -249,8 +252,13 @@ class LoraSwitcher:
             loc = cw.weights[n]
             if loc.onnx is not None and loc.onnx not in updates:
                 updates[loc.onnx] = value.T.contiguous() if loc.onnx_transposed else value
-        arrays = {name: np.ascontiguousarray(v.detach().cpu().numpy()) for name, v in updates.items()}
+        # Each array in its weight's ONNX (= plan) dtype, recorded in the weight map at export.
+        dtypes = {loc.onnx: loc.onnx_dtype for loc in cw.weights.values() if loc.onnx is not None}
+        arrays = {name: np.ascontiguousarray(v.detach().cpu().numpy().astype(dtypes.get(name, "float32")))
+                  for name, v in updates.items()}
         if engine.backend == "onnxruntime":
             engine.set_weights(key, arrays)
         else:
             engine.set_weights(arrays, rebuild=f"{self.ctx.manifest.rebuild_hint(self.directory)} --refittable")
+            # A refit changes weights under the graphs that enqueue this engine: capture them again.
+            self.ctx.graphs.invalidate({component})

@@ -1,13 +1,20 @@
-"""TensorRT implementation of the Engine protocol: one deserialized plan, one context per profile.
+"""TensorRT implementation of the Engine protocol: one deserialized plan, one context per shape it runs.
 
 What may happen where:
 
-* Load (``TensorRTEngine.load``): deserialize, check the plan against the contract, create one execution
-  context per optimization profile (user-managed device memory) and bind it to its profile, attach the
-  contexts to a :class:`SharedDeviceMemory`. Allocation and synchronisation are allowed here.
+* Load (``TensorRTEngine.load``): deserialize, check the plan against the contract (tensor names, profile count,
+  and every tensor's dtype against the buffer the arena gives it), create the first execution context of each
+  optimization profile (user-managed device memory) and bind it to its profile, attach the contexts to a
+  :class:`SharedDeviceMemory`. Allocation and synchronisation are allowed here.
 * ``run`` (the hot path, also inside CUDA-graph capture): ``set_input_shape``, ``set_tensor_address``,
-  ``execute_async_v3`` on the caller's stream. No synchronisation, no allocation, no shape arithmetic;
-  shapes were checked by ``infer_shapes``.
+  ``execute_async_v3`` on the caller's stream. No synchronisation, no shape arithmetic; shapes were checked
+  by ``infer_shapes``.
+
+One context per (profile, input shapes), not per profile: every captured graph (images per batch, guidance
+on/off, prompt chunks, buckets sharing a profile) is a distinct shape set, and a context holds the shapes and
+the state TensorRT set up for them, so two graphs sharing a context would replay with the other's state. A
+context is created the first time its shapes run (the eager warm-up before capture, never inside it); with
+user-managed device memory it costs no scratch memory of its own, as every context shares the one block.
 
 runtime/ never imports export/ or diffusers; TensorRT is imported only when an engine is loaded.
 """
@@ -104,10 +111,10 @@ class TensorRTEngine:
         name: str = "",
         rebuild: str = "rebuild the engines on this machine",
         keep_alive: tuple[object, ...] = (),
+        expected_dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> None:
-        """Check ``engine`` against the contract, create one context per profile, attach to ``device_memory``."""
-        import tensorrt as trt
-
+        """Check ``engine`` against the contract (and its tensors' dtypes against ``expected_dtypes``: the buffers
+        the caller will bind), create one context per profile, attach to ``device_memory``."""
         self.spec = spec
         self.profiles = profiles
         self.device = torch.device(device)
@@ -115,22 +122,19 @@ class TensorRTEngine:
         self._engine = engine
         self._keep_alive = keep_alive  # TensorRT needs its runtime and logger to outlive the engine
         self._check_against_contract(engine, rebuild)
-        # The dtype of each bound tensor, for the caller's buffer arena.
+        # The dtype of each bound tensor, as the plan has it (strongly typed: the ONNX's).
         self.tensor_dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in spec.input_names + spec.output_names}
+        if expected_dtypes is not None:
+            self._check_dtypes(expected_dtypes, rebuild)
 
         stream = torch.cuda.current_stream(self.device)
-        self._contexts: list[trt.IExecutionContext] = []
-        for i in range(engine.num_optimization_profiles):
-            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            if context is None:
-                raise ManifestError(f"{spec.name}: TensorRT could not create an execution context for {self.name}")
-            if not context.set_optimization_profile_async(i, stream.cuda_stream):
-                raise ManifestError(f"{spec.name}: TensorRT could not select profile {i} of {self.name}")
-            self._contexts.append(context)
+        self._contexts: dict[tuple[int, tuple[Shape, ...]], trt.IExecutionContext] = {}
+        self._first: list[trt.IExecutionContext] = [self._new_context(i, stream.cuda_stream)
+                                                    for i in range(engine.num_optimization_profiles)]
         stream.synchronize()  # load time: the profile switches are done before any run
         self.scratch_bytes = max([engine.device_memory_size_v2]
-                                 + [engine.get_device_memory_size_for_profile_v2(i) for i in range(len(self._contexts))])
-        self._memory_bound = False
+                                 + [engine.get_device_memory_size_for_profile_v2(i) for i in range(len(self._first))])
+        self._memory: tuple[int, int] | None = None
         self.device_memory = device_memory
         device_memory.attach(self.scratch_bytes, self._bind_device_memory)
 
@@ -145,6 +149,7 @@ class TensorRTEngine:
         device: torch.device | str = "cuda",
         rebuild_hint: str | None = None,
         weight_streaming_budget: int | None = None,
+        expected_dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> TensorRTEngine:
         """Deserialize the plan at ``path``. Without ``device_memory`` the engine gets a block of its own;
         with one, call ``device_memory.allocate()`` after loading every engine that shares it."""
@@ -170,10 +175,10 @@ class TensorRTEngine:
         own_memory = device_memory is None
         memory = SharedDeviceMemory(device) if device_memory is None else device_memory
         loaded = cls(engine, spec, profiles, device_memory=memory, device=device, name=str(path), rebuild=rebuild,
-                     keep_alive=(runtime, logger))
+                     keep_alive=(runtime, logger), expected_dtypes=expected_dtypes)
         if own_memory:
             memory.allocate()
-        log.info("%s: loaded %s (%d profile(s), %.1f MiB scratch)", spec.name, path, len(loaded._contexts),
+        log.info("%s: loaded %s (%d profile(s), %.1f MiB scratch)", spec.name, path, len(loaded._first),
                  loaded.scratch_bytes / 2**20)
         return loaded
 
@@ -198,6 +203,13 @@ class TensorRTEngine:
         keep = []  # the arrays must stay alive until refit_cuda_engine returns
         for name, value in values.items():
             array = np.ascontiguousarray(value)
+            # A strongly typed plan stores each weight in its ONNX dtype (fp16 for an fp16 file): the refit array
+            # must be that dtype (the weight map records it; TensorRT rejects another).
+            want = np.dtype(trt.nptype(refitter.get_weights_prototype(name).dtype))
+            if array.dtype != want:
+                raise InvalidRequestError(f"{self.spec.name}: weight {name!r} of {self.name} is {want} in the plan, "
+                                          f"but the refit array is {array.dtype}: the weight map belongs to another "
+                                          f"export; {rebuild}", param="loras")
             keep.append(array)
             if not refitter.set_named_weights(name, trt.Weights(array)):
                 raise InvalidRequestError(f"{self.spec.name}: TensorRT has no refittable weight {name!r} in "
@@ -217,9 +229,11 @@ class TensorRTEngine:
         stream: torch.cuda.Stream | None = None,
     ) -> None:
         """Bind the caller's buffers to the profile's context and enqueue; returns before the GPU finishes."""
-        if not self._memory_bound:
+        if self._memory is None:
             raise RuntimeError(f"{self.spec.name}: call allocate() on the SharedDeviceMemory after loading the engines")
-        context = self._contexts[profile]
+        handle = (stream if stream is not None else torch.cuda.current_stream(self.device)).cuda_stream
+        context = self._context(profile, tuple(tuple(inputs[n].shape) for n in self.spec.input_names
+                                                if n in inputs), handle)
         try:
             for name in self.spec.input_names:
                 tensor = inputs[name]
@@ -232,15 +246,58 @@ class TensorRTEngine:
                 context.set_tensor_address(name, outputs[name].data_ptr())
         except KeyError as e:
             raise InvalidRequestError(f"{self.spec.name}: no buffer given for tensor {e.args[0]!r}") from None
-        handle = (stream if stream is not None else torch.cuda.current_stream(self.device)).cuda_stream
         if not context.execute_async_v3(handle):
             raise RuntimeError(f"{self.spec.name}: TensorRT failed to enqueue profile {profile}; its error is logged "
                                f"above (logger {__name__})")
 
+    @property
+    def num_contexts(self) -> int:
+        """Execution contexts made so far: one per profile at load, then one per further shape set run."""
+        return len({id(c) for c in (*self._first, *self._contexts.values())})
+
+    def _new_context(self, profile: int, stream: int) -> trt.IExecutionContext:
+        import tensorrt as trt
+
+        context = self._engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise ManifestError(f"{self.spec.name}: TensorRT could not create an execution context for {self.name}")
+        if not context.set_optimization_profile_async(profile, stream):
+            raise ManifestError(f"{self.spec.name}: TensorRT could not select profile {profile} of {self.name}")
+        return context
+
+    def _context(self, profile: int, shapes: tuple[Shape, ...], stream: int) -> trt.IExecutionContext:
+        """The context of ``profile`` at these input shapes: the profile's first context for the first shape set
+        it runs, a new one (on the shared device block, profile selected on ``stream``) for each other."""
+        key = (profile, shapes)
+        context = self._contexts.get(key)
+        if context is not None:
+            return context
+        if not any(k[0] == profile for k in self._contexts):
+            context = self._first[profile]
+        else:
+            context = self._new_context(profile, stream)
+            if self._memory is not None:
+                context.set_device_memory(*self._memory)
+            log.debug("%s: execution context %d (profile %d, shapes %s)", self.spec.name, self.num_contexts + 1,
+                      profile, shapes)
+        self._contexts[key] = context
+        return context
+
     def _bind_device_memory(self, address: int, size: int) -> None:
-        for context in self._contexts:
+        for context in {id(c): c for c in (*self._first, *self._contexts.values())}.values():
             context.set_device_memory(address, size)
-        self._memory_bound = True
+        self._memory = (address, size)
+
+    def _check_dtypes(self, expected: Mapping[str, torch.dtype], rebuild: str) -> None:
+        """Each tensor's plan dtype must be its buffer's: a float32 tensor bound to a float16 buffer reads garbage
+        and writes twice the buffer's bytes (an INT8 build's fp32 text encoders once got fp16 buffers)."""
+        wrong = {n: (str(self.tensor_dtypes[n]), str(d)) for n, d in expected.items()
+                 if n in self.tensor_dtypes and self.tensor_dtypes[n] != d}
+        if wrong:
+            detail = ", ".join(f"{n}: plan {p.removeprefix('torch.')}, buffer {b.removeprefix('torch.')}"
+                               for n, (p, b) in wrong.items())
+            raise ManifestError(f"{self.spec.name}: {self.name} has tensor dtypes that differ from the manifest's "
+                                f"precision ({detail}): it was built from another ONNX than the manifest says; {rebuild}")
 
     def _check_against_contract(self, engine: trt.ICudaEngine, rebuild: str) -> None:
         """The plan's tensors and profiles must be the contract's and the manifest's, or buffers would mismatch."""

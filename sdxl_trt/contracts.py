@@ -109,29 +109,41 @@ def family_of(component: str) -> Family:
     return family
 
 
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
-BUILD_PRECISIONS = ("fp16", "int8", "fp32")
+Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
+BUILD_PRECISIONS = ("fp16", "int8", "fp8", "fp32")
 """What a build may ask for (``--precision``); bf16 is only ever chosen per component, by the rule below."""
+QDQ_PRECISIONS = ("int8", "fp8")
+"""Precisions carried by QuantizeLinear/DequantizeLinear nodes in the base UNet (engine/int8/)."""
+TYPED_BACKENDS = (None, "tensorrt")
+"""Where the ONNX's tensor types are the engine's precision (TensorRT builds strongly typed networks only, and
+10.x and 11.x alike take every kernel's precision from the file); None: an ONNX export, which writes the files a
+TensorRT build of that precision parses."""
 
-IO_DTYPES: Mapping[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
-"""The dtype of an engine's ``float`` inputs and outputs, per its precision (INT8 Q/DQ graphs keep float32 I/O)."""
+IO_DTYPES: Mapping[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16",
+                                "fp8": "float16"}
+"""The dtype of an engine's ``float`` inputs and outputs, per its precision. A Q/DQ UNet's on a typed backend
+(TensorRT) is float16: its Q/DQ nodes sit in the fp16 UNet, the remainder runs fp16. INT8 on ONNX Runtime keeps
+the fp32 graph (its CPU kernels lack fp16): :func:`io_dtype` with ``backend``."""
+
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+"""FP8 (E4M3) tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.0, 12.0) and newer."""
 
 
 def component_precision(component: str, requested: str, *, backend: str | None, bf16_device: bool = False,
                         vae_fp16_safe: bool = False) -> Precision:
     """The precision ``component`` is built in when the model is asked for in ``requested`` on ``backend``
-    (None: an ONNX export, which any ONNX backend builds from). The one rule; engine/ and export/ call it.
+    (None: an ONNX export, which writes the files a TensorRT build parses). The one rule; engine/ and export/
+    call it.
 
     * fp32 is fp32 for every component.
     * The SDXL VAE overflows in fp16 (NaN, black images): fp32, unless its weights are fp16-safe
       (``vae_fp16_safe``: e.g. sdxl-vae-fp16-fix) -> fp16, or the torch backend builds on a device with bf16
       (``bf16_device``) -> bf16, fp32's range at 16-bit speed.
-    * int8 means Q/DQ nodes from calibrating the base UNet (engine/int8/); every other component has none and
-      builds in fp16 on TensorRT (FP16 kernels allowed), fp32 elsewhere (ONNX Runtime's CPU kernels lack fp16).
+    * int8 / fp8 mean Q/DQ nodes from calibrating the base UNet (engine/int8/). TensorRT builds strongly typed
+      networks only (the only kind 11.x has), so precision is in the ONNX: the Q/DQ nodes go into the fp16 UNet
+      and every other component is an fp16 file (the MLPerf SDXL recipe: FP8/INT8 UNet, fp16 text encoders).
+      ONNX Runtime (INT8 only) keeps them fp32 (its CPU kernels lack fp16).
     * Otherwise the requested precision.
-
-    TensorRT 11's strong typing moves precision into the ONNX (fp16 files; INT8/FP8 as Q/DQ with an fp16
-    remainder): that change is this function and :func:`onnx_precision`.
     """
     family = family_of(component)
     if requested not in BUILD_PRECISIONS:
@@ -142,23 +154,32 @@ def component_precision(component: str, requested: str, *, backend: str | None, 
         if vae_fp16_safe:
             return "fp16"
         return "bf16" if backend == "torch" and bf16_device else "fp32"
-    if requested == "int8" and contract_of(component) != "unet":
-        return "fp16" if backend == "tensorrt" else "fp32"
-    return "int8" if requested == "int8" else "fp16"
+    if requested in QDQ_PRECISIONS:
+        if contract_of(component) == "unet":
+            return "int8" if requested == "int8" else "fp8"
+        return "fp16" if backend in TYPED_BACKENDS else "fp32"
+    return "fp16"
 
 
-def onnx_precision(requested: str) -> Literal["fp32", "fp16"]:
-    """The precision a build of ``requested`` exports its ONNX in (each component's file then follows
-    :func:`component_precision` with ``backend=None``): INT8's Q/DQ nodes are written into the fp32 UNet."""
-    return "fp16" if requested == "fp16" else "fp32"
+def onnx_precision(requested: str, backend: str | None = None) -> Literal["fp32", "fp16"]:
+    """The precision of the ONNX export a build of ``requested`` on ``backend`` is made from (each component's
+    file then follows :func:`component_precision` with ``backend=None``, or is fp32 everywhere): on TensorRT
+    fp16 for fp16, int8 and fp8 (their Q/DQ nodes go into the fp16 UNet; calibration reads an fp32 UNet of its
+    own); fp32 otherwise, ONNX Runtime's INT8 included (Q/DQ in the fp32 UNet)."""
+    if requested == "fp16" or (requested in QDQ_PRECISIONS and backend in TYPED_BACKENDS):
+        return "fp16"
+    return "fp32"
 
 
-def io_dtype(precision: str) -> torch.dtype:
-    """The torch dtype of an engine's ``float`` tensors when it is built in ``precision``."""
+def io_dtype(precision: str, backend: str | None = None) -> torch.dtype:
+    """The torch dtype of an engine's ``float`` tensors when it is built in ``precision`` on ``backend``
+    (None or tensorrt: the typed files; an INT8 UNet on ONNX Runtime keeps float32 I/O)."""
     import torch
 
     if precision not in IO_DTYPES:
         raise ValueError(f"unknown precision {precision!r}; expected one of {list(IO_DTYPES)}")
+    if precision in QDQ_PRECISIONS:
+        return torch.float16 if backend in TYPED_BACKENDS else torch.float32
     return getattr(torch, IO_DTYPES[precision])
 
 

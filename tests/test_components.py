@@ -41,9 +41,10 @@ ALL = (*COMPONENT_NAMES, "controlnet.edges")
 
 # --------------------------------------------------------------------------- the precision rule
 def test_precision_rule_properties_over_every_case() -> None:
-    """fp32 stays fp32; a VAE is never fp16 unless fp16-safe, bf16 only on the torch backend with bf16; INT8 only
-    for the base UNet (the one calibrated); each result has an I/O dtype; the ONNX export (backend None) is a
-    precision ONNX files come in."""
+    """fp32 stays fp32; a VAE is never fp16 unless fp16-safe, bf16 only on the torch backend with bf16; INT8/FP8
+    only for the base UNet (the one calibrated), the rest fp16 files where the ONNX's types are the engine's
+    (TensorRT, and the export, which writes what TensorRT parses), fp32 on ONNX Runtime; each result has an I/O
+    dtype."""
     seen = set()
     for component, requested, backend, bf16, safe in itertools.product(
             ALL, BUILD_PRECISIONS, (*BACKENDS, None), (False, True), (False, True)):
@@ -58,30 +59,34 @@ def test_precision_rule_properties_over_every_case() -> None:
             assert got != "bf16" or (backend == "torch" and bf16)
         else:
             assert got != "bf16"
-        assert got != "int8" or (component == "unet" and requested == "int8")
-        if requested == "int8" and component != "unet" and family != "vae":
-            assert got == ("fp16" if backend == "tensorrt" else "fp32")  # TensorRT may use FP16 kernels
-        if backend is None and requested != "int8":
+        assert got not in ("int8", "fp8") or (component == "unet" and requested == got)
+        if requested in ("int8", "fp8") and component != "unet" and family != "vae":
+            assert got == ("fp16" if backend in (None, "tensorrt") else "fp32")
+        if backend is None and requested not in ("int8", "fp8"):
             assert got in ("fp32", "fp16")
-    assert seen == {"fp32", "fp16", "bf16", "int8"}
+    assert seen == {"fp32", "fp16", "bf16", "int8", "fp8"}
 
 
 def test_precision_rule_refuses_unknown_values() -> None:
     with pytest.raises(ValueError, match="unknown component 'vae'"):
         component_precision("vae", "fp16", backend="onnxruntime")
     with pytest.raises(ValueError, match="precision must be one of"):
-        component_precision("unet", "fp8", backend="tensorrt")
+        component_precision("unet", "fp4", backend="tensorrt")
 
 
 def test_io_dtypes_and_onnx_precision() -> None:
-    assert [io_dtype(p) for p in ("fp32", "fp16", "bf16", "int8")] == [
-        torch.float32, torch.float16, torch.bfloat16, torch.float32]  # INT8 Q/DQ graphs keep float32 I/O
+    assert [io_dtype(p) for p in ("fp32", "fp16", "bf16", "int8", "fp8")] == [
+        torch.float32, torch.float16, torch.bfloat16, torch.float16, torch.float16]  # Q/DQ in the fp16 UNet
+    assert io_dtype("int8", "onnxruntime") == torch.float32  # ONNX Runtime's Q/DQ UNet keeps the fp32 graph
+    assert io_dtype("int8", "tensorrt") == torch.float16
     spec = component_specs(ModelDims())["text_encoder_2"]
     assert spec.tensor("input_ids").torch_dtype(torch.float16) == torch.int64
     assert spec.tensor("text_embeds").torch_dtype(torch.float16) == torch.float16
-    assert [onnx_precision(p) for p in BUILD_PRECISIONS] == ["fp16", "fp32", "fp32"]
+    assert [onnx_precision(p) for p in BUILD_PRECISIONS] == ["fp16", "fp16", "fp16", "fp32"]
+    assert [onnx_precision(p, "tensorrt") for p in BUILD_PRECISIONS] == ["fp16", "fp16", "fp16", "fp32"]
+    assert onnx_precision("int8", "onnxruntime") == "fp32"
     with pytest.raises(ValueError, match="unknown precision"):
-        io_dtype("fp8")
+        io_dtype("fp4")
 
 
 def test_component_lists_come_from_the_contracts() -> None:

@@ -1,12 +1,15 @@
 """The TensorRT backend without TensorRT: type-checked against the mended stubs, logic tested in pure Python.
 
 * mypy runs on engine/tensorrt_backend.py and runtime/tensorrt_engine.py against tensorrt-stubs (mended by
-  tests/support/mend_tensorrt_stubs.py) as its own step of `.ci/run` (tests/support/typecheck.py), and must
-  pass; on a deliberately wrong snippet it must fail with the expected errors, which proves the check is not
-  vacuous.
+  tests/support/mend_tensorrt_stubs.py) and must pass; on a deliberately wrong snippet it must fail with
+  the expected errors, which proves the check is not vacuous.
+* mypy runs a second time against the stubs less every member TensorRT 11 removed
+  (``mend_tensorrt_stubs.py --trt11``), with a canary: ``trt.BuilderFlag.FP16`` fails there, ``trt.DataType.INT8``
+  passes.
 * The pure parts (flag mapping, component precision, profile translation, install errors) are tested
   directly; build and load are exercised up to the library boundary with a small fake ``tensorrt`` module
-  whose methods record their calls.
+  whose methods record their calls, in a 10.x and an 11.x mode (11.x lacks every removed member, so touching
+  one raises AttributeError). The fake keeps the ONNX's tensor dtypes, as a strongly typed build does.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import enum
 import importlib.util
 import itertools
 import json
+import os
+import re
 import subprocess
 import sys
+import textwrap
 import types
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +48,60 @@ ROOT = Path(__file__).resolve().parents[1]
 MEND = ROOT / "tests" / "support" / "mend_tensorrt_stubs.py"
 SPECS = component_specs(ModelDims())
 BUCKETS = [Bucket(1024, 1024), Bucket(1152, 896)]
+
+
+# --------------------------------------------------------------------------------------------- mypy
+
+
+def _require_mypy_and_stubs() -> None:
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed (pip install 'sdxl-trt[dev]')")
+    try:
+        metadata.distribution("tensorrt-stubs")
+    except metadata.PackageNotFoundError:
+        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs==10.13.0.35.1)")
+
+
+def _mypy(*files: str, trt11: bool = False) -> subprocess.CompletedProcess[str]:
+    """Mend the stubs into build/typings and build/typings-trt11 (as CI does), then run mypy with the repository's
+    mypy.ini; ``trt11``: against the stubs less what TensorRT 11 removed (MYPYPATH is searched first)."""
+    subprocess.run([sys.executable, str(MEND), "build/typings", "--trt11", "build/typings-trt11"], cwd=ROOT,
+                   check=True, capture_output=True)
+    env = {**os.environ, "MYPYPATH": str(ROOT / "build" / "typings-trt11")} if trt11 else None
+    cache = ["--cache-dir", str(ROOT / "build" / ".mypy_cache-trt11")] if trt11 else []
+    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy.ini", *cache, *files],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def test_mypy_accepts_the_tensorrt_modules_against_tensorrt_11() -> None:
+    """Nothing TensorRT 11 removed is used: the same files pass against the stubs less those members."""
+    _require_mypy_and_stubs()
+    result = _mypy(trt11=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Success: no issues found in 3 source files" in result.stdout
+
+
+def test_mypy_trt11_canary_rejects_removed_members_only(tmp_path: Path) -> None:
+    """The canary that makes the second check worth something: a removed member fails there (and passes against
+    10.13), a kept one passes both."""
+    _require_mypy_and_stubs()
+    snippet = tmp_path / "trt11_canary.py"
+    snippet.write_text(textwrap.dedent("""\
+        import tensorrt as trt
+
+        def flags(config: trt.IBuilderConfig, engine: trt.ICudaEngine) -> int:
+            config.set_flag(trt.BuilderFlag.FP16)
+            config.set_flag(trt.BuilderFlag.INT8)
+            kept = trt.DataType.INT8, trt.DataType.FP8, trt.BuilderFlag.REFIT
+            return engine.device_memory_size + engine.device_memory_size_v2 + len(kept)
+    """))
+    out11 = _mypy(str(snippet), trt11=True).stdout
+    assert 'trt11_canary.py:4: error: "type[BuilderFlag]" has no attribute "FP16"' in out11, out11
+    assert 'trt11_canary.py:5: error: "type[BuilderFlag]" has no attribute "INT8"' in out11, out11
+    assert 'trt11_canary.py:7: error: "ICudaEngine" has no attribute "device_memory_size"' in out11, out11
+    assert "Found 3 errors in 1 file" in out11, out11  # line 6 (DataType.INT8, FP8, REFIT) passes
+    out10 = _mypy(str(snippet)).stdout
+    assert "Success: no issues found in 1 source file" in out10, out10
 
 
 def test_flag_names_exist_in_the_tensorrt_10_api() -> None:
@@ -87,53 +147,51 @@ def test_mend_fixes_the_known_syntax_errors() -> None:
 
 # ------------------------------------------------------------------------------------ pure logic
 
-
-@dataclass(frozen=True)
-class Case:
-    precision: str
-    strongly_typed: bool | None
-    builder: list[str]
-    network: list[str]
+PRECISION_FLAGS = {"FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
+                   "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO"}
+"""The builder flags TensorRT 11 removed (weak typing): never set, on either generation."""
 
 
-PRECISION_CASES = [
-    Case("fp16", None, ["FP16"], []),
-    Case("fp16", False, ["FP16"], []),
-    Case("fp16", True, [], ["STRONGLY_TYPED"]),  # the fp16 ONNX decides; FP16 would be rejected
-    Case("fp32", None, [], []),
-    Case("fp32", False, [], []),
-    Case("fp32", True, [], ["STRONGLY_TYPED"]),
-    Case("int8", None, ["FP16", "INT8"], []),  # Q/DQ layers INT8, the unquantized rest FP16
-    Case("int8", False, ["FP16", "INT8"], []),
-    Case("int8", True, [], ["STRONGLY_TYPED"]),  # an fp16 Q/DQ ONNX decides every dtype
-]
+def test_removed_flag_list_is_the_stub_menders() -> None:
+    assert set(_load_mend().REMOVED_IN_11["BuilderFlag"]) == PRECISION_FLAGS
+    assert not PRECISION_FLAGS & set(tb.BUILDER_FLAG_NAMES)
 
 
-@pytest.mark.parametrize("case", PRECISION_CASES, ids=lambda c: f"{c.precision}-typed={c.strongly_typed}")
-def test_flag_names_for_precision(case: Case) -> None:
-    names = tb.flag_names(tb.TensorRTBuildConfig(precision=case.precision, strongly_typed=case.strongly_typed))
-    assert names == tb.FlagNames(case.builder, case.network)
-
-
-@pytest.mark.parametrize("precision,typed,refit,stream", itertools.product(
-    ["fp16", "fp32", "int8"], [None, True, False], [False, True, "identical"], [False, True]))
-def test_flag_names_every_combination(precision: str, typed: bool | None, refit: Any, stream: bool) -> None:
-    kwargs = dict(precision=precision, strongly_typed=typed, refittable=refit, weight_streaming=stream)
-    if typed is False and stream:
-        with pytest.raises(BuildError, match="strongly typed"):
-            tb.TensorRTBuildConfig(**kwargs)
-        return
-    builder, network = tb.flag_names(tb.TensorRTBuildConfig(**kwargs))
+@pytest.mark.parametrize("precision,refit,stream,flag", itertools.product(
+    ["fp16", "fp32", "int8", "fp8"], [False, True, "identical"], [False, True], [True, False]))
+def test_flag_names_every_combination(precision: str, refit: Any, stream: bool, flag: bool) -> None:
+    """Strongly typed always: STRONGLY_TYPED exactly where this TensorRT needs it (10.x), no precision flag."""
+    config = tb.TensorRTBuildConfig(precision=precision, refittable=refit, weight_streaming=stream)
+    builder, network = tb.flag_names(config, strongly_typed_flag=flag)
     assert set(builder) <= set(tb.BUILDER_FLAG_NAMES) and set(network) <= set(tb.NETWORK_FLAG_NAMES)
-    strongly = typed is True or (typed is None and stream)
-    assert ("STRONGLY_TYPED" in network) == strongly
-    if strongly:
-        assert not {"FP16", "INT8", "BF16", "FP8"} & set(builder)
-    assert ("FP16" in builder) == (precision in ("fp16", "int8") and not strongly)
-    assert ("INT8" in builder) == (precision == "int8" and not strongly)
+    assert network == (["STRONGLY_TYPED"] if flag else [])
+    assert not PRECISION_FLAGS & set(builder)
     assert ("REFIT" in builder) == (refit is True)
     assert ("REFIT_IDENTICAL" in builder) == (refit == "identical")
     assert ("WEIGHT_STREAMING" in builder) == stream
+
+
+@pytest.mark.parametrize("version,needs", [("10.8.0.43", True), ("10.13.0.35", True), ("11.0.0.1", False),
+                                           ("11.4.0.9", False)])
+def test_strongly_typed_flag_by_version(version: str, needs: bool) -> None:
+    from sdxl_trt.tensorrt_support import needs_strongly_typed_flag, tensorrt_major
+
+    flags = types.SimpleNamespace(STRONGLY_TYPED=1)
+    trt = types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=flags)
+    assert tensorrt_major(trt) == int(version.split(".")[0])
+    assert needs_strongly_typed_flag(trt) is needs
+    assert needs_strongly_typed_flag(types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=object())) is False
+
+
+def test_pyproject_extra_is_the_supported_range() -> None:
+    """The extra installs what tensorrt_status accepts: 10.8 and newer 10.x, and 11.x."""
+    from sdxl_trt.tensorrt_support import MIN_VERSION, SUPPORTED_MAJORS
+
+    text = (ROOT / "pyproject.toml").read_text()
+    pin = re.search(r'tensorrt = \["tensorrt>=([0-9.]+),<([0-9]+)"', text)
+    assert pin, text
+    assert tuple(int(x) for x in pin.group(1).split(".")) == MIN_VERSION
+    assert int(pin.group(2)) == max(SUPPORTED_MAJORS) + 1
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -155,8 +213,12 @@ def test_config_rejects_bad_values_naming_them(kwargs: dict[str, Any], message: 
     ("vae_decoder", "fp32", True, "fp32"),
     ("unet", "fp16", False, "fp16"),
     ("unet", "int8", False, "int8"),
+    ("unet", "fp8", False, "fp8"),
     ("refiner", "int8", False, "fp16"),  # only the base UNet is calibrated
-    ("text_encoder", "int8", False, "fp16"),
+    ("refiner", "fp8", False, "fp16"),
+    ("text_encoder", "int8", False, "fp16"),  # fp16 files: TensorRT builds what the ONNX says
+    ("text_encoder_2", "fp8", False, "fp16"),
+    ("vae_decoder", "fp8", False, "fp32"),
     ("text_encoder_2", "fp16", False, "fp16"),
     ("text_encoder", "fp32", False, "fp32"),
 ])
@@ -172,21 +234,17 @@ def test_component_precision_covers_every_component_and_rejects_others() -> None
         component_precision("vae", "fp16", backend="tensorrt")
 
 
-def test_the_rules_int8_text_encoder_builds_fp16_not_strongly_typed() -> None:
-    cfg = tb.TensorRTBuildConfig(precision=component_precision("text_encoder", "int8", backend="tensorrt"))
-    assert cfg.precision == "fp16" and tb.flag_names(cfg) == tb.FlagNames(["FP16"], [])
-    vae = tb.TensorRTBuildConfig(precision=component_precision("vae_decoder", "fp16", backend="tensorrt"))
-    assert vae.precision == "fp32" and tb.flag_names(vae) == tb.FlagNames([], [])
-
-
-def test_a_weakly_typed_fp16_vae_is_refused_not_rewritten(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
-    """build_engine builds the precision it is given (the rule is applied once, by the build); an fp16 VAE
-    without strong typing would get the FP16 flag and NaN images, so it is refused with the fix."""
+def test_a_fp16_vae_is_refused_not_rewritten(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+    """build_engine builds the precision it is given (the rule is applied once, by the build); an fp16 VAE would
+    overflow to NaN, so it is refused with the fix, whatever its file holds."""
     spec = SPECS["vae_decoder"]
     profiles = component_profiles(spec, buckets=BUCKETS, max_batch=1)
-    with pytest.raises(BuildError, match=r"weakly typed fp16 VAE.*precision='fp32'"):
-        tb.build_engine(_onnx(tmp_path, "vae_decoder"), tmp_path / "vae.plan", spec=spec, profiles=profiles,
-                        config=tb.TensorRTBuildConfig(precision="fp16"))
+    with pytest.raises(BuildError, match=r"fp16 VAE would run in fp16.*precision='fp32'"):
+        tb.build_engine(_onnx(tmp_path, "vae_decoder", dtype="HALF"), tmp_path / "vae.plan", spec=spec,
+                        profiles=profiles, config=tb.TensorRTBuildConfig(precision="fp16"))
+    with pytest.raises(BuildError, match=r"has float tensors .*latent \(HALF\).*needs FLOAT.*overflows in fp16"):
+        tb.build_engine(_onnx(tmp_path, "vae_decoder", dtype="HALF"), tmp_path / "vae.plan", spec=spec,
+                        profiles=profiles, config=tb.TensorRTBuildConfig(precision="fp32"))
     info = tb.build_engine(_onnx(tmp_path, "vae_decoder"), tmp_path / "vae.plan", spec=spec, profiles=profiles,
                            config=tb.TensorRTBuildConfig(precision="fp32"))
     assert info["precision"] == "fp32" and info["builder_flags"] == []
@@ -236,14 +294,61 @@ def test_stubs_alone_are_not_tensorrt(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 @pytest.mark.parametrize("version,gpu,expected", [
-    ("8.6.1", True, "written for TensorRT 10"),
+    ("8.6.1", True, "written for TensorRT 10.8"),
+    ("10.4.0.26", True, "written for TensorRT 10.8"),
+    ("12.0.0", True, "written for TensorRT 10.8"),
     ("10.13.0.35", False, "no CUDA GPU"),
+    ("11.4.0.9", False, "no CUDA GPU"),  # 11.x is supported: only the missing GPU stops it
 ])
 def test_tensorrt_status_reasons(monkeypatch: pytest.MonkeyPatch, version: str, gpu: bool, expected: str) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version, Builder=object))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     ok, reason = tb.tensorrt_status()
     assert not ok and expected in reason
+
+
+@pytest.mark.parametrize("version", ["10.8.0.43", "10.13.0.35", "11.4.0.9"])
+def test_tensorrt_status_accepts_supported_versions(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version, Builder=object))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    assert tb.tensorrt_status() == (True, f"TensorRT {version} on Fake GPU")
+
+
+@pytest.mark.parametrize("name,capability,ok", [("NVIDIA A100-SXM4-80GB", (8, 0), False),
+                                                ("NVIDIA GeForce RTX 3090", (8, 6), False),
+                                                ("NVIDIA L40S", (8, 9), True), ("NVIDIA H200", (9, 0), True),
+                                                ("NVIDIA B200", (10, 0), True)])
+def test_fp8_needs_compute_capability_8_9(name: str, capability: tuple[int, int], ok: bool) -> None:
+    if ok:
+        tb.check_fp8_device(name, capability)
+        return
+    with pytest.raises(BuildError, match=rf"capability 8\.9 or newer.*{name} has compute capability {capability[0]}\.{capability[1]}"):
+        tb.check_fp8_device(name, capability)
+
+
+@pytest.mark.parametrize("backend,why", [("onnxruntime", "slower than fp16"), ("torch", "no FP8 convolutions")])
+def test_fp8_is_refused_on_other_backends_before_anything_is_written(tmp_path: Path, backend: str, why: str) -> None:
+    from sdxl_trt.engine.build import build_engines
+    from sdxl_trt.engine.options import BuildOptions
+
+    out = tmp_path / "engines"
+    with pytest.raises(BuildError, match=rf"--precision fp8 is for --backend tensorrt.*{why}"):
+        build_engines(BuildOptions(model="tiny", out=out, backend=backend, precision="fp8"))
+    assert not out.exists()
+
+
+def test_fp8_on_an_old_gpu_is_refused_before_anything_is_written(fake_trt: FakeTensorRT, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdxl_trt.engine.build import build_engines
+    from sdxl_trt.engine.options import BuildOptions
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A10G")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
+    out = tmp_path / "engines"
+    with pytest.raises(BuildError, match=r"NVIDIA A10G has compute capability 8\.6"):
+        build_engines(BuildOptions(model="tiny", out=out, backend="tensorrt", precision="fp8"))
+    assert not out.exists()
 
 
 def test_build_refuses_before_writing_anything(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -274,19 +379,34 @@ def test_loading_without_tensorrt_says_how_to_install(monkeypatch: pytest.Monkey
 # ------------------------------------------------- build and load against a recording fake tensorrt
 
 
-class FakeTensorRT(types.ModuleType):
-    """Just enough of TensorRT 10's Python API (same names and signatures as the stubs) to record calls.
+REMOVED_MEMBERS_IN_11 = {
+    "device_memory_size", "create_execution_context_without_device_memory", "int8_calibrator",
+    "set_calibration_profile", "get_calibration_profile", "set_quantization_flag", "clear_quantization_flag",
+    "set_output_type", "precision", "set_dynamic_range", "dynamic_range", "platform_has_fast_fp16",
+    "platform_has_fast_int8",
+}
+"""Object members the fake's 11.x mode lacks (AttributeError), from the stub mender's list."""
 
-    The "ONNX" file is JSON: ``{"inputs": {name: dtype}, "outputs": [...], "errors": [...]}``; the "plan" is
-    JSON too, so a built plan loads in the fake runtime. ``fail_build`` makes the build return None.
+
+class FakeTensorRT(types.ModuleType):
+    """Just enough of TensorRT's Python API (same names and signatures as the stubs) to record calls, as 10.x
+    (``major=10``: every member, precision flags included, so a test proves they are never set) or as 11.x
+    (``major=11``: the members 11 removed are absent and raise AttributeError; every network is strongly typed).
+
+    The "ONNX" file is JSON: ``{"inputs": {name: dtype}, "outputs": {name: dtype}, "errors": [...]}``; the plan
+    is JSON too and keeps those dtypes (a strongly typed build runs in the file's types), so a built plan loads
+    in the fake runtime with the tensor dtypes its ONNX had. ``fail_build`` makes the build return None.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, major: int = 10) -> None:
         super().__init__("tensorrt")
-        self.__version__ = "10.13.0.35"
+        self.major = major
+        self.__version__ = "10.13.0.35" if major == 10 else "11.4.0.9"
         self.calls: list[tuple[Any, ...]] = []
+        self.contexts: list[Any] = []
         self.fail_build = False
         fake = self
+        removed = REMOVED_MEMBERS_IN_11 if major >= 11 else set()
 
         class Severity(enum.IntEnum):
             INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
@@ -296,14 +416,18 @@ class FakeTensorRT(types.ModuleType):
 
         ILogger.Severity = Severity
         self.ILogger = ILogger
-        self.BuilderFlag = enum.IntEnum("BuilderFlag", {n: i for i, n in enumerate(tb.BUILDER_FLAG_NAMES)})
+        kept = list(tb.BUILDER_FLAG_NAMES) + ["TF32", "STRIP_PLAN", "REFIT_INDIVIDUAL"]
+        flags = kept + ([] if major >= 11 else sorted(PRECISION_FLAGS))
+        self.BuilderFlag = enum.IntEnum("BuilderFlag", {n: i for i, n in enumerate(flags)})
         self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
                                                           {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1})
         self.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
-        self.DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT32 INT64 INT8 UINT8 BOOL")
+        self.DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT32 INT64 INT8 UINT8 BOOL FP8")
         self.TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
         self.ExecutionContextAllocationStrategy = enum.Enum("ExecutionContextAllocationStrategy",
                                                             "STATIC ON_PROFILE_CHANGE USER_MANAGED")
+        self.nptype = lambda t: {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32,
+                                 "INT64": np.int64, "BOOL": np.bool_}[t.name]
 
         class Dims(tuple):
             pass
@@ -312,6 +436,8 @@ class FakeTensorRT(types.ModuleType):
 
         class Recorder:
             def __getattr__(self, name: str) -> Any:
+                if name in removed:
+                    raise AttributeError(f"TensorRT {fake.__version__} has no {type(self).__name__}.{name}")
                 return lambda *args, **kw: fake.calls.append((name, *args, *kw.values())) or True
 
         class Tensor:
@@ -338,7 +464,8 @@ class FakeTensorRT(types.ModuleType):
             def parse_from_file(self, path: str) -> bool:
                 onnx = json.loads(Path(path).read_text())
                 self.network.inputs = [Tensor(n, d) for n, d in onnx["inputs"].items()]
-                self.network.outputs = [Tensor(n) for n in onnx["outputs"]]
+                self.network.outputs = [Tensor(n, d) for n, d in onnx["outputs"].items()]
+                self.network.weights = onnx.get("weights", {})
                 self.errors = [Error(n) for n in onnx.get("errors", [])]
                 return not self.errors
 
@@ -352,6 +479,11 @@ class FakeTensorRT(types.ModuleType):
         class BuilderConfig(Recorder):
             def __init__(self) -> None:
                 self.profiles: list[Any] = []
+                self.flags: set[Any] = set()
+
+            def set_flag(self, flag: Any) -> None:
+                fake.calls.append(("set_flag", flag))
+                self.flags.add(flag)
 
             def add_optimization_profile(self, profile: Any) -> int:
                 self.profiles.append(profile)
@@ -373,7 +505,10 @@ class FakeTensorRT(types.ModuleType):
 
             def create_network(self, flags: int = 0) -> Network:
                 fake.calls.append(("create_network", flags))
-                return Network()
+                network = Network()
+                # 10.x: weakly typed unless STRONGLY_TYPED is set; 11.x: always strongly typed (flag ignored).
+                network.strongly_typed = major >= 11 or bool(flags & (1 << 1))
+                return network
 
             create_builder_config = lambda self: BuilderConfig()  # noqa: E731
             create_optimization_profile = lambda self: Recorder()  # noqa: E731
@@ -381,26 +516,43 @@ class FakeTensorRT(types.ModuleType):
             def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
                 if fake.fail_build:
                     return None
+                if not network.strongly_typed:
+                    raise AssertionError("the fake builds strongly typed networks only (a weakly typed 10.x build)")
                 io = {t.name: "INPUT" for t in network.inputs} | {t.name: "OUTPUT" for t in network.outputs}
-                return json.dumps({"io": io, "profiles": len(config.profiles)}).encode()
+                dtypes = {t.name: t.dtype.name for t in (*network.inputs, *network.outputs)}
+                return json.dumps({"io": io, "dtypes": dtypes, "profiles": len(config.profiles),
+                                   "refittable": bool(config.flags & {fake.BuilderFlag.REFIT}),
+                                   "weights": network.weights}).encode()
 
         class Context(Recorder):
-            pass
+            def __init__(self) -> None:
+                fake.contexts.append(self)
+                self.calls: list[tuple[Any, ...]] = []
+
+            def __getattr__(self, name: str) -> Any:
+                record = super().__getattr__(name)
+                return lambda *args, **kw: self.calls.append((name, *args)) or record(*args, **kw)
 
         class Engine:
             def __init__(self, plan: dict[str, Any]) -> None:
                 self.io, self.num_optimization_profiles = plan["io"], plan["profiles"]
+                self.dtypes, self.refittable, self.weights = plan["dtypes"], plan["refittable"], plan["weights"]
                 self.num_io_tensors = len(self.io)
                 self.device_memory_size_v2 = plan.get("memory", 1000)
+                if major < 11:
+                    self.device_memory_size = self.device_memory_size_v2
 
             get_tensor_name = lambda self, i: list(self.io)[i]  # noqa: E731
             get_tensor_mode = lambda self, n: fake.TensorIOMode[self.io[n]]  # noqa: E731
-            get_tensor_dtype = lambda self, n: fake.DataType.INT64 if n == "input_ids" else fake.DataType.HALF  # noqa: E731
+            get_tensor_dtype = lambda self, n: fake.DataType[self.dtypes[n]]  # noqa: E731
             get_device_memory_size_for_profile_v2 = lambda self, i: 100 * (i + 1)  # noqa: E731
 
             def create_execution_context(self, strategy: Any) -> Context:
                 fake.calls.append(("create_execution_context", strategy))
                 return Context()
+
+            def __getattr__(self, name: str) -> Any:
+                raise AttributeError(f"TensorRT {fake.__version__}: ICudaEngine has no {name}")
 
         class Runtime:
             def __init__(self, logger: ILogger) -> None:
@@ -412,7 +564,34 @@ class FakeTensorRT(types.ModuleType):
                 except ValueError:
                     return None  # what TensorRT does for a plan of another version or GPU
 
+        class Weights:
+            def __init__(self, array: np.ndarray) -> None:
+                self.array = array
+                self.dtype = {np.dtype(np.float32): fake.DataType.FLOAT,
+                              np.dtype(np.float16): fake.DataType.HALF}[array.dtype]
+
+        class Refitter:
+            def __init__(self, engine: Engine, logger: ILogger) -> None:
+                self.engine, self.set = engine, {}
+
+            def get_weights_prototype(self, name: str) -> Weights:
+                return Weights(np.zeros(1, dtype={"FLOAT": np.float32, "HALF": np.float16}[self.engine.weights[name]]))
+
+            def set_named_weights(self, name: str, weights: Weights) -> bool:
+                if name not in self.engine.weights or weights.dtype.name != self.engine.weights[name]:
+                    return False
+                self.set[name] = weights.array.copy()
+                return True
+
+            def refit_cuda_engine(self) -> bool:
+                fake.calls.append(("refit_cuda_engine", dict(self.set)))
+                return True
+
+            def get_missing_weights(self) -> list[str]:
+                return []
+
         self.Builder, self.OnnxParser, self.Runtime = Builder, OnnxParser, Runtime
+        self.Weights, self.Refitter = Weights, Refitter
 
 
 class FakeStream:
@@ -422,9 +601,10 @@ class FakeStream:
         pass
 
 
-@pytest.fixture
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
-    fake = FakeTensorRT()
+@pytest.fixture(params=[10, 11], ids=["trt10", "trt11"])
+def fake_trt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
+    """The fake in both generations: every test using it runs as TensorRT 10.13 and as TensorRT 11.4."""
+    fake = FakeTensorRT(request.param)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
@@ -432,12 +612,22 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
     return fake
 
 
-def _onnx(tmp_path: Path, name: str, *, dtype: str = "FLOAT", errors: tuple[str, ...] = ()) -> Path:
+def _onnx(tmp_path: Path, name: str, *, dtype: str = "FLOAT", errors: tuple[str, ...] = (),
+          weights: dict[str, str] | None = None) -> Path:
+    """A fake ONNX of component ``name`` whose float tensors are ``dtype`` (the fixed ones their own)."""
     spec = SPECS[name]
     path = tmp_path / f"{name}.onnx"
-    inputs = {t.name: ("INT64" if t.dtype == "int64" else dtype) for t in spec.inputs}
-    path.write_text(json.dumps({"inputs": inputs, "outputs": spec.output_names, "errors": list(errors)}))
+    fixed = {"int64": "INT64", "int32": "INT32", "float32": "FLOAT"}
+    types_ = {t.name: fixed.get(t.dtype, dtype) for t in spec.tensors}
+    path.write_text(json.dumps({"inputs": {t.name: types_[t.name] for t in spec.inputs},
+                                "outputs": {t.name: types_[t.name] for t in spec.outputs},
+                                "errors": list(errors), "weights": weights or {}}))
     return path
+
+
+def _network_flags(fake: FakeTensorRT) -> int:
+    """What create_network must be given: STRONGLY_TYPED on 10.x, nothing on 11.x (ignored there)."""
+    return 1 << 1 if fake.major < 11 else 0
 
 
 def test_build_with_fake_tensorrt(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
@@ -446,27 +636,81 @@ def test_build_with_fake_tensorrt(fake_trt: FakeTensorRT, tmp_path: Path) -> Non
     cache = tmp_path / "engines" / "timing.cache"
     config = tb.TensorRTBuildConfig(precision="fp16", refittable=True, workspace_gib=2, timing_cache=cache,
                                     builder_optimization_level=1)
-    info = tb.build_engine(_onnx(tmp_path, "unet"), tmp_path / "engines" / "unet.plan", spec=spec,
+    info = tb.build_engine(_onnx(tmp_path, "unet", dtype="HALF"), tmp_path / "engines" / "unet.plan", spec=spec,
                            profiles=profiles, config=config)
     calls = fake_trt.calls
-    assert ("create_network", 0) in calls
-    assert ("set_flag", fake_trt.BuilderFlag.FP16) in calls and ("set_flag", fake_trt.BuilderFlag.REFIT) in calls
+    assert ("create_network", _network_flags(fake_trt)) in calls
+    assert [c[1] for c in calls if c[0] == "set_flag"] == [fake_trt.BuilderFlag.REFIT]  # no precision flag
     assert ("set_memory_pool_limit", fake_trt.MemoryPoolType.WORKSPACE, 2 * 2**30) in calls
     assert ("create_timing_cache", b"") in calls
     set_shapes = [c[1:] for c in calls if c[0] == "set_shape"]
     expected = [a for p in profiles for a in tb.profile_shapes(spec, p)]
-    assert set_shapes == [(n, tuple(lo), tuple(opt), tuple(hi)) for n, lo, opt, hi in expected]
+    assert set_shapes == [(n, tuple(lo), tuple(opt), tuple(hi)) for n, lo, opt, hi in expected]  # per bucket
     assert all(isinstance(d, fake_trt.Dims) for c in set_shapes for d in c[1:])
     assert cache.read_bytes() == b"timings"
     assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == ["timing.cache", "unet.plan"]  # no temp files
-    assert info["builder_flags"] == ["FP16", "REFIT"] and info["network_flags"] == []
-    assert info["tensorrt_version"] == "10.13.0.35" and info["profiles"] == ["1024x1024", "1152x896"]
+    assert info["builder_flags"] == ["REFIT"] and info["strongly_typed"] is True
+    assert info["network_flags"] == (["STRONGLY_TYPED"] if fake_trt.major < 11 else [])
+    assert info["tensorrt_version"] == fake_trt.__version__ and info["tensorrt_major"] == fake_trt.major
+    assert info["profiles"] == ["1024x1024", "1152x896"]
     assert info["bytes"] == (tmp_path / "engines" / "unet.plan").stat().st_size
 
 
+@pytest.mark.parametrize("precision", ["fp16", "int8", "fp8", "fp32"])
+def test_every_precision_builds_strongly_typed_from_its_typed_file(fake_trt: FakeTensorRT, tmp_path: Path,
+                                                                   precision: str) -> None:
+    """Every precision on both generations: the network strongly typed, no precision flag, the plan's I/O the
+    file's (fp16 for fp16/int8/fp8: the Q/DQ nodes sit in the fp16 UNet; fp32 for fp32)."""
+    spec = SPECS["unet"]
+    dtype = tb.ONNX_FLOAT_TYPE[precision]
+    plan = tmp_path / "unet.plan"
+    info = tb.build_engine(_onnx(tmp_path, "unet", dtype=dtype), plan, spec=spec,
+                           profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1),
+                           config=tb.TensorRTBuildConfig(precision=precision))
+    assert ("create_network", _network_flags(fake_trt)) in fake_trt.calls
+    assert not [c for c in fake_trt.calls if c[0] == "set_flag"] and info["builder_flags"] == []
+    built = json.loads(plan.read_text())["dtypes"]
+    assert built["sample"] == dtype and built["noise_pred"] == dtype and built["timestep"] == "FLOAT"
+
+
+@pytest.mark.parametrize("component,precision", [("unet", "fp16"), ("text_encoder", "fp16"), ("unet", "int8"),
+                                                 ("unet", "fp8"), ("text_encoder_2", "fp32")])
+def test_a_file_of_another_precision_is_refused(fake_trt: FakeTensorRT, tmp_path: Path, component: str,
+                                                precision: str) -> None:
+    """What used to be a weakly typed build (an fp32 ONNX asked to build fp16 or int8 with precision flags) is
+    refused naming the tensors and the export command: strongly typed, it would silently build fp32 (and the
+    runtime would hand it fp16 buffers: fault 8)."""
+    spec = SPECS[component]
+    wrong = "FLOAT" if precision != "fp32" else "HALF"
+    fix = f"sdxl-trt export --precision {precision}" if precision != "fp32" else "export it in fp32"
+    with pytest.raises(BuildError, match=rf"{spec.output_names[0]} \({wrong}\).*strongly typed.*{fix}"):
+        tb.build_engine(_onnx(tmp_path, component, dtype=wrong), tmp_path / "out" / "x.plan", spec=spec,
+                        profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1),
+                        config=tb.TensorRTBuildConfig(precision=precision))
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_11_mode_raises_on_removed_members(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 11.x fake is only a proof if it lacks what 11 removed: each access raises, as the real module would."""
+    fake = FakeTensorRT(11)
+    for flag in PRECISION_FLAGS:
+        with pytest.raises(AttributeError):
+            getattr(fake.BuilderFlag, flag)
+    config = fake.Builder(None).create_builder_config()
+    for member in ("set_quantization_flag", "int8_calibrator", "set_calibration_profile"):
+        with pytest.raises(AttributeError, match="11.4"):
+            getattr(config, member)
+    engine = fake.Runtime(None).deserialize_cuda_engine(json.dumps(
+        {"io": {}, "dtypes": {}, "profiles": 1, "refittable": False, "weights": {}}).encode())
+    for member in ("device_memory_size", "create_execution_context_without_device_memory"):
+        with pytest.raises(AttributeError):
+            getattr(engine, member)
+    assert FakeTensorRT(10).BuilderFlag.FP16 is not None  # 10.x still has them (and the build never sets them)
+
+
 def test_tensorrt_builder_builds_each_component_from_its_onnx_source(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
-    """The builder build_engines drives: the plan is named by engine_dir/layout.py, strongly typed when the export
-    is fp16 ONNX (the file decides dtypes), the timing cache beside it, the source's INT8 facts kept."""
+    """The builder build_engines drives: the plan is named by engine_dir/layout.py, strongly typed, the timing
+    cache beside it, the source's Q/DQ facts kept."""
     from sdxl_trt.engine.options import BuildOptions
     from sdxl_trt.export.result import ExportResult
 
@@ -475,7 +719,8 @@ def test_tensorrt_builder_builds_each_component_from_its_onnx_source(fake_trt: F
             self.export = ExportResult(model={}, model_dims=ModelDims(), pipeline={}, precision=onnx_precision)
 
         def onnx_for(self, component: str, precision: str) -> tuple[Path, dict[str, Any]]:
-            return _onnx(tmp_path, component), ({"int8": {"calibrated": True}} if precision == "int8" else {})
+            facts = {"int8": {"calibrated": True}} if precision in ("int8", "fp8") else {}
+            return _onnx(tmp_path, component, dtype=tb.ONNX_FLOAT_TYPE[precision]), facts
 
     out = tmp_path / "engines"
     out.mkdir()
@@ -485,30 +730,11 @@ def test_tensorrt_builder_builds_each_component_from_its_onnx_source(fake_trt: F
         "unet", precision="fp16", spec=spec, profiles=profiles, out=out)
     assert built.file == "unet.plan" and (out / "unet.plan").is_file()
     assert (out / "timing.cache").read_bytes() == b"timings"
-    assert built.info["network_flags"] == ["STRONGLY_TYPED"] and built.info["builder_flags"] == ["REFIT"]
-    int8 = tb.TensorRTBuilder(Source("fp32"), BuildOptions()).build(
-        "unet", precision="int8", spec=spec, profiles=profiles, out=out)
-    assert int8.info["int8"] == {"calibrated": True}
-    assert int8.info["builder_flags"] == ["FP16", "INT8"] and int8.info["network_flags"] == []
-
-
-def test_int8_build_is_weakly_typed_with_fp16_and_int8(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
-    spec = SPECS["unet"]
-    tb.build_engine(_onnx(tmp_path, "unet"), tmp_path / "unet.plan", spec=spec,
-                    profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1),
-                    config=tb.TensorRTBuildConfig(precision="int8"))
-    assert ("create_network", 0) in fake_trt.calls
-    flags = {c[1] for c in fake_trt.calls if c[0] == "set_flag"}
-    assert flags == {fake_trt.BuilderFlag.FP16, fake_trt.BuilderFlag.INT8}
-
-
-def test_int8_strongly_typed_when_asked(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
-    spec = SPECS["unet"]
-    tb.build_engine(_onnx(tmp_path, "unet", dtype="HALF"), tmp_path / "unet.plan", spec=spec,
-                    profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1),
-                    config=tb.TensorRTBuildConfig(precision="int8", strongly_typed=True))
-    assert ("create_network", 1 << 1) in fake_trt.calls
-    assert not [c for c in fake_trt.calls if c[0] == "set_flag"]
+    assert built.info["strongly_typed"] is True and built.info["builder_flags"] == ["REFIT"]
+    for precision in ("int8", "fp8"):
+        qdq = tb.TensorRTBuilder(Source("fp16"), BuildOptions()).build(
+            "unet", precision=precision, spec=spec, profiles=profiles, out=out)
+        assert qdq.info["int8"] == {"calibrated": True} and qdq.info["builder_flags"] == []
 
 
 def test_parser_errors_name_the_nodes(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
@@ -516,7 +742,7 @@ def test_parser_errors_name_the_nodes(fake_trt: FakeTensorRT, tmp_path: Path) ->
     with pytest.raises(BuildError, match=r"node 7 '/down_blocks.0/attn' \(FancyOp\): unsupported operator"):
         tb.build_engine(_onnx(tmp_path, "unet", errors=("/down_blocks.0/attn",)), tmp_path / "out" / "unet.plan",
                         spec=spec, profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1),
-                        config=tb.TensorRTBuildConfig())
+                        config=tb.TensorRTBuildConfig(precision="fp32"))
     assert not (tmp_path / "out").exists()
 
 
@@ -526,26 +752,26 @@ def test_failed_build_leaves_no_plan(fake_trt: FakeTensorRT, tmp_path: Path) -> 
     with pytest.raises(BuildError, match="failed to build"):
         tb.build_engine(_onnx(tmp_path, "text_encoder"), tmp_path / "out" / "text_encoder.plan", spec=spec,
                         profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1),
-                        config=tb.TensorRTBuildConfig())
+                        config=tb.TensorRTBuildConfig(precision="fp32"))
     assert not (tmp_path / "out").exists()
 
 
-def test_strongly_typed_fp16_vae_is_refused(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+def test_fp16_safe_vae_builds_fp16(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
     spec = SPECS["vae_decoder"]
-    kwargs: dict[str, Any] = dict(spec=spec, profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1))
-    onnx = _onnx(tmp_path, "vae_decoder", dtype="HALF")
-    with pytest.raises(BuildError, match="overflow to NaN"):
-        tb.build_engine(onnx, tmp_path / "vae.plan", config=tb.TensorRTBuildConfig(strongly_typed=True), **kwargs)
-    info = tb.build_engine(onnx, tmp_path / "vae.plan",
-                           config=tb.TensorRTBuildConfig(strongly_typed=True, vae_fp16_safe=True), **kwargs)
-    assert info["network_flags"] == ["STRONGLY_TYPED"]
+    info = tb.build_engine(_onnx(tmp_path, "vae_decoder", dtype="HALF"), tmp_path / "vae.plan", spec=spec,
+                           profiles=component_profiles(spec, buckets=BUCKETS, max_batch=1),
+                           config=tb.TensorRTBuildConfig(precision="fp16", vae_fp16_safe=True))
+    assert info["precision"] == "fp16" and info["strongly_typed"] is True
 
 
-def _built_plan(tmp_path: Path, name: str) -> tuple[Path, list[Profile]]:
+def _built_plan(tmp_path: Path, name: str, precision: str = "fp32", *, refittable: bool = False,
+                weights: dict[str, str] | None = None) -> tuple[Path, list[Profile]]:
     spec = SPECS[name]
     profiles = component_profiles(spec, buckets=BUCKETS, max_batch=1)
     plan = tmp_path / f"{name}.plan"
-    tb.build_engine(_onnx(tmp_path, name), plan, spec=spec, profiles=profiles, config=tb.TensorRTBuildConfig())
+    tb.build_engine(_onnx(tmp_path, name, dtype=tb.ONNX_FLOAT_TYPE[precision], weights=weights), plan, spec=spec,
+                    profiles=profiles, config=tb.TensorRTBuildConfig(precision=precision,  # type: ignore[arg-type]
+                                                                     refittable=refittable))
     return plan, profiles
 
 
@@ -563,7 +789,7 @@ def test_load_and_run_with_fake_tensorrt(fake_trt: FakeTensorRT, tmp_path: Path)
     assert [c[1] for c in fake_trt.calls if c[0] == "set_optimization_profile_async"] == [0, 1]
     assert shared.nbytes == 1000  # the largest of device_memory_size_v2 and the per-profile sizes
     assert fake_trt.calls.count(("set_device_memory", shared.address, 1000)) == 2
-    assert engine.tensor_dtypes["sample"] == torch.float16
+    assert engine.tensor_dtypes["sample"] == torch.float32 and engine.tensor_dtypes["timestep"] == torch.float32
 
     shapes = {"sample": (2, 4, 112, 144), "timestep": (2,), "encoder_hidden_states": (2, 77, 2048),
               "text_embeds": (2, 1280), "time_ids": (2, 6)}
@@ -651,10 +877,11 @@ def test_controlnet_and_residual_unet_plans_with_fake_tensorrt(fake_trt: FakeTen
             assert by_name["controlnet_cond"][2] == [2, 3, 896, 1152]
             assert by_name["conditioning_scale"][2] == [2, 10]
         path = tmp_path / f"{name}.onnx"
-        path.write_text(json.dumps({"inputs": {t.name: "FLOAT" for t in spec.inputs}, "outputs": spec.output_names,
-                                    "errors": []}))
+        fixed = {"float32": "FLOAT", "int64": "INT64"}
+        path.write_text(json.dumps({"inputs": {t.name: fixed.get(t.dtype, "HALF") for t in spec.inputs},
+                                    "outputs": {t.name: "HALF" for t in spec.outputs}, "errors": []}))
         plan = tmp_path / f"{name}.plan"
-        tb.build_engine(path, plan, spec=spec, profiles=profiles, config=tb.TensorRTBuildConfig())
+        tb.build_engine(path, plan, spec=spec, profiles=profiles, config=tb.TensorRTBuildConfig(precision="fp16"))
         shared = SharedDeviceMemory("cpu")
         engine = TensorRTEngine.load(plan, spec, profiles, device_memory=shared, device="cpu")
         shared.allocate()
@@ -668,3 +895,173 @@ def test_controlnet_and_residual_unet_plans_with_fake_tensorrt(fake_trt: FakeTen
         wrong = {**shapes, spec.input_names[-1]: (2, 1280, 29, 36) if name == "unet" else (2, 11)}
         with pytest.raises(InvalidRequestError):
             engine.infer_shapes(wrong, profile=1)
+
+
+# ------------------------------------------------------------- faults 8, 9, 10 and typed refit
+
+
+def test_engine_dtypes_are_checked_against_the_arenas_at_load(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+    """Fault 8: an fp32 text encoder plan handed the fp16 buffers its manifest precision gives (what an INT8 build
+    did) is refused at load with the rebuild command; the same plan with the buffers it has loads."""
+    from sdxl_trt.contracts import io_dtype
+    from sdxl_trt.runtime.tensorrt_engine import TensorRTEngine
+
+    spec = SPECS["text_encoder"]
+    plan, profiles = _built_plan(tmp_path, "text_encoder", "fp32")
+
+    def buffers(precision: str) -> dict[str, torch.dtype]:
+        return {t.name: t.torch_dtype(io_dtype(precision, "tensorrt")) for t in spec.tensors}
+
+    with pytest.raises(ManifestError) as e:
+        TensorRTEngine.load(plan, spec, profiles, device="cpu", expected_dtypes=buffers("fp16"),
+                            rebuild_hint="sdxl-trt build --model tiny --precision int8 --out engines")
+    message = str(e.value)
+    assert "hidden_states: plan float32, buffer float16" in message and "input_ids" not in message
+    assert "sdxl-trt build --model tiny --precision int8 --out engines" in message
+    engine = TensorRTEngine.load(plan, spec, profiles, device="cpu", expected_dtypes=buffers("fp32"))
+    assert engine.tensor_dtypes == buffers("fp32")
+
+
+@pytest.mark.parametrize("requested", ["int8", "fp8"])
+def test_the_rules_precisions_and_the_typed_files_agree(fake_trt: FakeTensorRT, tmp_path: Path, requested: str) -> None:
+    """What the rule gives each component of an int8/fp8 TensorRT build is what its typed file holds, so plans
+    load against the arena's buffers (the same io_dtype the arena uses)."""
+    from sdxl_trt.contracts import io_dtype
+    from sdxl_trt.runtime.tensorrt_engine import TensorRTEngine
+
+    for name in ("text_encoder", "text_encoder_2", "unet", "refiner", "vae_decoder"):
+        precision = component_precision(name, requested, backend="tensorrt")
+        plan, profiles = _built_plan(tmp_path, name, precision)
+        float_dtype = io_dtype(precision, "tensorrt")
+        TensorRTEngine.load(plan, SPECS[name], profiles, device="cpu",
+                            expected_dtypes={t.name: t.torch_dtype(float_dtype) for t in SPECS[name].tensors})
+    assert io_dtype("int8", "onnxruntime") == torch.float32  # ONNX Runtime's INT8 UNet keeps the fp32 graph
+
+
+def test_one_execution_context_per_shape_set(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+    """Fault 9: two graphs on one profile (1 and 2 images per batch) get two contexts, each bound to the shared
+    device block and its profile; running a shape set again reuses its context; another profile its own."""
+    from sdxl_trt.runtime.tensorrt_engine import SharedDeviceMemory, TensorRTEngine
+
+    spec = SPECS["unet"]
+    plan, profiles = _built_plan(tmp_path, "unet")
+    memory = SharedDeviceMemory("cpu")
+    engine = TensorRTEngine.load(plan, spec, profiles, device_memory=memory, device="cpu")
+    memory.allocate()
+    assert engine.num_contexts == len(profiles) == 2
+
+    def run(batch: int, profile: int) -> Any:
+        dims = {"B": batch, "S": 77, "h": 112 if profile else 128, "w": 144 if profile else 128}
+        inputs = {t.name: torch.zeros(t.shape(dims)) for t in spec.inputs}
+        outputs = {t.name: torch.zeros(t.shape(dims)) for t in spec.outputs}
+        before = {id(c): len(c.calls) for c in fake_trt.contexts}
+        engine.run(inputs, outputs, profile=profile)
+        used = [c for c in fake_trt.contexts if len(c.calls) > before.get(id(c), 0)
+                and any(call[0] == "execute_async_v3" for call in c.calls[before.get(id(c), 0):])]
+        assert len(used) == 1
+        return used[0]
+
+    one, two = run(1, 1), run(2, 1)
+    assert one is not two and engine.num_contexts == 3
+    assert ("set_optimization_profile_async", 1, 1234) in two.calls
+    assert ("set_device_memory", memory.address, memory.nbytes) in two.calls
+    assert run(1, 1) is one and run(2, 1) is two and engine.num_contexts == 3
+    assert run(2, 0) not in (one, two)
+
+
+def test_refit_hands_each_weight_in_its_plan_dtype(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
+    """Typed refit: an fp16 plan takes fp16 arrays; an fp32 array for it is refused naming both dtypes."""
+    from sdxl_trt.runtime.tensorrt_engine import TensorRTEngine
+
+    plan, profiles = _built_plan(tmp_path, "unet", "fp16", refittable=True, weights={"w": "HALF", "b": "FLOAT"})
+    engine = TensorRTEngine.load(plan, SPECS["unet"], profiles, device="cpu")
+    w, b = np.full((4, 4), 0.5, np.float16), np.ones(4, np.float32)
+    engine.set_weights({"w": w, "b": b})
+    refit = [c[1] for c in fake_trt.calls if c[0] == "refit_cuda_engine"][-1]
+    assert refit["w"].dtype == np.float16 and refit["b"].dtype == np.float32
+    with pytest.raises(InvalidRequestError, match=r"'w' .* is float16 in the plan, but the refit array is float32"):
+        engine.set_weights({"w": w.astype(np.float32)})
+
+
+def test_lora_switch_on_an_fp16_plan_refits_fp16_from_fp32_base_and_recaptures(
+        fake_trt: FakeTensorRT, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items 5 and 10: the switch adds the delta to the base in fp32 and rounds once to the weight map's fp16 (the
+    plan's dtype), refits, and drops the graphs that enqueue the refit engine (they are captured again; other
+    graphs stay)."""
+    from sdxl_trt.lora import Lora
+    from sdxl_trt.lora.weight_map import ComponentWeights, WeightLocation
+    from sdxl_trt.runtime.graphs import CudaGraphs
+    from sdxl_trt.runtime.lora import LoraSwitcher
+
+    class Engine:
+        backend = "tensorrt"
+
+        def __init__(self) -> None:
+            self.pushed: list[dict[str, np.ndarray]] = []
+
+        def set_weights(self, arrays: dict[str, np.ndarray], *, rebuild: str) -> None:
+            self.pushed.append(arrays)
+
+    graphs = CudaGraphs(torch.device("cpu"), enabled=False)
+    step, text = ("step", "unet", "64x64", 1, True, 1, False, "euler", ()), ("text", "text_encoder", 2)
+    graphs.graphs.update({step: "graph-a", text: "graph-b"})
+    engine = Engine()
+    ctx = types.SimpleNamespace(engines={"unet": engine}, graphs=graphs,
+                                manifest=types.SimpleNamespace(rebuild_hint=lambda d: "sdxl-trt build ..."))
+    switcher = LoraSwitcher.__new__(LoraSwitcher)
+    switcher.ctx, switcher.directory = ctx, Path(".")
+    cw = ComponentWeights(weights={"proj.weight": WeightLocation(shape=(2, 2), torch="proj.weight", onnx="W",
+                                                                 onnx_dtype="float16")})
+    base = {"proj.weight": torch.tensor([[1.0, 2.0], [3.0, 1e-4]], dtype=torch.float16).float()}
+    delta = torch.full((2, 2), 1e-4)
+    monkeypatch.setattr("sdxl_trt.runtime.lora.onnx_weight_updates",
+                        lambda cw, component, base, new: {"W": base["proj.weight"] + delta})
+    switcher._push("unet", cw, base, [(Lora(path="x", sha256="", format="", layers={}), 1.0)], key=(("x", 1.0),))
+    (arrays,) = engine.pushed
+    assert arrays["W"].dtype == np.float16
+    expected = (base["proj.weight"] + delta).numpy().astype(np.float16)  # rounded once, from fp32
+    assert np.array_equal(arrays["W"], expected)
+    assert step not in graphs.graphs and text in graphs.graphs
+
+
+def test_invalidated_graphs_are_captured_again_after_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault 10: after a refit, the dropped graph is captured again at its next use even though warm-up is over;
+    a key never captured still runs eagerly."""
+    from sdxl_trt.runtime.graphs import CudaGraphs
+
+    graphs = CudaGraphs(torch.device("cpu"), enabled=False)
+    graphs.enabled = True  # the capture itself is CUDA's; what is tested is which keys (re)capture
+    captured: list[Any] = []
+    monkeypatch.setattr(graphs, "_capture", lambda key, work, mutable: captured.append(key)
+                        or graphs.graphs.setdefault(key, f"graph-{len(captured)}"))
+    step = ("step", "unet", "64x64", 1, True, 1, False, "euler", ())
+    text = ("text", "text_encoder_2", 2)
+    assert graphs.get(step, lambda: None, graph_safe=True, mutable=()) == "graph-1"
+    assert graphs.get(text, lambda: None, graph_safe=True, mutable=()) == "graph-2"
+    graphs.forbid_capture()
+    assert graphs.invalidate({"unet"}) == [step]
+    assert graphs.get(step, lambda: None, graph_safe=True, mutable=()) == "graph-3"  # re-captured
+    assert graphs.get(text, lambda: None, graph_safe=True, mutable=()) == "graph-2"  # untouched
+    assert graphs.get(("text", "text_encoder", 1), lambda: None, graph_safe=True, mutable=()) is None
+    assert captured == [step, text, step]
+
+
+@pytest.mark.parametrize("built,here,refused", [("10.13.0.35", "11.4.0.9", True), ("11.4.0.9", "10.13.0.35", True),
+                                                ("10.8.0.43", "10.13.0.35", False), ("11.0.0.1", "11.4.0.9", False)])
+def test_manifest_refuses_plans_of_another_tensorrt_major(tmp_path: Path, built: str, here: str, refused: bool) -> None:
+    """A 10.x plan on 11.x (or back) is refused with the rebuild command; minor versions of one major load."""
+    from sdxl_trt.engine_dir.manifest import Manifest, check_engine_dir
+
+    gpu = {"type": "cuda", "name": "NVIDIA H200", "compute_capability": "9.0"}
+    manifest = Manifest(backend="tensorrt", precision="fp8", model={"name": "sdxl-base-1.0"}, model_dims={},
+                        buckets=["1024x1024"], max_batch=1, max_prompt_chunks=3, profile_mode="per-bucket",
+                        pipeline={}, versions={"tensorrt": built}, device=gpu,
+                        build_command="sdxl-trt build --model sdxl-base-1.0 --precision fp8 --out engines")
+    check = lambda: check_engine_dir(tmp_path, manifest, device=gpu, versions={"tensorrt": here},  # noqa: E731
+                                     check_model_source=False)
+    if not refused:
+        check()
+        return
+    with pytest.raises(ManifestError, match=rf"TensorRT {built}, this machine has {here}: plans do not load across "
+                                            r"major versions. Rebuild: sdxl-trt build --model sdxl-base-1.0"):
+        check()

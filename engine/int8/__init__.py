@@ -83,6 +83,8 @@ def build_int8_unet(
     calibrate_method: CalibrateMethod = "minmax",
     quant_level: float = 3.0,
     providers: Sequence[str] | None = None,
+    fmt: Literal["int8", "fp8"] = "int8",
+    typed: tuple[Path, Path] | None = None,
 ) -> QuantizationReport:
     """Calibrate on ``num_prompts`` prompts, quantize, and measure the error on ``num_eval_prompts`` other prompts.
 
@@ -96,7 +98,16 @@ def build_int8_unet(
     the UNet's inputs and calibrates the FP32 ONNX file with ONNX Runtime (:mod:`.ort`; every calibration
     method, but host memory grows with a forward pass's activations: 14.8 GB for tiny at 1024x1024). Both quantize
     the same nodes. ``model`` may be a loader: it is then called once and the model dropped before the Q/DQ file is
-    written, so the two peaks do not add up."""
+    written, so the two peaks do not add up.
+
+    ``fmt="fp8"``: FP8 E4M3 Q/DQ (scales amax / 448, weights per tensor) from the same ranges; torch ranges only.
+    ``typed``: (fp16 UNet ONNX, out): the same Q/DQ also written into the fp16 UNet, the file strongly typed
+    TensorRT builds (the unquantized remainder fp16); ``out_onnx`` is then the fp32 twin the error is measured on."""
+    if fmt not in ("int8", "fp8"):
+        raise BuildError(f"Q/DQ format must be int8 or fp8, got {fmt!r}")
+    if backend != "torch" and (fmt != "int8" or typed is not None):
+        raise BuildError("FP8 and fp16-typed Q/DQ files are written from PyTorch-measured ranges; use calibration "
+                         "backend 'torch'")
     if backend not in CALIBRATION_BACKENDS:
         raise BuildError(f"calibration backend must be one of {list(CALIBRATION_BACKENDS)}, got {backend!r}")
     if backend == "torch" and calibrate_method != "minmax":
@@ -154,7 +165,7 @@ def build_int8_unet(
         report = quantize_unet_from_ranges(
             fp32_unet_onnx, out_onnx, ranges=ranges, samples=samples, excluded=excluded, quantize=quantize,
             quant_level=quant_level, exclude_patterns=EXCLUDED_NAME_PATTERNS, eval_inputs=held_out or None,
-            providers=providers,
+            providers=providers, fmt=fmt, typed=typed,
         )
     else:
         report = quantize_unet(

@@ -168,9 +168,9 @@ def check_tensorrt_qdq(model: onnx.ModelProto, *, high_precision: Collection[str
         zp_name = n.input[2] if len(n.input) > 2 else ""
         if zp_name:
             zp = inits.get(zp_name)
-            if zp is None or zp.data_type != onnx.TensorProto.INT8:
-                problems.append(f"{n.name}: zero point {zp_name!r} is not a constant INT8 tensor")
-            elif np.any(numpy_helper.to_array(zp, base_dir) != 0):
+            if zp is None or zp.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.FLOAT8E4M3FN):
+                problems.append(f"{n.name}: zero point {zp_name!r} is not a constant INT8 or FP8 E4M3 tensor")
+            elif np.any(numpy_helper.to_array(zp, base_dir).astype(np.float32) != 0):
                 problems.append(f"{n.name}: zero point is not 0 (asymmetric)")
         scale = inits.get(n.input[1])
         if scale is None:

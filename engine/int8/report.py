@@ -34,6 +34,9 @@ class QuantizationReport:
     error: dict[str, Any] | None = None  # measure_error on held-out inputs
     settings: dict[str, Any] = field(default_factory=dict)
     collection_seconds: float = 0.0  # running the pipeline to record the inputs (set by build_int8_unet)
+    format: str = "int8"  # int8 or fp8 (E4M3)
+    typed_onnx: str | None = None  # the same Q/DQ in the fp16 UNet: what a strongly typed TensorRT build parses
+    error_typed: dict[str, Any] | None = None  # measure_error of typed_onnx against the fp32 file
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -42,9 +45,12 @@ class QuantizationReport:
         err = ""
         if self.error:
             err = f", noise_pred rel. L2 {self.error['relative_l2_mean']:.4f} (max {self.error['relative_l2_max']:.4f})"
+        if self.error_typed:
+            err += (f"; fp16-typed file rel. L2 {self.error_typed['relative_l2_mean']:.4f}, cosine "
+                    f"{self.error_typed['cosine_mean']:.5f}")
         q = ", ".join(f"{k} {v}" for k, v in sorted(self.quantized_nodes.items()))
         return (
-            f"INT8 UNet: quantized {q}; {len(self.excluded_nodes)} weighted nodes kept high precision; "
+            f"{self.format.upper()} UNet: quantized {q}; {len(self.excluded_nodes)} weighted nodes kept high precision; "
             f"{self.calibration_samples} calibration samples, {self.seconds:.1f} s{err}"
         )
 
@@ -73,16 +79,18 @@ def measure_error(
     check_samples(inputs, names, "inputs")
     out_name = ref.get_outputs()[0].name
 
-    def feed(s: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {n: np.ascontiguousarray(s[n], dtype=np.float32) for n in names}
+    def feed(sess: Any, s: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each input in the session's own type (an fp16-typed file takes fp16; the timestep stays fp32)."""
+        types = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in sess.get_inputs()}
+        return {n: np.ascontiguousarray(s[n], dtype=types[n]) for n in names}
 
-    expected = [np.asarray(ref.run([out_name], feed(s))[0], dtype=np.float64).ravel() for s in inputs]
+    expected = [np.asarray(ref.run([out_name], feed(ref, s))[0], dtype=np.float64).ravel() for s in inputs]
     del ref
     q = session(Path(int8_onnx))
     rel, cos, max_abs = [], [], 0.0
     finite = True
     for s, a in zip(inputs, expected, strict=True):
-        b = np.asarray(q.run([out_name], feed(s))[0], dtype=np.float64).ravel()
+        b = np.asarray(q.run([out_name], feed(q, s))[0], dtype=np.float64).ravel()
         finite = finite and bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
         na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
         rel.append(float(np.linalg.norm(b - a)) / max(na, 1e-30))

@@ -11,6 +11,14 @@ inserts exactly what ONNX Runtime's ``quantize_static`` produces in the TensorRT
 The FP32 graph is read without its weights; each weight is read on its own (memory-mapped from the external data
 file when there is one), quantized and written out. Large models (the full-size UNet) are written straight into
 ``<out>.onnx.data`` tensor by tensor, so peak memory is the graph plus one weight, not the model.
+
+FP8 (``fmt="fp8"``, TensorRT's FP8 recipe as NVIDIA ModelOpt writes it for SDXL): E4M3 (``float8e4m3fn``)
+Q/DQ, activations per tensor with scale ``amax / 448`` from the same ranges, weights **per tensor**
+(``max|w| / 448``: TensorRT's FP8 convolutions and GEMMs take one weight scale), zero points FP8 zero.
+
+The same ranges are written into either graph: the fp32 UNet (verified on the CPU, where ONNX Runtime runs the
+Q/DQ pairs intact) or the fp16 UNet (the typed file TensorRT builds: the quantized layers INT8/FP8, the rest
+fp16; its scales are fp16, which needs opset 19 as ``float8e4m3fn`` does, so such files are converted to 19).
 """
 
 from __future__ import annotations
@@ -36,16 +44,40 @@ log = logging.getLogger(__name__)
 
 QMAX = 127
 """Symmetric INT8: values in [-127, 127], what TensorRT's explicit quantization takes."""
+FP8_MAX = 448.0
+"""The largest finite E4M3 (``float8e4m3fn``) value: FP8 scales are ``amax / 448``."""
+QDQ_OPSET = 19
+"""Opset of FP8 and fp16-typed Q/DQ files: ``float8e4m3fn`` and fp16 scales in Q/DQ are opset 19."""
+QMAX_OF = {"int8": float(QMAX), "fp8": FP8_MAX}
 
 _EXTERNAL_MIN_BYTES = 1024
 """Tensors under this size stay inside the graph file (as ``save_onnx`` does)."""
 
 
-def symmetric_scale(amax: np.ndarray | float) -> np.ndarray:
-    """``amax / 127`` as float32, 1.0 where the range is empty (ONNX Runtime's ``compute_scale_zp`` rule)."""
+def symmetric_scale(amax: np.ndarray | float, qmax: float = QMAX) -> np.ndarray:
+    """``amax / qmax`` (127 INT8, 448 FP8) as float32, 1.0 where the range is empty (ONNX Runtime's
+    ``compute_scale_zp`` rule)."""
     a = np.asarray(amax, dtype=np.float64)
-    scale = (2.0 * a / (2 * QMAX)).astype(np.float32)
+    scale = (2.0 * a / (2 * qmax)).astype(np.float32)
     return np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale).astype(np.float32)
+
+
+def quantize_weight_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor E4M3 of a float weight: (``float8e4m3fn`` values, a scalar float32 scale ``max|w| / 448``)."""
+    import ml_dtypes
+
+    w = np.asarray(w, dtype=np.float32)
+    scale = symmetric_scale(np.abs(w).max(initial=0.0), FP8_MAX)
+    q = np.clip(w / scale, -FP8_MAX, FP8_MAX)  # ml_dtypes does not saturate (500 -> nan)
+    return q.astype(ml_dtypes.float8_e4m3fn), scale
+
+
+def _zero(fmt: str, shape: tuple[int, ...] = ()) -> np.ndarray:
+    if fmt == "fp8":
+        import ml_dtypes
+
+        return np.zeros(shape, ml_dtypes.float8_e4m3fn)
+    return np.zeros(shape, np.int8)
 
 
 def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,11 +180,18 @@ def write_qdq_model(
     *,
     ranges: Mapping[str, float],
     quantize: Collection[str],
+    fmt: str = "int8",
 ) -> onnx.ModelProto:
-    """Write ``out_onnx``: the FP32 UNet with Q/DQ in front of ``quantize`` (node names), scales from ``ranges``
-    (max-abs by activation tensor name). Returns the written graph (initializers of large models external)."""
+    """Write ``out_onnx``: the UNet (fp32 or fp16) with Q/DQ in front of ``quantize`` (node names), scales from
+    ``ranges`` (max-abs by activation tensor name), INT8 or FP8 (``fmt``). Returns the written graph (initializers
+    of large models external)."""
+    if fmt not in QMAX_OF:
+        raise BuildError(f"Q/DQ format must be one of {list(QMAX_OF)}, got {fmt!r}")
     fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
     model = onnx.load(str(fp32_onnx), load_external_data=False)
+    if fmt == "fp8" or any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
+        # Before any Q/DQ is added: the converter re-infers types with each op's rules at the new opset.
+        model = _to_opset(model, QDQ_OPSET)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     nodes = {n.name: n for n in graph.node if n.name in set(quantize)}
@@ -184,7 +223,11 @@ def write_qdq_model(
     new_inits: list[TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
     activation_dq: dict[str, str] = {}
-    zero = np.zeros((), np.int8)
+    zero = _zero(fmt)
+    qmax = QMAX_OF[fmt]
+    def scale_dtype(node: onnx.NodeProto) -> type:
+        """Q/DQ scales take the node's float type (DQ outputs it): its weight's (fp16 in the typed file)."""
+        return np.float16 if inits[node.input[1]].data_type == TensorProto.FLOAT16 else np.float32
     try:
         for t in graph.initializer:  # the float weights that stay, in the file's order
             if t.name not in quantized_weights:
@@ -195,7 +238,7 @@ def write_qdq_model(
             if n.name in nodes:
                 act = n.input[0]
                 if act not in activation_dq:
-                    scale = symmetric_scale(ranges[act])
+                    scale = symmetric_scale(ranges[act], qmax).astype(scale_dtype(n))
                     new_inits += [sink.put_array(f"{act}_scale", scale), sink.put_array(f"{act}_zero_point", zero)]
                     new_nodes += [
                         helper.make_node("QuantizeLinear", [act, f"{act}_scale", f"{act}_zero_point"],
@@ -207,16 +250,21 @@ def write_qdq_model(
                     activation_dq[act] = f"{act}_DequantizeLinear_Output"
                 w = n.input[1]
                 axis = weight_axis(n)
-                q, scale = quantize_weight(reader.array(inits[w]), axis)
+                if fmt == "fp8":  # per tensor: no axis
+                    q, scale = quantize_weight_fp8(reader.array(inits[w]))
+                    dq_attrs: dict[str, int] = {}
+                else:
+                    q, scale = quantize_weight(reader.array(inits[w]), axis)
+                    dq_attrs = {"axis": axis}
                 new_inits += [
                     sink.put_array(f"{w}_quantized", q),
-                    sink.put_array(f"{w}_scale", scale),
-                    sink.put_array(f"{w}_zero_point", np.zeros(scale.shape, np.int8)),
+                    sink.put_array(f"{w}_scale", scale.astype(scale_dtype(n))),
+                    sink.put_array(f"{w}_zero_point", _zero(fmt, scale.shape)),
                 ]
                 del q
                 new_nodes.append(helper.make_node(
                     "DequantizeLinear", [f"{w}_quantized", f"{w}_scale", f"{w}_zero_point"],
-                    [f"{w}_DequantizeLinear_Output"], name=f"{w}_DequantizeLinear", axis=axis,
+                    [f"{w}_DequantizeLinear_Output"], name=f"{w}_DequantizeLinear", **dq_attrs,
                 ))
                 n.input[0] = activation_dq[act]
                 n.input[1] = f"{w}_DequantizeLinear_Output"
@@ -239,6 +287,35 @@ def write_qdq_model(
     return model
 
 
+def ranges_for_graph(fp32_onnx: Path, other_onnx: Path, ranges: Mapping[str, float],
+                     quantize: Collection[str]) -> dict[str, float]:
+    """``ranges`` (keyed by the fp32 graph's activation names) keyed by ``other_onnx``'s instead, matched through
+    the quantized nodes, which both graphs name alike (traced from the same modules). The fp16 graph's tensor names
+    differ where its dtype differs (the attention output is a Cast there); the range is the module's input's."""
+    names = set(quantize)
+    act32 = {n.name: n.input[0] for n in onnx.load(str(fp32_onnx), load_external_data=False).graph.node if n.name in names}
+    out: dict[str, float] = {}
+    for n in onnx.load(str(other_onnx), load_external_data=False).graph.node:
+        if n.name in names and act32.get(n.name) in ranges:
+            out[n.input[0]] = max(out.get(n.input[0], 0.0), float(ranges[act32[n.name]]))
+    return out
+
+
+def _to_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``model`` at ``opset`` of the default domain (ONNX's version converter: e.g. ReduceMean's axes become an
+    input at 18). The weights stay where they are (external ones are only referenced)."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current >= opset:
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as e:  # noqa: BLE001 - name the step that failed
+        raise BuildError(f"converting the Q/DQ UNet from opset {current} to {opset} (needed for float8e4m3fn and "
+                         f"fp16 scales) failed: {e}") from e
+
+
 def quantize_unet_from_ranges(
     fp32_onnx: Path,
     out_onnx: Path,
@@ -251,14 +328,18 @@ def quantize_unet_from_ranges(
     exclude_patterns: Mapping[str, str],
     eval_inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
     providers: Sequence[str] | None = None,
+    fmt: str = "int8",
+    typed: tuple[Path, Path] | None = None,
 ) -> QuantizationReport:
     """Write the Q/DQ UNet from measured ranges, check it as TensorRT will read it, and report (with the error on
-    ``eval_inputs`` when given): the range-based counterpart of :func:`.ort.quantize_unet`."""
+    ``eval_inputs`` when given): the range-based counterpart of :func:`.ort.quantize_unet`. ``fmt``: int8 or
+    fp8. ``typed``: (fp16 UNet, out): also write the same Q/DQ into the fp16 UNet, the file a strongly typed
+    TensorRT build parses; its error against the fp32 file is measured too (``error_typed``)."""
     fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
     if fp32_onnx.resolve() == out_onnx.resolve():
         raise BuildError(f"out_onnx {out_onnx} would overwrite the FP32 input; choose another path")
     t0 = time.perf_counter()
-    model = write_qdq_model(fp32_onnx, out_onnx, ranges=ranges, quantize=quantize)
+    model = write_qdq_model(fp32_onnx, out_onnx, ranges=ranges, quantize=quantize, fmt=fmt)
     problems = check_tensorrt_qdq(model, high_precision=set(excluded), base_dir=str(out_onnx.parent))
     if problems:
         raise BuildError(f"the quantized UNet is not TensorRT-compatible ({len(problems)} problems), first: {problems[:3]}")
@@ -275,6 +356,7 @@ def quantize_unet_from_ranges(
         fp32_onnx=str(fp32_onnx),
         int8_onnx=str(out_onnx),
         tool=f"sdxl-trt range calibration (PyTorch forward hooks) + Q/DQ writer, onnx {onnx.__version__}",
+        format=fmt,
         calibrate_method="minmax",
         quant_level=float(quant_level),
         calibration_samples=samples,
@@ -285,17 +367,30 @@ def quantize_unet_from_ranges(
         settings={
             "calibration_backend": "torch",
             "quant_format": "QDQ",
-            "activation_type": "QInt8 symmetric per tensor (amax / 127)",
-            "weight_type": "QInt8 symmetric per output channel",
-            "per_channel": True,
+            "activation_type": ("FP8 E4M3 per tensor (amax / 448)" if fmt == "fp8"
+                                else "QInt8 symmetric per tensor (amax / 127)"),
+            "weight_type": "FP8 E4M3 per tensor (max|w| / 448)" if fmt == "fp8" else "QInt8 symmetric per output channel",
+            "per_channel": fmt != "fp8",
             "op_types_to_quantize": list(QUANTIZED_OP_TYPES),
             "exclude_patterns": dict(exclude_patterns),
             "not_quantized": "every op but Conv/MatMul/Gemm (norms, softmax, activations, adds, concats, resizes)",
             "attention_matmuls_not_quantized": attention,
         },
     )
+    if typed is not None:
+        fp16_onnx, typed_out = typed
+        typed_ranges = ranges_for_graph(fp32_onnx, fp16_onnx, ranges, quantize)
+        typed_model = write_qdq_model(fp16_onnx, typed_out, ranges=typed_ranges, quantize=quantize, fmt=fmt)
+        problems = check_tensorrt_qdq(typed_model, high_precision=set(excluded), base_dir=str(typed_out.parent))
+        if problems:
+            raise BuildError(f"the fp16 Q/DQ UNet is not TensorRT-compatible ({len(problems)} problems), first: "
+                             f"{problems[:3]}")
+        del typed_model
+        report.typed_onnx = str(typed_out)
     report.seconds = round(time.perf_counter() - t0, 3)
     if eval_inputs:
         report.error = measure_error(fp32_onnx, out_onnx, eval_inputs, providers=providers)
+        if typed is not None:
+            report.error_typed = measure_error(fp32_onnx, typed[1], eval_inputs, providers=providers)
     log.info("%s", report.summary())
     return report

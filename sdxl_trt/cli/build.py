@@ -15,8 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--backend", choices=["tensorrt", "onnxruntime", "torch"], default=None,
                    help="default: tensorrt if importable with a CUDA GPU, else onnxruntime")
-    p.add_argument("--precision", choices=["fp16", "int8", "fp32"], default=None,
-                   help="default: fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--precision", choices=["fp16", "int8", "fp8", "fp32"], default=None,
+                   help="default: fp16 on a GPU, fp32 on the CPU; fp8: TensorRT on compute capability 8.9+ (Ada, Hopper, Blackwell)")
     p.add_argument("--buckets", default="all", help="'all' or WxH,WxH,...")
     p.add_argument("--max-batch", type=int, default=1, help="images per request the engines are built for")
     p.add_argument("--profile", choices=["per-bucket", "range"], default="per-bucket")

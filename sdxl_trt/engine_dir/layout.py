@@ -34,8 +34,9 @@ ONNX_DIR_NAME = "onnx"
 
 
 def onnx_file_name(component: str, precision: str = "fp32") -> str:
-    """An exported component's ONNX file; the INT8 (Q/DQ) UNet written from it is ``unet.int8.onnx``."""
-    return f"{component}.int8.onnx" if precision == "int8" else f"{component}.onnx"
+    """An exported component's ONNX file; the INT8 / FP8 (Q/DQ) UNet written from it is ``unet.int8.onnx`` /
+    ``unet.fp8.onnx``."""
+    return f"{component}.{precision}.onnx" if precision in ("int8", "fp8") else f"{component}.onnx"
 
 
 def engine_file_name(component: str, backend: str, precision: str = "fp32") -> str:

@@ -10,6 +10,7 @@ saved in the engine directory, so every backend updates the same weights the sam
              "shape": [64, 64],                      # the PyTorch weight's shape
              "onnx": "onnx::MatMul_5438",            # ONNX initializer (= TensorRT refit weight name), or null
              "onnx_transposed": true,                # the initializer holds the weight transposed ([in, out])
+             "onnx_dtype": "float16",                # the initializer's dtype = the plan's refit dtype (typed)
              "torch": "unet.down_blocks.1...to_q.weight",   # parameter of the torch.export program
              "unused": false}}}}}                    # true: no output depends on it (see below)
 
@@ -44,6 +45,9 @@ class WeightLocation:
     onnx: str | None = None
     onnx_transposed: bool = False
     unused: bool = False
+    onnx_dtype: str = "float32"
+    """numpy dtype name of the ONNX initializer: what a refit or an initializer override must hand over (an fp16
+    file's strongly typed plan stores its weights in fp16; older maps without it are fp32 exports)."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -53,7 +57,8 @@ class WeightLocation:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> WeightLocation:
         return cls(shape=tuple(data["shape"]), torch=data["torch"], onnx=data.get("onnx"),
-                   onnx_transposed=bool(data.get("onnx_transposed", False)), unused=bool(data.get("unused", False)))
+                   onnx_transposed=bool(data.get("onnx_transposed", False)), unused=bool(data.get("unused", False)),
+                   onnx_dtype=str(data.get("onnx_dtype", "float32")))
 
 
 @dataclass
