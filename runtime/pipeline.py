@@ -44,7 +44,7 @@ from .batch import BatchRunner, StageTimer
 from .conditioning import Conditioner, resolve_bucket
 from .context import EngineContext
 from .engine import Engine
-from .graphs import CudaGraphs
+from .graphs import CudaGraphs, graph_mode
 from .loader import load_engines, resolve_device
 from .lora import LoraSet, LoraSwitcher, check_lora_set
 from .slots import Batch, Slot
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 class Pipeline:
     def __init__(self, directory: Path, manifest: Manifest, engines: dict[str, Engine], device: torch.device, *,
-                 max_steps: int = 150, use_cuda_graphs: bool = True, lora_dirs: Sequence[str | Path] = ()) -> None:
+                 max_steps: int = 150, use_cuda_graphs: bool = True, lora_dirs: Sequence[str | Path] = (),
+                 cuda_graphs: str | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = manifest
         self.engines = engines
@@ -62,7 +63,8 @@ class Pipeline:
         self.backend = manifest.backend
         self.max_steps = max_steps
         with self._on_device():
-            graphs = CudaGraphs(device, enabled=use_cuda_graphs)
+            mode = graph_mode(cuda_graphs, use_cuda_graphs)
+            graphs = CudaGraphs(device, enabled=mode != "off", emulate=mode == "emulate")
             self.ctx = EngineContext(manifest, engines, device, graphs, max_steps)
             self.conditioner = Conditioner(self.ctx, self.directory)
             self.runner = BatchRunner(self.ctx, self._scheduler_configs())
@@ -82,17 +84,21 @@ class Pipeline:
                         self._unpassed_time_cond, manifest.rebuild_hint(directory))
         log.info("pipeline ready: backend %s on %s, buckets %s, max batch %d, arena %.1f MB, CUDA graphs %s",
                  self.backend, device, ", ".join(map(str, self.buckets)), self.max_batch,
-                 self.ctx.arena.nbytes / 2**20, "on" if graphs.enabled else "off")
+                 self.ctx.arena.nbytes / 2**20, "emulated" if graphs.emulated else "on" if graphs.enabled else "off")
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device | None = None, verify_hashes: bool = True,
              compile: bool = False, max_steps: int = 150, use_cuda_graphs: bool = True,
-             lora_dirs: Sequence[str | Path] = ()) -> Pipeline:
+             lora_dirs: Sequence[str | Path] = (), cuda_graphs: str | None = None) -> Pipeline:
         """Check the engine directory against this machine and load every engine once.
 
         ``lora_dirs``: folders of ``NAME.safetensors`` LoRAs that requests may name (``GenerationRequest.loras``;
-        paths work too from Python). A LoRA switch updates the engines' weights between batches, in place."""
+        paths work too from Python). A LoRA switch updates the engines' weights between batches, in place.
+
+        ``cuda_graphs``: "on" (the default: CUDA graphs on a GPU, none on the CPU), "off", or "emulate": graph
+        semantics emulated on CPU tensors, for tests of the graph path (runtime/graph_emulation.py; slower than
+        eager). ``use_cuda_graphs=False`` is the older spelling of "off"."""
         directory = Path(directory)
         manifest = open_engine_dir(directory, verify_hashes=verify_hashes)
         dev = resolve_device(device, manifest.backend)
@@ -103,7 +109,7 @@ class Pipeline:
             engines = load_engines(directory, manifest, device=dev, compile_torch=compile)
         log.info("loaded %d engines from %s in %.2f s", len(engines), directory, time.perf_counter() - t0)
         return cls(directory, manifest, engines, dev, max_steps=max_steps, use_cuda_graphs=use_cuda_graphs,
-                   lora_dirs=lora_dirs)
+                   lora_dirs=lora_dirs, cuda_graphs=cuda_graphs)
 
     def _scheduler_configs(self) -> dict[str, dict[str, Any]]:
         base = json.loads((self.directory / "scheduler" / "scheduler_config.json").read_text())
@@ -166,12 +172,13 @@ class Pipeline:
                 self.generate(replace(req, refiner_mode=None, controlnets=(ControlNetUnit(name, blank),)))
         self.ctx.graphs.forbid_capture()
         stats = self.cuda_graph_stats()
-        log.info("warm-up done in %.1f s: %d CUDA graphs, pool %.1f MB", time.perf_counter() - t0, stats["graphs"],
-                 stats["pool_bytes"] / 2**20)
+        log.info("warm-up done in %.1f s: %d %sCUDA graphs, pool %.1f MB", time.perf_counter() - t0, stats["graphs"],
+                 "emulated " if stats["emulated"] else "", stats["pool_bytes"] / 2**20)
         return time.perf_counter() - t0
 
     def cuda_graph_stats(self) -> dict[str, int]:
-        """How many CUDA graphs are captured and the bytes their shared memory pool holds (0 on the CPU)."""
+        """How many CUDA graphs are captured, the bytes their shared memory pool holds (0 on the CPU), and whether
+        they are emulated on the CPU (``cuda_graphs="emulate"``)."""
         with self._on_device():
             return self.ctx.graphs.stats()
 

@@ -1,14 +1,25 @@
-"""GPU-only checks of the runtime (marked ``gpu``, skipped without CUDA): captured steps replay exactly what
-eager execution computes, one captured step serves every step count and strength, and a warmed pipeline
-allocates no device memory across requests.
+"""The runtime's CUDA-graph path: captured steps replay exactly what eager execution computes, one captured step
+serves every step count and strength, warm-up captures what it promises, the text encoders replay theirs, and
+LoRA weights switched in place reach the next replay.
 
-They run on the tiny model with torch engines (fp16) so they finish in seconds on any CUDA GPU;
-benchmarks/gpu_acceptance.sh runs them before the full-size measurements. The engines carry two ControlNets,
-so every plain case also runs a ControlNet-built UNet with zero residuals.
+The same tests run on two targets:
+
+* ``emulated`` (CPU, CI): graphs emulated on CPU tensors (runtime/graph_emulation.py: aten calls recorded once,
+  Python values frozen, replays re-running only what was recorded) over fp32 torch engines of the tiny
+  components (tests/support/torch_engines.py); ControlNet and plain cases run on a ControlNet build (zero
+  residuals for the plain ones), refiner cases on a refiner build;
+* ``cuda`` (marked ``gpu``, skipped without CUDA; benchmarks/gpu_acceptance.sh runs them): real CUDA graphs
+  over tiny torch engines built fp16 on the GPU, carrying a refiner and two ControlNets.
+
+Tests of CUDA's own machinery (allocator segments, device indices, bf16 kernels, streams) are ``gpu`` only, each
+saying why. The proofs that the emulation is no pass-through (a host counter replays wrong, ONNX Runtime
+replays a stale output, ``.item()`` is refused) close the file, with the CPU halves of the stream faults.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +27,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.torch_engines import EngineSet
+from test_lora_build import lora_files  # noqa: F401 - the module fixture lora_dir reads
 
 from sdxl_trt.request import ControlNetUnit, GenerationRequest
-
-pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +44,42 @@ def cuda_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def pipes(cuda_engines: Path) -> tuple[Any, Any]:
-    from sdxl_trt.runtime.pipeline import Pipeline
+@dataclass
+class Target:
+    """Where the graph tests run: engine sets by kind ("controlnet", "refiner") and the graph mode that captures."""
 
-    return (Pipeline.load(cuda_engines, device="cuda", use_cuda_graphs=True),
-            Pipeline.load(cuda_engines, device="cuda", use_cuda_graphs=False))
+    name: str
+    sets: dict[str, EngineSet]
+    graphed_mode: str
+    _pairs: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sets["controlnet"].device
+
+    def pipeline(self, kind: str = "controlnet", *, graphs: bool = True, **kwargs: Any) -> Any:
+        return self.sets[kind].pipeline(cuda_graphs=self.graphed_mode if graphs else "off", **kwargs)
+
+    def pair(self, kind: str) -> tuple[Any, Any]:
+        """A graphed and an eager pipeline over the same engines, shared by the tests of this module."""
+        if kind not in self._pairs:
+            self._pairs[kind] = (self.pipeline(kind), self.pipeline(kind, graphs=False))
+        return self._pairs[kind]
+
+
+@pytest.fixture(scope="module")
+def emulated(tiny_torch_engines: Any) -> Target:
+    return Target("emulated", {"controlnet": tiny_torch_engines.controlnet, "refiner": tiny_torch_engines.refiner},
+                  "emulate")
+
+
+@pytest.fixture(scope="module", params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+def target(request: pytest.FixtureRequest) -> Target:
+    if request.param == "cuda":
+        torch.backends.cudnn.benchmark = True  # as Pipeline.load sets it on a GPU
+        engines = EngineSet.loaded(request.getfixturevalue("cuda_engines"), torch.device("cuda", 0))
+        return Target("cuda", {"controlnet": engines, "refiner": engines}, "on")
+    return request.getfixturevalue("emulated")
 
 
 def _image(seed: int, w: int = 256, h: int = 256) -> Image.Image:
@@ -61,48 +102,58 @@ def _latents(pipe: Any, req: GenerationRequest) -> tuple[torch.Tensor, Any]:
     return latents, result
 
 
+def _pixels(result: Any) -> list[bytes]:
+    return [np.asarray(i).tobytes() for i in result.images]
+
+
 CASES = {
-    "euler": dict(scheduler="euler", steps=6),
-    "euler_a": dict(scheduler="euler_a", steps=6),
-    "dpmpp_2m_sde": dict(scheduler="dpmpp_2m_sde", steps=6),
-    "unipc": dict(scheduler="unipc", steps=6),
+    "euler": dict(scheduler="euler", steps=3),
+    "euler_a": dict(scheduler="euler_a", steps=3),
+    "dpmpp_2m_sde": dict(scheduler="dpmpp_2m_sde", steps=3),
+    "unipc": dict(scheduler="unipc", steps=4),
     "one_step": dict(scheduler="euler", steps=1),
     "img2img_low_strength": dict(scheduler="euler", steps=4, strength=0.3, init_image=_image(1)),
-    "inpaint": dict(scheduler="euler_a", steps=5, strength=0.9, init_image=_image(2), mask_image=_mask()),
-    "refiner_ensemble": dict(scheduler="dpmpp_2m_sde", steps=8, refiner_mode="ensemble", refiner_start=0.7),
-    "refiner_img2img": dict(scheduler="euler", steps=4, refiner_mode="img2img", refiner_strength=0.3),
-    "guidance_off": dict(scheduler="unipc", steps=5, guidance_scale=1.0),
-    "batch_of_two_non_square": dict(scheduler="euler_a", steps=4, num_images=2, width=384, height=192),
-    "controlnet": dict(scheduler="euler", steps=5, controlnets=(ControlNetUnit("edges", _image(3), scale=0.7),)),
+    "inpaint": dict(scheduler="euler_a", steps=3, strength=0.9, init_image=_image(2), mask_image=_mask()),
+    "refiner_ensemble": dict(scheduler="dpmpp_2m_sde", steps=5, refiner_mode="ensemble", refiner_start=0.7),
+    "refiner_img2img": dict(scheduler="euler", steps=3, refiner_mode="img2img", refiner_strength=0.4),
+    "guidance_off": dict(scheduler="unipc", steps=3, guidance_scale=1.0),
+    "batch_of_two_non_square": dict(scheduler="euler_a", steps=3, num_images=2, width=384, height=192),
+    "controlnet": dict(scheduler="euler", steps=3, controlnets=(ControlNetUnit("edges", _image(3), scale=0.7),)),
     "two_controlnets_window_and_guess_mode": dict(
-        scheduler="euler_a", steps=6, num_images=2, width=384, height=192,
+        scheduler="euler_a", steps=3, num_images=2, width=384, height=192,
         controlnets=(ControlNetUnit("edges", _image(4), scale=0.6, start=0.2, end=0.8),
                      ControlNetUnit("depth", _image(5), scale=1.1, guess_mode=True))),
-    "controlnet_img2img": dict(scheduler="unipc", steps=6, strength=0.6, init_image=_image(6),
+    "controlnet_img2img": dict(scheduler="unipc", steps=4, strength=0.6, init_image=_image(6),
                                controlnets=(ControlNetUnit("depth", _image(7), scale=0.9),)),
 }
 
 
+def _kind(case: dict[str, Any]) -> str:
+    return "refiner" if case.get("refiner_mode") else "controlnet"
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_graph_replay_equals_eager_bit_for_bit(pipes: tuple[Any, Any], case: str) -> None:
-    graphed, eager = pipes
+def test_graph_replay_equals_eager_bit_for_bit(target: Target, case: str) -> None:
+    graphed, eager = target.pair(_kind(CASES[case]))
     for seed, prompt in ((5, "a lighthouse at dusk"), (17, "a red fox in the snow")):  # second replay: new inputs
         req = GenerationRequest(prompt=prompt, seed=seed, **CASES[case])
         a, ra = _latents(graphed, req)
         b, rb = _latents(eager, req)
         assert torch.equal(a, b), f"{case}: max |graph - eager| {float((a - b).abs().max())}"
-        assert [np.asarray(i).tobytes() for i in ra.images] == [np.asarray(i).tobytes() for i in rb.images]
-    assert graphed.cuda_graph_stats()["graphs"] > 0 and eager.cuda_graph_stats()["graphs"] == 0
+        assert _pixels(ra) == _pixels(rb)
+    stats = graphed.cuda_graph_stats()
+    assert stats["graphs"] > 0 and eager.cuda_graph_stats()["graphs"] == 0
+    assert stats["emulated"] == (target.name == "emulated")
+    assert not graphed.ctx.graphs._warned  # capture was allowed: every key of the case was captured
 
 
-def test_other_step_counts_and_strengths_reuse_the_captured_step(cuda_engines: Path) -> None:
-    from sdxl_trt.runtime.pipeline import Pipeline
-
-    pipe = Pipeline.load(cuda_engines, device="cuda")
+def test_other_step_counts_and_strengths_reuse_the_captured_step(target: Target) -> None:
+    pipe = target.pipeline()
     pipe.warmup(buckets=["256x256"], batch_sizes=[1], steps=2)
     before = pipe.cuda_graph_stats()
-    assert before["graphs"] >= 5 and before["pool_bytes"] > 0  # plain and per-ControlNet steps, both text encoders
-    for steps, strength in ((1, None), (7, None), (30, None), (10, 0.35), (6, 0.9)):
+    assert before["graphs"] >= 5  # plain and per-ControlNet steps, both text encoders
+    assert before["pool_bytes"] > 0 if target.name == "cuda" else before["pool_bytes"] == 0 and before["emulated"]
+    for steps, strength in ((1, None), (7, None), (12, None), (10, 0.35), (6, 0.9)):
         extra = {} if strength is None else {"init_image": _image(steps), "strength": strength}
         pipe.generate(GenerationRequest(prompt="a castle", steps=steps, seed=steps, **extra))
         # each ControlNet alone was captured at warm-up, whatever its scale, window and image
@@ -112,6 +163,7 @@ def test_other_step_counts_and_strengths_reuse_the_captured_step(cuda_engines: P
     assert not pipe.ctx.graphs._warned, "a request ran eagerly instead of replaying the captured step"
 
 
+@pytest.mark.gpu  # CUDA only: counts the caching allocator's device segments
 def test_no_device_allocation_across_mixed_requests_after_warmup(cuda_engines: Path) -> None:
     from sdxl_trt.runtime.pipeline import Pipeline
 
@@ -136,12 +188,12 @@ def test_no_device_allocation_across_mixed_requests_after_warmup(cuda_engines: P
     assert torch.cuda.memory_reserved() == reserved
 
 
-def test_an_engine_that_ignores_the_stream_is_never_captured() -> None:
+def test_an_engine_that_ignores_the_stream_is_never_captured(target: Target) -> None:
     """ONNX Runtime engines (graph_safe False) run eagerly even while capture is allowed."""
     from sdxl_trt.runtime.graphs import CudaGraphs
 
-    graphs = CudaGraphs(torch.device("cuda", torch.cuda.current_device()), enabled=True)
-    x = torch.zeros(4, device="cuda")
+    graphs = CudaGraphs(target.device, enabled=True, emulate=target.name == "emulated")
+    x = torch.zeros(4, device=target.device)
     ran: list[int] = []
 
     def work() -> None:
@@ -153,10 +205,10 @@ def test_an_engine_that_ignores_the_stream_is_never_captured() -> None:
     graph = graphs.get("torch", work, graph_safe=True, mutable=[x])
     assert graph is not None and float(x.sum()) == 0  # captured, and the capture left x as it was
     graph.replay()
-    torch.cuda.synchronize()
     assert float(x.sum()) == 4
 
 
+@pytest.mark.gpu  # CUDA only: a device index and bf16 kernels
 def test_explicit_device_index_and_bf16_vae(cuda_engines: Path) -> None:
     from sdxl_trt.runtime.pipeline import Pipeline
 
@@ -168,11 +220,9 @@ def test_explicit_device_index_and_bf16_vae(cuda_engines: Path) -> None:
         assert pipe.ctx.dtypes["vae_decoder"] == torch.bfloat16
 
 
-def test_warmup_captures_each_sampler_and_guidance_setting(cuda_engines: Path) -> None:
+def test_warmup_captures_each_sampler_and_guidance_setting(target: Target) -> None:
     """warmup(schedulers=, guidance_scales=): requests with those samplers, guided or not, replay captured steps."""
-    from sdxl_trt.runtime.pipeline import Pipeline
-
-    pipe = Pipeline.load(cuda_engines, device="cuda")
+    pipe = target.pipeline()
     pipe.warmup(buckets=["256x256"], batch_sizes=[1], steps=2, refiner=False, controlnets=[],
                 schedulers=["unipc", "dpmpp_2m"], guidance_scales=[5.0, 0.0])
     before = pipe.cuda_graph_stats()["graphs"]
@@ -182,3 +232,257 @@ def test_warmup_captures_each_sampler_and_guidance_setting(cuda_engines: Path) -
                                             guidance_scale=guidance))
     assert pipe.cuda_graph_stats()["graphs"] == before
     assert not pipe.ctx.graphs._warned, "a request ran eagerly instead of replaying the captured step"
+
+
+def test_text_encoder_graphs_replay_new_prompts(target: Target) -> None:
+    """Each encoder's graph per row count: conditioning of new prompts (a negative prompt, two chunks) equals
+    the eager encoders' bit for bit."""
+    graphed, eager = target.pair("controlnet")
+    long = "a very detailed painting of " + ", ".join(f"item {i}" for i in range(40))  # over 75 tokens
+    for prompt, negative in (("a lighthouse", ""), ("a fox", "blurry"), ("a castle", "low quality"), (long, "")):
+        req = GenerationRequest(prompt=prompt, negative_prompt=negative, seed=1)
+        bucket = graphed.resolve_bucket(req)
+        ours, theirs = graphed.conditioner.encode(0, req, bucket)[0], eager.conditioner.encode(0, req, bucket)[0]
+        assert ours.chunks == theirs.chunks and set(ours.cond) == set(theirs.cond)
+        for k in ours.cond:
+            assert torch.equal(ours.cond[k], theirs.cond[k]), (prompt, k)
+    keys = {k for k in graphed.ctx.graphs.graphs if k[0] == "text"}
+    # rows: 1 chunk x (prompt, negative) -> 1 or 2; 2 chunks -> 2 (empty negative: zeros) or 4
+    assert {("text", "text_encoder", 1), ("text", "text_encoder", 2), ("text", "text_encoder_2", 2),
+            ("text", "text_encoder_2", 4)} <= keys, keys
+
+
+@pytest.fixture(scope="module")
+def lora_dir(request: pytest.FixtureRequest) -> Path:
+    """test_lora_build's two LoRAs (UNet and both text encoders), ``style`` and ``detail``, in one directory."""
+    return request.getfixturevalue("lora_files")[0][0].parent
+
+
+def test_a_lora_switch_on_a_warmed_pipeline_reaches_the_next_replay(target: Target, lora_dir: Path) -> None:
+    """Weights changed in place (UNet and text encoders) are what the next replay reads: a warmed pipeline
+    gives each LoRA set's images as an eager one, without capturing anything new."""
+    d = lora_dir
+    sets = [(), (("style", 0.8),), (("detail", -0.6), ("style", 0.3)), ()]
+    graphed = target.pipeline(lora_dirs=[d])
+    graphed.warmup(buckets=["256x256"], batch_sizes=[1], steps=2, controlnets=[])
+    captured = graphed.cuda_graph_stats()["graphs"]
+    req = GenerationRequest(prompt="a watercolor of a harbour", steps=3, seed=3)
+    ours = [_pixels(graphed.generate(replace(req, loras=s))) for s in sets]
+    assert graphed.cuda_graph_stats()["graphs"] == captured and not graphed.ctx.graphs._warned
+    eager = target.pipeline(graphs=False, lora_dirs=[d])  # after the graphed one is back on the base weights
+    theirs = [_pixels(eager.generate(replace(req, loras=s))) for s in sets]
+    assert ours == theirs
+    assert ours[0] == ours[3] and len({b"".join(p) for p in ours[:3]}) == 3  # the LoRAs do change the image
+
+
+# ------------------------------------------------------------------------------- no pass-through
+def test_a_step_reading_a_host_counter_replays_wrong(target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planted fault: the step reads its schedule row with a Python counter instead of the device step index.
+    Eagerly that is the same row; a graph froze the counter's value at capture, so its replays are wrong, under
+    emulation as on CUDA."""
+    from sdxl_trt.runtime import denoise
+    from sdxl_trt.runtime.schedulers._base import Schedule
+
+    req = GenerationRequest(prompt="a lighthouse at dusk", seed=5, scheduler="euler", steps=4)
+    right, _ = _latents(target.pipeline(graphs=False), req)
+    host = {"step": 0}
+    real_step, real_run, real_row = denoise.Denoiser.step, denoise.Denoiser.run, Schedule._row
+
+    def step(self: Any, *args: Any, **kwargs: Any) -> None:
+        real_step(self, *args, **kwargs)
+        host["step"] += 1
+
+    def run(self: Any, *args: Any, **kwargs: Any) -> None:
+        host["step"] = 0
+        real_run(self, *args, **kwargs)
+
+    def row(table: torch.Tensor, step_index: torch.Tensor | int) -> torch.Tensor:
+        return real_row(table, step_index if isinstance(step_index, int) else host["step"])
+
+    monkeypatch.setattr(denoise.Denoiser, "step", step)
+    monkeypatch.setattr(denoise.Denoiser, "run", run)
+    monkeypatch.setattr(Schedule, "_row", staticmethod(row))
+    eager, _ = _latents(target.pipeline(graphs=False), req)
+    assert torch.equal(eager, right)  # eagerly the counter is the step index
+    graphed, _ = _latents(target.pipeline(), req)
+    assert not torch.equal(graphed, right)
+
+
+def test_an_item_inside_the_step_is_refused_at_capture(emulated: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulated only: a real capture's refusal (cudaErrorStreamCaptureUnsupported) can leave the device unusable
+    for the tests after it."""
+    from sdxl_trt.runtime.graph_emulation import GraphCaptureError
+    from sdxl_trt.runtime.schedulers._base import Schedule
+
+    real_row = Schedule._row
+
+    def row(table: torch.Tensor, step_index: torch.Tensor | int) -> torch.Tensor:  # a planted host read
+        return real_row(table, step_index if isinstance(step_index, int) else int(step_index.item()))
+
+    monkeypatch.setattr(Schedule, "_row", staticmethod(row))
+    pipe = emulated.pipeline()
+    with pytest.raises(GraphCaptureError, match=r"aten\._local_scalar_dense.* issued at runtime/schedulers/_base\.py"):
+        pipe.generate(GenerationRequest(prompt="a fox", seed=1, steps=2))
+    assert not [k for k in pipe.ctx.graphs.graphs if k[0] == "step"]
+
+
+def test_an_onnx_runtime_engine_inside_an_emulated_capture_replays_a_stale_output(tiny_pipeline: Any) -> None:
+    """ONNX Runtime works outside torch: captured against its graph_safe flag, its output is the capture's for
+    good. graph_safe keeps it out, so a pipeline over ONNX Runtime engines captures nothing."""
+    from sdxl_trt.engine_dir.profiles import select_profile
+    from sdxl_trt.runtime.graphs import CudaGraphs
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    ctx, tok = tiny_pipeline.ctx, tiny_pipeline.conditioner.tokenizers[0]
+    engine, dims = ctx.engines["text_encoder"], {"B": 1}
+    inputs, outputs = ctx.io_views("text_encoder", dims)
+    profile = select_profile(ctx.profiles["text_encoder"], dims)
+
+    def work() -> None:
+        engine.run(inputs, outputs, profile=profile)
+
+    def ids(prompt: str) -> torch.Tensor:
+        return tok.chunk(tok.content_ids(prompt), 1)
+
+    graphs = CudaGraphs(torch.device("cpu"), enabled=True, emulate=True)
+    assert graphs.get("ort", work, graph_safe=engine.graph_safe, mutable=()) is None
+    inputs["input_ids"].copy_(ids("a lighthouse"))
+    graph = graphs.get("forced", work, graph_safe=True, mutable=())
+    assert graph is not None
+    captured = outputs["hidden_states"].clone()
+    inputs["input_ids"].copy_(ids("a red fox in the snow"))
+    graph.replay()
+    stale = outputs["hidden_states"].clone()
+    work()
+    assert torch.equal(stale, captured) and not torch.equal(outputs["hidden_states"], captured)
+
+    pipe = Pipeline(tiny_pipeline.directory, tiny_pipeline.manifest, tiny_pipeline.engines, torch.device("cpu"),
+                    cuda_graphs="emulate")
+    pipe.generate(GenerationRequest(prompt="a fox", seed=1, steps=2))
+    assert pipe.cuda_graph_stats() == {"graphs": 0, "pool_bytes": 0, "emulated": True}
+
+
+# ------------------------------------------------------------------------------- CUDA streams
+class _FakeStream:
+    def __init__(self, device: Any = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cuda", 0)
+        self.calls: list[str] = []
+
+    def wait_stream(self, other: Any) -> None:
+        self.calls.append("wait_stream")
+
+    def synchronize(self) -> None:
+        self.calls.append("synchronize")
+
+
+def test_each_cuda_graphs_captures_on_a_stream_of_its_own_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.cuda.graph's default capture stream is one per process, made on the GPU that captured first: each
+    CudaGraphs passes a stream of its own device instead (CPU check with fakes of torch.cuda)."""
+    from sdxl_trt.runtime.graphs import CudaGraphs
+
+    captured_on: list[Any] = []
+
+    @contextlib.contextmanager
+    def fake_graph(graph: Any, pool: Any = None, stream: Any = None) -> Any:
+        captured_on.append(stream)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool",))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(device))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    first, second = CudaGraphs(torch.device("cuda", 0), enabled=True), CudaGraphs(torch.device("cuda", 1), enabled=True)
+    for graphs in (first, second):
+        assert graphs.get("step", lambda: None, graph_safe=True, mutable=()) is not None
+    assert captured_on == [first.stream, second.stream]
+    assert [s.device for s in captured_on] == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu  # CUDA only: real streams
+def test_captures_use_the_stream_of_their_device_on_cuda() -> None:
+    from sdxl_trt.runtime.graphs import CudaGraphs
+
+    devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    for device in devices:  # one GPU: its own stream; several: the second GPU records too
+        graphs = CudaGraphs(device, enabled=True)
+        assert graphs.stream is not None and graphs.stream.device == device
+        with torch.cuda.device(device):
+            x = torch.zeros(4, device=device)
+            graph = graphs.get("add", lambda x=x: x.add_(1), graph_safe=True, mutable=[x])
+            assert graph is not None
+            graph.replay()
+            graph.replay()
+            torch.cuda.synchronize(device)
+        assert x.tolist() == [2.0] * 4
+
+
+def test_onnx_runtime_waits_for_torchs_stream_before_it_reads_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch fills the bound inputs on its stream, ONNX Runtime reads them from its own: on CUDA, run()
+    synchronises torch's stream first (CPU check with a fake session and stream)."""
+    from sdxl_trt.runtime.onnxruntime_engine import OnnxRuntimeEngine
+
+    events: list[str] = []
+
+    class Stream(_FakeStream):
+        def synchronize(self) -> None:
+            events.append("torch stream synchronised")
+
+    class Binding:
+        def bind_input(self, *args: Any) -> None:
+            events.append("bind input")
+
+        def bind_output(self, *args: Any) -> None:
+            events.append("bind output")
+
+    class Session:
+        def io_binding(self) -> Binding:
+            return Binding()
+
+        def run_with_iobinding(self, binding: Binding) -> None:
+            events.append("ORT runs")
+
+    engine = object.__new__(OnnxRuntimeEngine)
+    engine.spec, engine.device, engine.session = None, torch.device("cuda", 0), Session()  # type: ignore[assignment]
+    engine._ort_device, engine._device_id = "cuda", 0
+    x, y = torch.zeros(2), torch.zeros(2)
+    engine.run({"x": x}, {"y": y}, profile=0, stream=Stream())  # type: ignore[arg-type]
+    assert events == ["bind input", "bind output", "torch stream synchronised", "ORT runs"]
+    events.clear()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+    engine.run({"x": x}, {"y": y}, profile=0)  # no stream given: torch's current one
+    assert events[-2:] == ["torch stream synchronised", "ORT runs"]
+    engine.device, engine._ort_device = torch.device("cpu"), "cpu"
+    events.clear()
+    engine.run({"x": x}, {"y": y}, profile=0)
+    assert "torch stream synchronised" not in events
+
+
+@pytest.mark.gpu  # CUDA only: ONNX Runtime's CUDA execution provider (onnxruntime-gpu)
+def test_onnx_runtime_on_cuda_reads_what_torch_wrote_last(tiny_engines: Path) -> None:
+    import onnxruntime as ort
+
+    from sdxl_trt.engine_dir.profiles import select_profile
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA execution provider here (onnxruntime-gpu is not installed)")
+    pipe = Pipeline.load(tiny_engines, device="cuda")
+    ctx = pipe.ctx
+    engine, dims = ctx.engines["vae_decoder"], {"B": 1, "h": 32, "w": 32}
+    inputs, outputs = ctx.io_views("vae_decoder", dims)
+    profile = select_profile(ctx.profiles["vae_decoder"], dims)
+    latent = torch.randn(inputs["latent"].shape, device="cuda")
+    big = torch.randn(4096, 4096, device="cuda")
+    inputs["latent"].zero_()
+    torch.cuda.synchronize()
+    for _ in range(20):  # keep torch's stream busy, then write the input last
+        big = big @ big / 64
+    inputs["latent"].copy_(latent)
+    engine.run(inputs, outputs, profile=profile, stream=torch.cuda.current_stream())
+    got = outputs["images"].clone()
+    inputs["latent"].copy_(latent)
+    torch.cuda.synchronize()
+    engine.run(inputs, outputs, profile=profile, stream=torch.cuda.current_stream())
+    assert torch.equal(got, outputs["images"])
