@@ -2,7 +2,8 @@
 
 On SIGTERM (or Ctrl-C): ``/ready`` turns 503 and new requests get 503 while queued and running ones finish
 (up to ``--drain-timeout-s``); then uvicorn's graceful shutdown closes the connections and the process
-exits 0. A second signal stops at once. If the engines fail to load, the process exits 2 with the reason.
+exits 0. A second signal stops at once. If the engines fail to load, the process exits 2 with the reason;
+after a sticky CUDA error while serving (every later call would fail), 3, so the orchestrator replaces it.
 """
 
 from __future__ import annotations
@@ -249,7 +250,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def run_server(settings: ServeSettings, pipeline_factory: PipelineFactory | None = None) -> int:
     """Serve on uvicorn with the edge limits until SIGTERM drains it: 0 when drained, 2 when the engines failed
-    to load, 1 when the drain timed out. ``pipeline_factory`` is for tests (a pipeline double)."""
+    to load, 3 when the GPU failed while serving (a sticky CUDA error), 1 when the drain timed out.
+    ``pipeline_factory`` is for tests (a pipeline double)."""
     try:
         import uvicorn
 
@@ -276,7 +278,7 @@ def run_server(settings: ServeSettings, pipeline_factory: PipelineFactory | None
     server.run()
     if service.state == "failed":
         print(f"sdxl-trt serve: error: {service.error}", file=sys.stderr)
-        return 2
+        return 3 if service.device_error is not None else 2
     return 0 if server.drained else 1
 
 
