@@ -19,6 +19,7 @@ replays a stale output, ``.item()`` is refused) close the file, with the CPU hal
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.torch_engines import EngineSet
+from support.torch_engines import TINY_TORCH_BUCKETS, EngineSet
 
+from sdxl_trt.buckets import Bucket
 from sdxl_trt.request import ControlNetUnit, GenerationRequest
 
 
@@ -50,11 +52,20 @@ class Target:
     name: str
     sets: dict[str, EngineSet]
     graphed_mode: str
+    square: tuple[int, int]  # (width, height) of a square and a wide built bucket
+    wide: tuple[int, int]
     _pairs: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
         return self.sets["controlnet"].device
+
+    @property
+    def square_bucket(self) -> str:
+        return "{}x{}".format(*self.square)
+
+    def image(self, seed: int, size: tuple[int, int] | None = None) -> Image.Image:
+        return _image(seed, *(size or self.square))
 
     def pipeline(self, kind: str = "controlnet", *, graphs: bool = True, **kwargs: Any) -> Any:
         return self.sets[kind].pipeline(cuda_graphs=self.graphed_mode if graphs else "off", **kwargs)
@@ -68,8 +79,9 @@ class Target:
 
 @pytest.fixture(scope="module")
 def emulated(tiny_torch_engines: Any) -> Target:
-    return Target("emulated", {"controlnet": tiny_torch_engines.controlnet, "refiner": tiny_torch_engines.refiner},
-                  "emulate")
+    sets = {"controlnet": tiny_torch_engines.controlnet, "refiner": tiny_torch_engines.refiner}
+    square, wide = (Bucket.parse(b) for b in TINY_TORCH_BUCKETS)
+    return Target("emulated", sets, "emulate", (square.width, square.height), (wide.width, wide.height))
 
 
 @pytest.fixture(scope="module", params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -77,7 +89,7 @@ def target(request: pytest.FixtureRequest) -> Target:
     if request.param == "cuda":
         torch.backends.cudnn.benchmark = True  # as Pipeline.load sets it on a GPU
         engines = EngineSet.loaded(request.getfixturevalue("cuda_engines"), torch.device("cuda", 0))
-        return Target("cuda", {"controlnet": engines, "refiner": engines}, "on")
+        return Target("cuda", {"controlnet": engines, "refiner": engines}, "on", (256, 256), (384, 192))
     return request.getfixturevalue("emulated")
 
 
@@ -86,9 +98,9 @@ def _image(seed: int, w: int = 256, h: int = 256) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-def _mask(w: int = 256, h: int = 256) -> Image.Image:
+def _mask(w: int, h: int) -> Image.Image:
     m = np.zeros((h, w), np.uint8)
-    m[64:192, 64:160] = 255
+    m[h // 4 : 3 * h // 4, w // 4 : 5 * w // 8] = 255
     return Image.fromarray(m)
 
 
@@ -105,26 +117,30 @@ def _pixels(result: Any) -> list[bytes]:
     return [np.asarray(i).tobytes() for i in result.images]
 
 
-CASES = {
-    "euler": dict(scheduler="euler", steps=3),
-    "euler_a": dict(scheduler="euler_a", steps=3),
-    "dpmpp_2m_sde": dict(scheduler="dpmpp_2m_sde", steps=3),
-    "unipc": dict(scheduler="unipc", steps=4),
-    "one_step": dict(scheduler="euler", steps=1),
-    "img2img_low_strength": dict(scheduler="euler", steps=4, strength=0.3, init_image=_image(1)),
-    "inpaint": dict(scheduler="euler_a", steps=3, strength=0.9, init_image=_image(2), mask_image=_mask()),
-    "refiner_ensemble": dict(scheduler="dpmpp_2m_sde", steps=5, refiner_mode="ensemble", refiner_start=0.7),
-    "refiner_img2img": dict(scheduler="euler", steps=3, refiner_mode="img2img", refiner_strength=0.4),
-    "guidance_off": dict(scheduler="unipc", steps=3, guidance_scale=1.0),
-    "batch_of_two_non_square": dict(scheduler="euler_a", steps=3, num_images=2, width=384, height=192),
-    "controlnet": dict(scheduler="euler", steps=3, controlnets=(ControlNetUnit("edges", _image(3), scale=0.7),)),
-    "two_controlnets_window_and_guess_mode": dict(
-        scheduler="euler_a", steps=3, num_images=2, width=384, height=192,
-        controlnets=(ControlNetUnit("edges", _image(4), scale=0.6, start=0.2, end=0.8),
-                     ControlNetUnit("depth", _image(5), scale=1.1, guess_mode=True))),
-    "controlnet_img2img": dict(scheduler="unipc", steps=4, strength=0.6, init_image=_image(6),
-                               controlnets=(ControlNetUnit("depth", _image(7), scale=0.9),)),
+CASES: dict[str, Callable[[Target], dict[str, Any]]] = {
+    "euler": lambda t: dict(scheduler="euler", steps=3),
+    "euler_a": lambda t: dict(scheduler="euler_a", steps=3),
+    "dpmpp_2m_sde": lambda t: dict(scheduler="dpmpp_2m_sde", steps=3),
+    "unipc": lambda t: dict(scheduler="unipc", steps=3),
+    "one_step": lambda t: dict(scheduler="euler", steps=1),
+    "img2img_low_strength": lambda t: dict(scheduler="euler", steps=4, strength=0.3, init_image=t.image(1)),
+    "inpaint": lambda t: dict(scheduler="euler_a", steps=3, strength=0.9, init_image=t.image(2),
+                              mask_image=_mask(*t.square)),
+    "refiner_ensemble": lambda t: dict(scheduler="dpmpp_2m_sde", steps=5, refiner_mode="ensemble", refiner_start=0.7),
+    "refiner_img2img": lambda t: dict(scheduler="euler", steps=3, refiner_mode="img2img", refiner_strength=0.4),
+    "guidance_off": lambda t: dict(scheduler="unipc", steps=3, guidance_scale=1.0),
+    "batch_of_two_non_square": lambda t: dict(scheduler="euler_a", steps=3, num_images=2, width=t.wide[0],
+                                              height=t.wide[1]),
+    "controlnet": lambda t: dict(scheduler="euler", steps=3,
+                                 controlnets=(ControlNetUnit("edges", t.image(3), scale=0.7),)),
+    "two_controlnets_window_and_guess_mode": lambda t: dict(
+        scheduler="euler_a", steps=3, num_images=2, width=t.wide[0], height=t.wide[1],
+        controlnets=(ControlNetUnit("edges", t.image(4, t.wide), scale=0.6, start=0.2, end=0.8),
+                     ControlNetUnit("depth", t.image(5, t.wide), scale=1.1, guess_mode=True))),
+    "controlnet_img2img": lambda t: dict(scheduler="unipc", steps=4, strength=0.6, init_image=t.image(6),
+                                         controlnets=(ControlNetUnit("depth", t.image(7), scale=0.9),)),
 }
+"""Each case's request settings on a target (its bucket sizes)."""
 
 
 def _kind(case: dict[str, Any]) -> str:
@@ -133,9 +149,10 @@ def _kind(case: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_graph_replay_equals_eager_bit_for_bit(target: Target, case: str) -> None:
-    graphed, eager = target.pair(_kind(CASES[case]))
+    settings = CASES[case](target)
+    graphed, eager = target.pair(_kind(settings))
     for seed, prompt in ((5, "a lighthouse at dusk"), (17, "a red fox in the snow")):  # second replay: new inputs
-        req = GenerationRequest(prompt=prompt, seed=seed, **CASES[case])
+        req = GenerationRequest(prompt=prompt, seed=seed, **settings)
         a, ra = _latents(graphed, req)
         b, rb = _latents(eager, req)
         assert torch.equal(a, b), f"{case}: max |graph - eager| {float((a - b).abs().max())}"
@@ -148,16 +165,17 @@ def test_graph_replay_equals_eager_bit_for_bit(target: Target, case: str) -> Non
 
 def test_other_step_counts_and_strengths_reuse_the_captured_step(target: Target) -> None:
     pipe = target.pipeline()
-    pipe.warmup(buckets=["256x256"], batch_sizes=[1], steps=2)
+    pipe.warmup(buckets=[target.square_bucket], batch_sizes=[1], steps=2)
     before = pipe.cuda_graph_stats()
     assert before["graphs"] >= 5  # plain and per-ControlNet steps, both text encoders
     assert before["pool_bytes"] > 0 if target.name == "cuda" else before["pool_bytes"] == 0 and before["emulated"]
-    for steps, strength in ((1, None), (5, None), (9, None), (8, 0.35), (4, 0.9)):
-        extra = {} if strength is None else {"init_image": _image(steps), "strength": strength}
+    for steps, strength in ((1, None), (6, None), (5, 0.35), (3, 0.9)):
+        extra = {} if strength is None else {"init_image": target.image(steps), "strength": strength}
         pipe.generate(GenerationRequest(prompt="a castle", steps=steps, seed=steps, **extra))
         # each ControlNet alone was captured at warm-up, whatever its scale, window and image
         pipe.generate(GenerationRequest(prompt="a castle", steps=steps, seed=steps, **extra, controlnets=(
-            ControlNetUnit("edges" if steps % 2 else "depth", _image(steps + 1), scale=0.5, start=0.1, end=0.9),)))
+            ControlNetUnit("edges" if steps % 2 else "depth", target.image(steps + 1), scale=0.5, start=0.1,
+                           end=0.9),)))
     assert pipe.cuda_graph_stats()["graphs"] == before["graphs"]
     assert not pipe.ctx.graphs._warned, "a request ran eagerly instead of replaying the captured step"
 
@@ -222,12 +240,12 @@ def test_explicit_device_index_and_bf16_vae(cuda_engines: Path) -> None:
 def test_warmup_captures_each_sampler_and_guidance_setting(target: Target) -> None:
     """warmup(schedulers=, guidance_scales=): requests with those samplers, guided or not, replay captured steps."""
     pipe = target.pipeline()
-    pipe.warmup(buckets=["256x256"], batch_sizes=[1], steps=2, refiner=False, controlnets=[],
+    pipe.warmup(buckets=[target.square_bucket], batch_sizes=[1], steps=2, refiner=False, controlnets=[],
                 schedulers=["unipc", "dpmpp_2m"], guidance_scales=[5.0, 0.0])
     before = pipe.cuda_graph_stats()["graphs"]
     for sampler in ("unipc", "dpmpp_2m"):
         for guidance in (7.0, 1.0):
-            pipe.generate(GenerationRequest(prompt="a harbour", steps=4, seed=2, scheduler=sampler,
+            pipe.generate(GenerationRequest(prompt="a harbour", steps=3, seed=2, scheduler=sampler,
                                             guidance_scale=guidance))
     assert pipe.cuda_graph_stats()["graphs"] == before
     assert not pipe.ctx.graphs._warned, "a request ran eagerly instead of replaying the captured step"
@@ -279,7 +297,7 @@ def test_a_lora_switch_on_a_warmed_pipeline_reaches_the_next_replay(target: Targ
     d = lora_dir
     sets = [(), (("style", 0.8),), (("detail", -0.6), ("style", 0.3)), ()]
     graphed = target.pipeline(lora_dirs=[d])
-    graphed.warmup(buckets=["256x256"], batch_sizes=[1], steps=2, controlnets=[])
+    graphed.warmup(buckets=[target.square_bucket], batch_sizes=[1], steps=2, controlnets=[])
     captured = graphed.cuda_graph_stats()["graphs"]
     req = GenerationRequest(prompt="a watercolor of a harbour", steps=3, seed=3)
     ours = [_pixels(graphed.generate(replace(req, loras=s))) for s in sets]

@@ -5,7 +5,10 @@ On the CPU (``in_memory``) the engines are the runtime's :class:`TorchEngine` ar
 components themselves, with an engine directory's manifest, tokenizers and weight map: a graph records the
 same aten operators whether a module is eager or a ``torch.export`` program, and exporting plus loading the
 tiny torch programs costs about four CPU minutes (57 s of it loading), more than all the graph tests'
-budget. On a GPU (``loaded``) they are the engine directory's own engines.
+budget. They may take smaller buckets than the directory was built for (``buckets=``: the manifest is the
+one a build with ``--buckets`` would write, its profiles derived the same way), since the torch modules run at
+any size and a quarter of the pixels is a quarter of the CPU time. On a GPU (``loaded``) they are the engine
+directory's own engines.
 
 Pipelines that share engines must not interleave LoRA switches: each pipeline keeps the base weights it
 read first, so a test that switches LoRAs on one ends it on the base set before another pipeline runs.
@@ -15,16 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdxl_trt.buckets import Bucket
 from sdxl_trt.contracts import ModelDims, component_specs, controlnet_names
 from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir
-from sdxl_trt.engine_dir.profiles import Profile
+from sdxl_trt.engine_dir.profiles import Profile, component_profiles
+
+TINY_TORCH_BUCKETS = ("128x128", "192x128")
+"""The emulated graph tests' buckets, a square and a wide one: about a third of the tiny buckets' pixels
+(multiples of 64, as the refiner's three downsamplings need), so the CPU runs their UNets three times as fast."""
 
 
 @dataclass
@@ -44,13 +52,16 @@ class EngineSet:
             return cls(directory, manifest, load_engines(directory, manifest, device=device), device)
 
     @classmethod
-    def in_memory(cls, directory: Path, modules: Mapping[str, torch.nn.Module]) -> EngineSet:
+    def in_memory(cls, directory: Path, modules: Mapping[str, torch.nn.Module],
+                  buckets: Sequence[str] | None = None) -> EngineSet:
         """TorchEngines (fp32, CPU) around ``modules`` (export/wrappers.py's components, copied), for every
-        component of the directory's manifest."""
+        component of the directory's manifest; at ``buckets`` (default: the directory's)."""
         from sdxl_trt.runtime.torch_engine import TorchEngine
 
         manifest = open_engine_dir(directory, verify_hashes=False)
         specs = component_specs(ModelDims.from_json(manifest.model_dims), controlnet_names(manifest.components))
+        if buckets is not None:
+            manifest = _rebucketed(manifest, specs, list(buckets))
         engines = {}
         for name, entry in manifest.components.items():
             spec, module = specs[name], copy.deepcopy(modules[name])  # LoRA tests change weights in place
@@ -67,6 +78,19 @@ class EngineSet:
         from sdxl_trt.runtime.pipeline import Pipeline
 
         return Pipeline(self.directory, self.manifest, self.engines, self.device, cuda_graphs=cuda_graphs, **kwargs)
+
+
+def _rebucketed(manifest: Manifest, specs: Mapping[str, Any], buckets: list[str]) -> Manifest:
+    """``manifest`` as a build with these buckets would have written it (profiles recomputed)."""
+    parsed = [Bucket.parse(b) for b in buckets]
+
+    def profiles(name: str) -> list[dict[str, Any]]:
+        return [p.to_json() for p in component_profiles(
+            specs[name], buckets=parsed, max_batch=manifest.max_batch, mode=manifest.profile_mode,  # type: ignore[arg-type]
+            max_prompt_chunks=manifest.max_prompt_chunks)]
+
+    return replace(manifest, buckets=buckets,
+                   components={n: replace(e, profiles=profiles(n)) for n, e in manifest.components.items()})
 
 
 @dataclass
