@@ -310,34 +310,38 @@ def test_a_lora_switch_on_a_warmed_pipeline_reaches_the_next_replay(target: Targ
 
 # ------------------------------------------------------------------------------- no pass-through
 def test_a_step_reading_a_host_counter_replays_wrong(target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A planted fault: the step reads its schedule row with a Python counter instead of the device step index.
-    Eagerly that is the same row; a graph froze the counter's value at capture, so its replays are wrong, under
-    emulation as on CUDA."""
+    """A planted fault: the step reads its schedule row with a Python counter of the loop's steps instead of the
+    device step index. Eagerly that is the same row; a graph froze the counter's value at capture, so its
+    replays are wrong, under emulation as on CUDA. (A graph that re-ran the work eagerly would be right.)"""
     from sdxl_trt.runtime import denoise
+    from sdxl_trt.runtime.graphs import CudaGraphs
     from sdxl_trt.runtime.schedulers._base import Schedule
 
     req = GenerationRequest(prompt="a lighthouse at dusk", seed=5, scheduler="euler", steps=4)
     right, _ = _latents(target.pipeline(graphs=False), req)
     host = {"step": 0}
-    real_step, real_run, real_row = denoise.Denoiser.step, denoise.Denoiser.run, Schedule._row
+    real_step, real_get, real_row = denoise.Denoiser.step, CudaGraphs.get, Schedule._row
 
     def step(self: Any, *args: Any, **kwargs: Any) -> None:
         real_step(self, *args, **kwargs)
         host["step"] += 1
 
-    def run(self: Any, *args: Any, **kwargs: Any) -> None:
-        host["step"] = 0
-        real_run(self, *args, **kwargs)
+    def get(self: Any, *args: Any, **kwargs: Any) -> Any:
+        graph = real_get(self, *args, **kwargs)
+        host["step"] = 0  # the loop's first step comes next (capture's warm-up runs are not the loop's)
+        return graph
 
     def row(table: torch.Tensor, step_index: torch.Tensor | int) -> torch.Tensor:
         return real_row(table, step_index if isinstance(step_index, int) else host["step"])
 
     monkeypatch.setattr(denoise.Denoiser, "step", step)
-    monkeypatch.setattr(denoise.Denoiser, "run", run)
+    monkeypatch.setattr(CudaGraphs, "get", get)
     monkeypatch.setattr(Schedule, "_row", staticmethod(row))
     eager, _ = _latents(target.pipeline(graphs=False), req)
     assert torch.equal(eager, right)  # eagerly the counter is the step index
-    graphed, _ = _latents(target.pipeline(), req)
+    pipe = target.pipeline()
+    graphed, _ = _latents(pipe, req)
+    assert [k for k in pipe.ctx.graphs.graphs if k[0] == "step"], "the step was not captured"
     assert not torch.equal(graphed, right)
 
 
