@@ -42,7 +42,7 @@ from sdxl_trt.step_shape import StepShape
 
 from .batch import BatchRunner, StageTimer
 from .conditioning import Conditioner, resolve_bucket
-from .context import EngineContext
+from .context import DeviceScope, EngineContext
 from .engine import Engine
 from .graphs import CudaGraphs, graph_mode
 from .loader import load_engines, resolve_device
@@ -62,6 +62,7 @@ class Pipeline:
         self.device = device
         self.backend = manifest.backend
         self.max_steps = max_steps
+        self.scope = DeviceScope(device)  # every call runs on the pipeline's GPU and its own stream
         with self._on_device():
             mode = graph_mode(cuda_graphs, use_cuda_graphs)
             graphs = CudaGraphs(device, enabled=mode != "off", emulate=mode == "emulate")
@@ -116,14 +117,9 @@ class Pipeline:
         ref = self.directory / "refiner_scheduler" / "scheduler_config.json"
         return {"unet": base, "refiner": json.loads(ref.read_text()) if ref.exists() else base}
 
-    @contextlib.contextmanager
-    def _on_device(self) -> Iterator[None]:
-        """Make the pipeline's GPU current (``cuda:1`` must not launch on ``cuda:0``)."""
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device):
-                yield
-        else:
-            yield
+    def _on_device(self) -> contextlib.AbstractContextManager[None]:
+        """Make the pipeline's GPU (``cuda:1`` must not launch on ``cuda:0``) and its non-default stream current."""
+        return self.scope()
 
     # ------------------------------------------------------------------ public API
     def warmup(self, *, buckets: Sequence[str | Bucket] | None = None, batch_sizes: Sequence[int] | None = None,

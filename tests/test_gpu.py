@@ -523,3 +523,51 @@ def test_onnx_runtime_on_cuda_reads_what_torch_wrote_last(tiny_engines: Path) ->
     torch.cuda.synchronize()
     engine.run(inputs, outputs, profile=profile, stream=torch.cuda.current_stream())
     assert torch.equal(got, outputs["images"])
+
+
+def test_a_pipelines_work_runs_on_a_stream_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager work (VAE, uncaptured encoders, eager steps) must not run on the legacy default stream: the
+    pipeline's scope makes its device and a stream of its own current (CPU check with fakes of torch.cuda)."""
+    from sdxl_trt.runtime.context import DeviceScope
+
+    entered: list[Any] = []
+    default = _FakeStream(torch.device("cuda", 1))
+
+    @contextlib.contextmanager
+    def stream(s: Any) -> Any:
+        entered.append(s)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: default)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    scope = DeviceScope(torch.device("cuda", 1))
+    with scope():
+        pass
+    assert entered == [scope.stream] and scope.stream is not default
+    assert scope.stream.device == torch.device("cuda", 1)
+    assert scope.stream.calls == ["wait_stream"]  # after what the device's current stream holds (loaded weights)
+    entered.clear()
+    with DeviceScope(torch.device("cpu"))():
+        pass
+    assert entered == []
+
+
+@pytest.mark.gpu  # CUDA only: real streams
+def test_engines_run_on_the_pipelines_stream_on_cuda(cuda_engines: Path) -> None:
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(cuda_engines, device="cuda", use_cuda_graphs=False)
+    seen: list[Any] = []
+    for engine in pipe.engines.values():
+        real = engine.run
+
+        def run(*args: Any, real: Any = real, **kwargs: Any) -> None:
+            seen.append(torch.cuda.current_stream())
+            real(*args, **kwargs)
+
+        engine.run = run  # type: ignore[method-assign]
+    pipe.generate(GenerationRequest(prompt="a boat", steps=2, seed=1, init_image=_image(1), strength=0.5))
+    assert seen and all(s == pipe.scope.stream for s in seen)
+    assert pipe.scope.stream != torch.cuda.default_stream()
