@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from sdxl_trt.buckets import Bucket
+from sdxl_trt.contracts import WARMUP_PROMPT_CHUNKS
 from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir, unpassed_guidance_embedding
 from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
@@ -48,6 +49,7 @@ from .graphs import CudaGraphs, graph_mode
 from .loader import load_engines, resolve_device
 from .lora import LoraSet, LoraSwitcher, check_lora_set
 from .slots import Batch, Slot
+from .text import CONTENT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,8 @@ class Pipeline:
     def warmup(self, *, buckets: Sequence[str | Bucket] | None = None, batch_sizes: Sequence[int] | None = None,
                steps: int = 2, scheduler: str | None = None, guidance_scale: float = 5.0,
                refiner: bool | None = None, controlnets: Sequence[str] | None = None,
-               schedulers: Sequence[str] | None = None, guidance_scales: Sequence[float] | None = None) -> float:
+               schedulers: Sequence[str] | None = None, guidance_scales: Sequence[float] | None = None,
+               prompt_chunks: int = WARMUP_PROMPT_CHUNKS) -> float:
         """Run each bucket (default: every built one) at each batch size (default: 1 and max_batch) once,
         capturing CUDA graphs; then forbid capture. Returns the seconds spent.
 
@@ -133,12 +136,19 @@ class Pipeline:
         capture, and shapes first seen after warm-up run eagerly instead. One captured step serves every
         step count and strength of a scheduler, so a short warm-up (``steps``) captures everything.
 
-        A step is captured per sampler and per guidance on/off: ``schedulers`` (default: ``scheduler``, else the
-        model's own, ``lcm`` for an LCM model) and ``guidance_scales`` (default: ``guidance_scale``; one at or
-        below 1 captures the step without classifier-free guidance, as few-step recipes run).
+        Every graph key a request can reach within these buckets, batch sizes, samplers and guidance settings is
+        captured: prompts of 1 to ``prompt_chunks`` chunks of 75 tokens (capped at the engines'), with an empty
+        or a given negative prompt, txt2img/img2img and inpainting. A step is captured per sampler and per
+        guidance on/off: ``schedulers`` (default: ``scheduler``, else the model's own, ``lcm`` for an LCM model)
+        and ``guidance_scales`` (default: ``guidance_scale``; one at or below 1 captures the step without
+        classifier-free guidance, as few-step recipes run).
         ``refiner`` (default: when there is one) runs the ensemble too, capturing the refiner's step.
         ``controlnets`` (default: every built one) also captures the step with each ControlNet alone; other
         ControlNet sets (two at once, guess mode) are captured on first use, or run eagerly after warm-up.
+
+        After the last capture (which empties the allocator's cache) each (bucket, batch size) runs one img2img
+        request, capture forbidden: the VAE encoder and decoder, never captured, run eagerly at every shape once
+        (cuDNN's autotuning included) before traffic does.
         """
         use_refiner = self.has_refiner if refiner is None else refiner and self.has_refiner
         if use_refiner:
@@ -154,19 +164,36 @@ class Pipeline:
         if unknown:
             raise InvalidRequestError(f"warm-up scheduler(s) {', '.join(unknown)} are unknown; choose from "
                                       f"{', '.join(SCHEDULERS)}", param="warmup_schedulers")
+        if prompt_chunks < 1:
+            raise InvalidRequestError(f"warm-up prompt chunks must be at least 1, got {prompt_chunks}",
+                                      param="warmup_prompt_chunks")
         guidances = list(guidance_scales or [guidance_scale])
         sizes = batch_sizes or sorted({1, self.max_batch}, reverse=True)
         largest_first = sorted(chosen, key=lambda b: -b.pixels)  # like vLLM
         control_names = self.controlnet_names if controlnets is None else controlnets
-        for bucket, n, sampler, guidance in itertools.product(largest_first, sizes, samplers, guidances):
-            req = GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height, steps=steps,
+        chunks = range(1, min(prompt_chunks, self.ctx.max_chunks) + 1)
+        for bucket, n, sampler, guidance, c in itertools.product(largest_first, sizes, samplers, guidances, chunks):
+            req = GenerationRequest(prompt=warmup_prompt(c), width=bucket.width, height=bucket.height, steps=steps,
                                     scheduler=sampler, guidance_scale=guidance, seed=0, num_images=n,
                                     refiner_mode="ensemble" if use_refiner else None)
-            self.generate(req)
+            self.generate(req)  # the base's (and refiner's) step; text encoders with an empty negative prompt
             blank = Image.new("RGB", (bucket.width, bucket.height))
+            self.generate(replace(req, refiner_mode=None, init_image=blank, strength=1.0,
+                                  mask_image=Image.new("L", blank.size, 255)))  # inpainting's step
             for name in control_names:
                 self.generate(replace(req, refiner_mode=None, controlnets=(ControlNetUnit(name, blank),)))
+        with self._lock, self._on_device():  # the text encoders' rows with a negative prompt encoded too
+            for guidance, c in itertools.product(guidances, chunks):
+                req = GenerationRequest(prompt=warmup_prompt(c), negative_prompt="warm-up", guidance_scale=guidance,
+                                        seed=0)
+                if self.conditioner.uses_cfg(req):
+                    self.conditioner.encode(0, req, self.buckets[0])
         self.ctx.graphs.forbid_capture()
+        for bucket, n in itertools.product(largest_first, sizes):
+            self.generate(GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height,
+                                            steps=max(steps, 2), scheduler=samplers[0], guidance_scale=guidances[0],
+                                            seed=0, num_images=n, strength=0.5,
+                                            init_image=Image.new("RGB", (bucket.width, bucket.height))))
         stats = self.cuda_graph_stats()
         log.info("warm-up done in %.1f s: %d %sCUDA graphs, pool %.1f MB", time.perf_counter() - t0, stats["graphs"],
                  "emulated " if stats["emulated"] else "", stats["pool_bytes"] / 2**20)
@@ -303,3 +330,8 @@ class Pipeline:
                      refiner_start=req.refiner_start, refiner_strength=req.refiner_strength)
         return p
 
+
+
+def warmup_prompt(chunks: int) -> str:
+    """A prompt that takes ``chunks`` chunks of 75 tokens ("a" is one token in CLIP's vocabulary)."""
+    return "warm-up" + " a" * (CONTENT_TOKENS * (chunks - 1))

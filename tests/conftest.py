@@ -144,7 +144,7 @@ def tiny_controlnet_engines(tiny_controlnet_files: dict[str, Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_torch_engines(tiny_models, tiny_engines: Path, tiny_controlnet_engines: Path,
+def graph_test_engines(tiny_models, tiny_engines: Path, tiny_controlnet_engines: Path,
                        tiny_controlnet_files: dict[str, Path]):
     """torch engines (fp32, CPU) of the tiny components, in memory, over the manifests of ``tiny_controlnet_engines``
     and ``tiny_engines`` (tests/support/torch_engines.py says why not exported) at the buckets of

@@ -78,8 +78,8 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def emulated(tiny_torch_engines: Any) -> Target:
-    sets = {"controlnet": tiny_torch_engines.controlnet, "refiner": tiny_torch_engines.refiner}
+def emulated(graph_test_engines: Any) -> Target:
+    sets = {"controlnet": graph_test_engines.controlnet, "refiner": graph_test_engines.refiner}
     square, wide = (Bucket.parse(b) for b in TINY_TORCH_BUCKETS)
     return Target("emulated", sets, "emulate", (square.width, square.height), (wide.width, wide.height))
 

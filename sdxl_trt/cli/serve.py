@@ -83,6 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-guidance", type=_warmup_guidance, default=d.warmup_guidance, metavar="G,...",
                    help="guidance scales captured at start (default 5; a value <= 1 captures the step without "
                         "classifier-free guidance, as few-step recipes run: e.g. 5,0 for both)")
+    p.add_argument("--warmup-prompt-chunks", type=int, default=d.warmup_prompt_chunks, metavar="N",
+                   help="prompts of up to N chunks of 75 tokens are captured at start (default 2: 150 tokens; "
+                        "longer prompts run their steps eagerly)")
     p.add_argument("--no-ui", action="store_true",
                    help="serve no playground page on / and no OpenAPI page on /docs (the APIs are unchanged)")
     p.add_argument("--ray", action="store_true",
@@ -227,6 +230,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_steps=args.max_steps, request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
         max_body_mb=args.max_body_mb, device=args.device, warmup=args.warmup,
         warmup_schedulers=args.warmup_schedulers, warmup_guidance=args.warmup_guidance,
+        warmup_prompt_chunks=args.warmup_prompt_chunks,
         max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout_s,
         lora_dirs=tuple(_lora_dirs(args.lora_dir)),
         body_timeout_s=args.body_timeout_s, chunk_timeout_s=args.chunk_timeout_s,

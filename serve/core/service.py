@@ -99,7 +99,7 @@ class Service:
         t0 = time.perf_counter()
         pipeline.warmup(buckets=buckets, batch_sizes=sizes, steps=s.warmup_steps,
                         refiner=pipeline.has_refiner, schedulers=s.warmup_schedulers,
-                        guidance_scales=s.warmup_guidance)
+                        guidance_scales=s.warmup_guidance, prompt_chunks=s.warmup_prompt_chunks)
         stats = pipeline.cuda_graph_stats()
         log.info("warm-up of %s at batch sizes 1..%d took %.2f s: %d CUDA graphs, pool %.1f MB",
                  "every built bucket" if buckets is None else ", ".join(buckets), largest,
