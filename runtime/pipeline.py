@@ -148,7 +148,8 @@ class Pipeline:
 
         After the last capture (which empties the allocator's cache) each (bucket, batch size) runs one img2img
         request, capture forbidden: the VAE encoder and decoder, never captured, run eagerly at every shape once
-        (cuDNN's autotuning included) before traffic does.
+        (cuDNN's autotuning included) before traffic does. On the CPU without graphs, where nothing is captured
+        or cached, each bucket and batch size just runs once.
         """
         use_refiner = self.has_refiner if refiner is None else refiner and self.has_refiner
         if use_refiner:
@@ -171,25 +172,27 @@ class Pipeline:
         sizes = batch_sizes or sorted({1, self.max_batch}, reverse=True)
         largest_first = sorted(chosen, key=lambda b: -b.pixels)  # like vLLM
         control_names = self.controlnet_names if controlnets is None else controlnets
-        chunks = range(1, min(prompt_chunks, self.ctx.max_chunks) + 1)
+        thorough = self.ctx.graphs.enabled or self.device.type == "cuda"
+        chunks = range(1, min(prompt_chunks, self.ctx.max_chunks) + 1 if thorough else 2)
         for bucket, n, sampler, guidance, c in itertools.product(largest_first, sizes, samplers, guidances, chunks):
             req = GenerationRequest(prompt=warmup_prompt(c), width=bucket.width, height=bucket.height, steps=steps,
                                     scheduler=sampler, guidance_scale=guidance, seed=0, num_images=n,
                                     refiner_mode="ensemble" if use_refiner else None)
             self.generate(req)  # the base's (and refiner's) step; text encoders with an empty negative prompt
             blank = Image.new("RGB", (bucket.width, bucket.height))
-            self.generate(replace(req, refiner_mode=None, init_image=blank, strength=1.0,
-                                  mask_image=Image.new("L", blank.size, 255)))  # inpainting's step
+            if thorough:
+                self.generate(replace(req, refiner_mode=None, init_image=blank, strength=1.0,
+                                      mask_image=Image.new("L", blank.size, 255)))  # inpainting's step
             for name in control_names:
                 self.generate(replace(req, refiner_mode=None, controlnets=(ControlNetUnit(name, blank),)))
         with self._lock, self._on_device():  # the text encoders' rows with a negative prompt encoded too
-            for guidance, c in itertools.product(guidances, chunks):
+            for guidance, c in itertools.product(guidances, chunks if thorough else ()):
                 req = GenerationRequest(prompt=warmup_prompt(c), negative_prompt="warm-up", guidance_scale=guidance,
                                         seed=0)
                 if self.conditioner.uses_cfg(req):
                     self.conditioner.encode(0, req, self.buckets[0])
         self.ctx.graphs.forbid_capture()
-        for bucket, n in itertools.product(largest_first, sizes):
+        for bucket, n in itertools.product(largest_first, sizes if thorough else ()):
             self.generate(GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height,
                                             steps=max(steps, 2), scheduler=samplers[0], guidance_scale=guidances[0],
                                             seed=0, num_images=n, strength=0.5,
