@@ -189,8 +189,9 @@ class Pipeline:
             for guidance, c in itertools.product(guidances, chunks if thorough else ()):
                 req = GenerationRequest(prompt=warmup_prompt(c), negative_prompt="warm-up", guidance_scale=guidance,
                                         seed=0)
-                if self.conditioner.uses_cfg(req):
-                    self.conditioner.encode(0, req, self.buckets[0])
+                shape = self.admit(req)
+                if shape.guided:
+                    self.conditioner.encode(0, req, shape)
         self.ctx.graphs.forbid_capture()
         for bucket, n in itertools.product(largest_first, sizes if thorough else ()):
             self.generate(GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height,

@@ -95,7 +95,8 @@ def test_a_server_whose_gpu_fails_answers_503_then_exits_3(tmp_path: Path) -> No
             r = client.post(srv.url + "/v1/images/generations", json={"prompt": "crash"})
             assert r.status_code == 503 and r.json()["error"]["code"] == "device_failed", r.text
             ready = client.get(srv.url + "/ready")  # within the linger: probes see why
-            assert ready.status_code == 503 and "illegal memory access" in ready.json()["error"], ready.text
+            assert ready.status_code == 503 and ready.json()["state"] == "failed", ready.text
+            assert "illegal memory access" in ready.json()["worker"], ready.text
         t0 = time.monotonic()
         code = srv.proc.wait(30)
         assert code == 3, srv.log()[-3000:]

@@ -32,6 +32,7 @@ from support.torch_engines import TINY_TORCH_BUCKETS, EngineSet
 
 from sdxl_trt.buckets import Bucket
 from sdxl_trt.request import ControlNetUnit, GenerationRequest
+from sdxl_trt.step_shape import GraphKey
 
 
 @pytest.fixture(scope="module")
@@ -259,14 +260,14 @@ def test_text_encoder_graphs_replay_new_prompts(target: Target) -> None:
     expected = set()
     for prompt, negative in (("a lighthouse", ""), ("a fox", "blurry"), ("a castle", "low quality"), (long, "")):
         req = GenerationRequest(prompt=prompt, negative_prompt=negative, seed=1)
-        bucket = graphed.resolve_bucket(req)
-        ours, theirs = graphed.conditioner.encode(0, req, bucket)[0], eager.conditioner.encode(0, req, bucket)[0]
-        assert ours.chunks == theirs.chunks and set(ours.cond) == set(theirs.cond)
+        shape = graphed.admit(req)
+        ours, theirs = graphed.conditioner.encode(0, req, shape)[0], eager.conditioner.encode(0, req, shape)[0]
+        assert set(ours.cond) == set(theirs.cond)
         for k in ours.cond:
             assert torch.equal(ours.cond[k], theirs.cond[k]), (prompt, k)
         # rows per chunk: text_encoder the prompt (and a non-empty negative), text_encoder_2 both
-        expected |= {("text", "text_encoder", ours.chunks * (2 if negative else 1)),
-                     ("text", "text_encoder_2", ours.chunks * 2)}
+        expected |= {("text", "text_encoder", shape.prompt_chunks * (2 if negative else 1)),
+                     ("text", "text_encoder_2", shape.prompt_chunks * 2)}
     assert any(k[2] > 2 for k in expected)  # the long prompt took two chunks or more
     assert expected <= set(graphed.ctx.graphs.graphs)
 
@@ -341,7 +342,7 @@ def test_a_step_reading_a_host_counter_replays_wrong(target: Target, monkeypatch
     assert torch.equal(eager, right)  # eagerly the counter is the step index
     pipe = target.pipeline()
     graphed, _ = _latents(pipe, req)
-    assert [k for k in pipe.ctx.graphs.graphs if k[0] == "step"], "the step was not captured"
+    assert [k for k in pipe.ctx.graphs.graphs if isinstance(k, GraphKey)], "the step was not captured"
     assert not torch.equal(graphed, right)
 
 
@@ -360,20 +361,19 @@ def test_an_item_inside_the_step_is_refused_at_capture(emulated: Target, monkeyp
     pipe = emulated.pipeline()
     with pytest.raises(GraphCaptureError, match=r"aten\._local_scalar_dense.* issued at runtime/schedulers/_base\.py"):
         pipe.generate(GenerationRequest(prompt="a fox", seed=1, steps=2))
-    assert not [k for k in pipe.ctx.graphs.graphs if k[0] == "step"]
+    assert not [k for k in pipe.ctx.graphs.graphs if isinstance(k, GraphKey)]
 
 
 def test_an_onnx_runtime_engine_inside_an_emulated_capture_replays_a_stale_output(tiny_pipeline: Any) -> None:
     """ONNX Runtime works outside torch: captured against its graph_safe flag, its output is the capture's for
     good. graph_safe keeps it out, so a pipeline over ONNX Runtime engines captures nothing."""
-    from sdxl_trt.engine_dir.profiles import select_profile
     from sdxl_trt.runtime.graphs import CudaGraphs
     from sdxl_trt.runtime.pipeline import Pipeline
 
     ctx, tok = tiny_pipeline.ctx, tiny_pipeline.conditioner.tokenizers[0]
     engine, dims = ctx.engines["text_encoder"], {"B": 1}
-    inputs, outputs = ctx.io_views("text_encoder", dims)
-    profile = select_profile(ctx.profiles["text_encoder"], dims)
+    bound = ctx.bind("text_encoder", dims)
+    inputs, outputs, profile = bound.inputs, bound.outputs, bound.profile
 
     def work() -> None:
         engine.run(inputs, outputs, profile=profile)
@@ -500,7 +500,6 @@ def test_onnx_runtime_waits_for_torchs_stream_before_it_reads_its_inputs(monkeyp
 def test_onnx_runtime_on_cuda_reads_what_torch_wrote_last(tiny_engines: Path) -> None:
     import onnxruntime as ort
 
-    from sdxl_trt.engine_dir.profiles import select_profile
     from sdxl_trt.runtime.pipeline import Pipeline
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -508,8 +507,8 @@ def test_onnx_runtime_on_cuda_reads_what_torch_wrote_last(tiny_engines: Path) ->
     pipe = Pipeline.load(tiny_engines, device="cuda")
     ctx = pipe.ctx
     engine, dims = ctx.engines["vae_decoder"], {"B": 1, "h": 32, "w": 32}
-    inputs, outputs = ctx.io_views("vae_decoder", dims)
-    profile = select_profile(ctx.profiles["vae_decoder"], dims)
+    bound = ctx.bind("vae_decoder", dims)
+    inputs, outputs, profile = bound.inputs, bound.outputs, bound.profile
     latent = torch.randn(inputs["latent"].shape, device="cuda")
     big = torch.randn(4096, 4096, device="cuda")
     inputs["latent"].zero_()
