@@ -17,7 +17,9 @@
 #                (sdxl-controlnet, random weights) per step, against the build of phase 3 without them
 #   6. summary   one screen, printed last
 # Everything lands in $OUT (default benchmarks/results/acceptance-<UTC time>): acceptance.log, summary.md,
-# gpu-tests.xml, headline.{json,md,png}, compiled.{json,md} -- at most 8 files, what the device tool returns.
+# gpu-tests.xml and reports.tar.gz (every report: headline.{json,md,png}, compiled.{json,md},
+# controlnet.{json,md,png}) -- 4 files whatever the flags; the device tool returns at most 8 (the script fails
+# if $OUT holds more). Unpack the bundle into benchmarks/results/ to commit the reports.
 #
 # --dry-run (or SDXL_TRT_ACCEPTANCE_DRY_RUN=1): the same phases on the CPU with the tiny model and the
 # environment already installed (no wheel install): ONNX Runtime fp32 engines (DRY_BACKEND=torch for the torch
@@ -41,7 +43,7 @@ while [ $# -gt 0 ]; do
     --steps) STEPS=$2; shift ;;
     --runs) RUNS=$2; shift ;;
     --budget-s) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "gpu_acceptance.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -183,25 +185,27 @@ if [ "$CONTROLNET" = 1 ] && [ -f "$ENGINES/manifest.json" ]; then
     $([ "$DRY" = 1 ] && echo "--baseline diffusers" || echo "--baseline none")
 fi
 
-# 6. summary: copy the reports, print one screen
-for f in headline.json headline.md headline.png compiled.json compiled.md controlnet.json controlnet.md controlnet.png; do
-  [ -f "$WORK/reports/$f" ] && cp "$WORK/reports/$f" "$OUT/"
-done
-"$PY" - "$PHASES" "$OUT" "$(( $(date +%s) - START ))" <<'EOF' | tee "$OUT/summary.md"
+# 6. summary: bundle the reports (one file, whatever the flags), print one screen
+REPORTS=$(cd "$WORK/reports" && ls -1 2>/dev/null | sort)
+if [ -n "$REPORTS" ]; then
+  # shellcheck disable=SC2086  # report names are the phases' own (letters, digits, dots)
+  tar -czf "$OUT/reports.tar.gz" -C "$WORK/reports" $REPORTS && log "reports in $OUT/reports.tar.gz: $(echo $REPORTS)"
+fi
+"$PY" - "$PHASES" "$WORK/reports" "$(( $(date +%s) - START ))" <<'EOF' | tee "$OUT/summary.md"
 import json, sys
 from pathlib import Path
 
-phases, out, total = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+phases, reports, total = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 print(f"# sdxl-trt GPU acceptance: {total} s in all\n")
 print("| phase | exit | seconds | timeout |\n|---|---|---|---|")
 for line in phases.read_text().splitlines():
     name, rc, secs, limit = line.split("\t")
     print(f"| {name} | {rc} | {secs} | {limit} |")
-for name in ("headline", "compiled"):
-    path = out / f"{name}.json"
-    if not path.exists():
-        continue
-    r = json.loads(path.read_text())
+if any(reports.iterdir()):
+    print(f"\nreports (reports.tar.gz): {', '.join(sorted(p.name for p in reports.iterdir()))}")
+
+
+def show(name: str, r: dict) -> None:
     env, e = r["environment"], r["engines"]
     print(f"\n## {name}: {e['model']} {e['backend']} {e['precision']} on {env.get('gpu') or 'CPU'}, "
           f"{r['settings']['steps']} steps, {r['settings']['runs']} runs\n")
@@ -221,9 +225,23 @@ for name in ("headline", "compiled"):
     print(f"reference: {r['reference']['description']}")
     for n in r.get("notes", []):
         print(f"note: {n}")
+
+
+for name in ("headline", "compiled"):
+    path = reports / f"{name}.json"
+    if path.exists():
+        try:
+            show(name, json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:  # a phase cut short may leave a partial report
+            print(f"\n## {name}: unreadable report ({type(exc).__name__}: {exc})")
 EOF
-# Exit 1 when a phase failed or timed out (the reports of the others are in $OUT all the same).
+# Exit 1 when a phase failed or timed out (the reports of the others are in $OUT all the same), or when $OUT
+# holds more files than the device tool returns.
 FAILED=$(awk -F'\t' '$2 != "0" && $2 !~ /^skipped/ {print $1}' "$PHASES" | tr '\n' ' ')
+N_OUT=$(find "$OUT" -type f | wc -l)
+if [ "$N_OUT" -gt 8 ]; then
+  log "$OUT holds $N_OUT files; the device tool returns 8 at most: bundle the extra ones"; FAILED="$FAILED out-files"
+fi
 [ -n "$FAILED" ] && log "phases that failed or timed out: $FAILED"
 log "done; everything is in $OUT"
 exec >&- 2>&-

@@ -18,6 +18,7 @@ Dynamic shapes come from the contract's named dimensions, bounded by the profile
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdxl_trt.contracts import STEP_FAMILIES, TOKENS_PER_CHUNK, ComponentSpec, family_of, io_dtype
+from sdxl_trt.contracts import (
+    STEP_FAMILIES,
+    TOKENS_PER_CHUNK,
+    WARMUP_PROMPT_CHUNKS,
+    ComponentSpec,
+    family_of,
+    io_dtype,
+)
 from sdxl_trt.engine_dir.layout import EXTENSIONS, WEIGHT_MAP_NAME, cache_artifacts_path, engine_file_name
 from sdxl_trt.engine_dir.profiles import Profile
 from sdxl_trt.engine_dir.torch_program import load_program
@@ -302,7 +310,8 @@ class TorchBuilder:
         path = out / engine_file_name(component, "torch")
         info = build_torch_engine(module, spec, path, profiles=profiles, precision=dtype, device=opts.device,
                                   dim_multiples=dim_multiples_for(component, self.export.model_dims),
-                                  compile_shapes=compile_shapes(component, profiles, opts.max_batch)
+                                  compile_shapes=compile_shapes(component, profiles, opts.max_batch,
+                                                                opts.max_prompt_chunks)
                                   if opts.compile_torch else None)
         return BuiltEngine(path.name, info, export_error=_verify_torch_engine(module, spec, path, profiles, dtype,
                                                                               opts.device))
@@ -334,16 +343,19 @@ def _verify_torch_engine(module: nn.Module, spec: ComponentSpec, path: Path, pro
             for name, e in zip(spec.output_names, expected, strict=True)}
 
 
-def compile_shapes(component: str, profiles: Sequence[Profile], max_batch: int) -> list[dict[str, int]]:
-    """The shapes a service runs, compiled once at build time (each costs minutes at full size):
-    every bucket at one image and at ``max_batch`` images (x2 for guidance in the UNets and ControlNets)."""
+def compile_shapes(component: str, profiles: Sequence[Profile], max_batch: int,
+                   max_prompt_chunks: int = WARMUP_PROMPT_CHUNKS) -> list[dict[str, int]]:
+    """The shapes a default warm-up runs, compiled once at build time (each costs minutes at full size), so
+    that it compiles nothing: every bucket at one image and at ``max_batch`` images, with guidance (x2 rows in
+    the UNets and ControlNets) and without, at prompts of 1 to WARMUP_PROMPT_CHUNKS chunks (S; the text
+    encoders' rows: a chunk per prompt, one or two prompts)."""
     family = family_of(component)
+    chunks = range(1, min(WARMUP_PROMPT_CHUNKS, max_prompt_chunks) + 1)
     if family == "text_encoder":
-        return [{"B": 2}]  # one prompt chunk, positive and negative
+        return [{"B": b} for b in sorted({c * prompts for c in chunks for prompts in (1, 2)})]
     shapes = []
-    for p in profiles:
-        for images in sorted({1, max_batch}):
-            b = 2 * images if family in STEP_FAMILIES else images
+    for p, images, c in itertools.product(profiles, sorted({1, max_batch}), chunks):
+        for b in ({images, 2 * images} if family in STEP_FAMILIES else {images}):
             shapes.append({"B": b, "h": p.dims["h"].opt, "w": p.dims["w"].opt}
-                          | ({"S": TOKENS_PER_CHUNK} if "S" in p.dims else {}))
-    return [dict(t) for t in {tuple(sorted(s.items())) for s in shapes}]
+                          | ({"S": TOKENS_PER_CHUNK * c} if "S" in p.dims else {}))
+    return [dict(t) for t in sorted({tuple(sorted(s.items())) for s in shapes})]

@@ -5,8 +5,9 @@ buffer arena, the device and its CUDA graphs. Built once by ``Pipeline.load``; r
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,27 @@ from .graphs import CudaGraphs
 
 MAX_STATE_TENSORS = 3
 """Latent-shaped history buffers the hungriest scheduler keeps (UniPC: last, x0_prev, x0_prev2)."""
+
+
+class DeviceScope:
+    """A pipeline's device made current for its calls, with a stream of its own on CUDA: work on the legacy
+    default stream synchronises with every other stream, and TensorRT adds a synchronisation per ``enqueueV3``
+    there (and warns), for the VAE, uncaptured encoders and eager steps alike."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream: torch.cuda.Stream | None = None
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device)
+            self.stream.wait_stream(torch.cuda.current_stream(device))  # the engines' weights, loaded on it
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            yield
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """ONNX Runtime implementation of the Engine protocol: I/O binding on the caller's preallocated buffers.
 
 ONNX Runtime writes outputs straight into the arena's views (``bind_output`` with the buffer's
-address), so a call allocates no tensors of its own beyond what ORT uses internally.
+address), so a call allocates no tensors of its own beyond what ORT uses internally. On CUDA it runs on a
+stream of its own, so ``run`` first waits for the caller's torch stream (the one exception to the Engine
+protocol's no-synchronisation rule; such an engine is never captured in a graph anyway).
 
 Runtime LoRAs replace initializers: a session is created with ``add_initializer`` overrides holding the
 merged weights (always base + deltas, never delta on delta), and the last few sessions are kept, keyed by
@@ -103,6 +105,11 @@ class OnnxRuntimeEngine:
             self._bind(binding.bind_input, name, t)
         for name, t in outputs.items():
             self._bind(binding.bind_output, name, t)
+        if self._ort_device == "cuda":
+            # torch fills the bound inputs on its stream and ONNX Runtime reads them from its own: without this
+            # wait it can read them before torch has written them. (ORT synchronises its own stream at the end
+            # of a run, so torch's later work reads finished outputs.)
+            (stream if stream is not None else torch.cuda.current_stream(self.device)).synchronize()
         self.session.run_with_iobinding(binding)
 
     def _bind(self, bind: Any, name: str, t: torch.Tensor) -> None:

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from sdxl_trt.buckets import Bucket
+from sdxl_trt.contracts import WARMUP_PROMPT_CHUNKS
 from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir, unpassed_guidance_embedding
 from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
@@ -42,27 +43,31 @@ from sdxl_trt.step_shape import StepShape
 
 from .batch import BatchRunner, StageTimer
 from .conditioning import Conditioner, resolve_bucket
-from .context import EngineContext
+from .context import DeviceScope, EngineContext
 from .engine import Engine
-from .graphs import CudaGraphs
+from .graphs import CudaGraphs, graph_mode
 from .loader import load_engines, resolve_device
 from .lora import LoraSet, LoraSwitcher, check_lora_set
 from .slots import Batch, Slot
+from .text import CONTENT_TOKENS
 
 log = logging.getLogger(__name__)
 
 
 class Pipeline:
     def __init__(self, directory: Path, manifest: Manifest, engines: dict[str, Engine], device: torch.device, *,
-                 max_steps: int = 150, use_cuda_graphs: bool = True, lora_dirs: Sequence[str | Path] = ()) -> None:
+                 max_steps: int = 150, use_cuda_graphs: bool = True, lora_dirs: Sequence[str | Path] = (),
+                 cuda_graphs: str | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = manifest
         self.engines = engines
         self.device = device
         self.backend = manifest.backend
         self.max_steps = max_steps
+        self.scope = DeviceScope(device)  # every call runs on the pipeline's GPU and its own stream
         with self._on_device():
-            graphs = CudaGraphs(device, enabled=use_cuda_graphs)
+            mode = graph_mode(cuda_graphs, use_cuda_graphs)
+            graphs = CudaGraphs(device, enabled=mode != "off", emulate=mode == "emulate")
             self.ctx = EngineContext(manifest, engines, device, graphs, max_steps)
             self.conditioner = Conditioner(self.ctx, self.directory)
             self.runner = BatchRunner(self.ctx, self._scheduler_configs())
@@ -82,17 +87,21 @@ class Pipeline:
                         self._unpassed_time_cond, manifest.rebuild_hint(directory))
         log.info("pipeline ready: backend %s on %s, buckets %s, max batch %d, arena %.1f MB, CUDA graphs %s",
                  self.backend, device, ", ".join(map(str, self.buckets)), self.max_batch,
-                 self.ctx.arena.nbytes / 2**20, "on" if graphs.enabled else "off")
+                 self.ctx.arena.nbytes / 2**20, "emulated" if graphs.emulated else "on" if graphs.enabled else "off")
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device | None = None, verify_hashes: bool = True,
              compile: bool = False, max_steps: int = 150, use_cuda_graphs: bool = True,
-             lora_dirs: Sequence[str | Path] = ()) -> Pipeline:
+             lora_dirs: Sequence[str | Path] = (), cuda_graphs: str | None = None) -> Pipeline:
         """Check the engine directory against this machine and load every engine once.
 
         ``lora_dirs``: folders of ``NAME.safetensors`` LoRAs that requests may name (``GenerationRequest.loras``;
-        paths work too from Python). A LoRA switch updates the engines' weights between batches, in place."""
+        paths work too from Python). A LoRA switch updates the engines' weights between batches, in place.
+
+        ``cuda_graphs``: "on" (the default: CUDA graphs on a GPU, none on the CPU), "off", or "emulate": graph
+        semantics emulated on CPU tensors, for tests of the graph path (runtime/graph_emulation.py; slower than
+        eager). ``use_cuda_graphs=False`` is the older spelling of "off"."""
         directory = Path(directory)
         manifest = open_engine_dir(directory, verify_hashes=verify_hashes)
         dev = resolve_device(device, manifest.backend)
@@ -103,27 +112,23 @@ class Pipeline:
             engines = load_engines(directory, manifest, device=dev, compile_torch=compile)
         log.info("loaded %d engines from %s in %.2f s", len(engines), directory, time.perf_counter() - t0)
         return cls(directory, manifest, engines, dev, max_steps=max_steps, use_cuda_graphs=use_cuda_graphs,
-                   lora_dirs=lora_dirs)
+                   lora_dirs=lora_dirs, cuda_graphs=cuda_graphs)
 
     def _scheduler_configs(self) -> dict[str, dict[str, Any]]:
         base = json.loads((self.directory / "scheduler" / "scheduler_config.json").read_text())
         ref = self.directory / "refiner_scheduler" / "scheduler_config.json"
         return {"unet": base, "refiner": json.loads(ref.read_text()) if ref.exists() else base}
 
-    @contextlib.contextmanager
-    def _on_device(self) -> Iterator[None]:
-        """Make the pipeline's GPU current (``cuda:1`` must not launch on ``cuda:0``)."""
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device):
-                yield
-        else:
-            yield
+    def _on_device(self) -> contextlib.AbstractContextManager[None]:
+        """Make the pipeline's GPU (``cuda:1`` must not launch on ``cuda:0``) and its non-default stream current."""
+        return self.scope()
 
     # ------------------------------------------------------------------ public API
     def warmup(self, *, buckets: Sequence[str | Bucket] | None = None, batch_sizes: Sequence[int] | None = None,
                steps: int = 2, scheduler: str | None = None, guidance_scale: float = 5.0,
                refiner: bool | None = None, controlnets: Sequence[str] | None = None,
-               schedulers: Sequence[str] | None = None, guidance_scales: Sequence[float] | None = None) -> float:
+               schedulers: Sequence[str] | None = None, guidance_scales: Sequence[float] | None = None,
+               prompt_chunks: int = WARMUP_PROMPT_CHUNKS) -> float:
         """Run each bucket (default: every built one) at each batch size (default: 1 and max_batch) once,
         capturing CUDA graphs; then forbid capture. Returns the seconds spent.
 
@@ -131,12 +136,20 @@ class Pipeline:
         capture, and shapes first seen after warm-up run eagerly instead. One captured step serves every
         step count and strength of a scheduler, so a short warm-up (``steps``) captures everything.
 
-        A step is captured per sampler and per guidance on/off: ``schedulers`` (default: ``scheduler``, else the
-        model's own, ``lcm`` for an LCM model) and ``guidance_scales`` (default: ``guidance_scale``; one at or
-        below 1 captures the step without classifier-free guidance, as few-step recipes run).
+        Every graph key a request can reach within these buckets, batch sizes, samplers and guidance settings is
+        captured: prompts of 1 to ``prompt_chunks`` chunks of 75 tokens (capped at the engines'), with an empty
+        or a given negative prompt, txt2img/img2img and inpainting. A step is captured per sampler and per
+        guidance on/off: ``schedulers`` (default: ``scheduler``, else the model's own, ``lcm`` for an LCM model)
+        and ``guidance_scales`` (default: ``guidance_scale``; one at or below 1 captures the step without
+        classifier-free guidance, as few-step recipes run).
         ``refiner`` (default: when there is one) runs the ensemble too, capturing the refiner's step.
         ``controlnets`` (default: every built one) also captures the step with each ControlNet alone; other
         ControlNet sets (two at once, guess mode) are captured on first use, or run eagerly after warm-up.
+
+        After the last capture (which empties the allocator's cache) each (bucket, batch size) runs one img2img
+        request, capture forbidden: the VAE encoder and decoder, never captured, run eagerly at every shape once
+        (cuDNN's autotuning included) before traffic does. On the CPU without graphs, where nothing is captured
+        or cached, each bucket and batch size just runs once.
         """
         use_refiner = self.has_refiner if refiner is None else refiner and self.has_refiner
         if use_refiner:
@@ -152,26 +165,47 @@ class Pipeline:
         if unknown:
             raise InvalidRequestError(f"warm-up scheduler(s) {', '.join(unknown)} are unknown; choose from "
                                       f"{', '.join(SCHEDULERS)}", param="warmup_schedulers")
+        if prompt_chunks < 1:
+            raise InvalidRequestError(f"warm-up prompt chunks must be at least 1, got {prompt_chunks}",
+                                      param="warmup_prompt_chunks")
         guidances = list(guidance_scales or [guidance_scale])
         sizes = batch_sizes or sorted({1, self.max_batch}, reverse=True)
         largest_first = sorted(chosen, key=lambda b: -b.pixels)  # like vLLM
         control_names = self.controlnet_names if controlnets is None else controlnets
-        for bucket, n, sampler, guidance in itertools.product(largest_first, sizes, samplers, guidances):
-            req = GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height, steps=steps,
+        thorough = self.ctx.graphs.enabled or self.device.type == "cuda"
+        chunks = range(1, min(prompt_chunks, self.ctx.max_chunks) + 1 if thorough else 2)
+        for bucket, n, sampler, guidance, c in itertools.product(largest_first, sizes, samplers, guidances, chunks):
+            req = GenerationRequest(prompt=warmup_prompt(c), width=bucket.width, height=bucket.height, steps=steps,
                                     scheduler=sampler, guidance_scale=guidance, seed=0, num_images=n,
                                     refiner_mode="ensemble" if use_refiner else None)
-            self.generate(req)
+            self.generate(req)  # the base's (and refiner's) step; text encoders with an empty negative prompt
             blank = Image.new("RGB", (bucket.width, bucket.height))
+            if thorough:
+                self.generate(replace(req, refiner_mode=None, init_image=blank, strength=1.0,
+                                      mask_image=Image.new("L", blank.size, 255)))  # inpainting's step
             for name in control_names:
                 self.generate(replace(req, refiner_mode=None, controlnets=(ControlNetUnit(name, blank),)))
+        with self._lock, self._on_device():  # the text encoders' rows with a negative prompt encoded too
+            for guidance, c in itertools.product(guidances, chunks if thorough else ()):
+                req = GenerationRequest(prompt=warmup_prompt(c), negative_prompt="warm-up", guidance_scale=guidance,
+                                        seed=0)
+                shape = self.admit(req)
+                if shape.guided:
+                    self.conditioner.encode(0, req, shape)
         self.ctx.graphs.forbid_capture()
+        for bucket, n in itertools.product(largest_first, sizes if thorough else ()):
+            self.generate(GenerationRequest(prompt="warm-up", width=bucket.width, height=bucket.height,
+                                            steps=max(steps, 2), scheduler=samplers[0], guidance_scale=guidances[0],
+                                            seed=0, num_images=n, strength=0.5,
+                                            init_image=Image.new("RGB", (bucket.width, bucket.height))))
         stats = self.cuda_graph_stats()
-        log.info("warm-up done in %.1f s: %d CUDA graphs, pool %.1f MB", time.perf_counter() - t0, stats["graphs"],
-                 stats["pool_bytes"] / 2**20)
+        log.info("warm-up done in %.1f s: %d %sCUDA graphs, pool %.1f MB", time.perf_counter() - t0, stats["graphs"],
+                 "emulated " if stats["emulated"] else "", stats["pool_bytes"] / 2**20)
         return time.perf_counter() - t0
 
     def cuda_graph_stats(self) -> dict[str, int]:
-        """How many CUDA graphs are captured and the bytes their shared memory pool holds (0 on the CPU)."""
+        """How many CUDA graphs are captured, the bytes their shared memory pool holds (0 on the CPU), and whether
+        they are emulated on the CPU (``cuda_graphs="emulate"``)."""
         with self._on_device():
             return self.ctx.graphs.stats()
 
@@ -300,3 +334,8 @@ class Pipeline:
                      refiner_start=req.refiner_start, refiner_strength=req.refiner_strength)
         return p
 
+
+
+def warmup_prompt(chunks: int) -> str:
+    """A prompt that takes ``chunks`` chunks of 75 tokens ("a" is one token in CLIP's vocabulary)."""
+    return "warm-up" + " a" * (CONTENT_TOKENS * (chunks - 1))

@@ -47,6 +47,10 @@ command. (2: the UNet's optional ``timestep_cond`` input for guidance-distilled 
 TOKENS_PER_CHUNK = 77
 """CLIP's context length: every text-encoder call sees exactly this many tokens."""
 
+WARMUP_PROMPT_CHUNKS = 2
+"""Prompt chunks (of 75 tokens) a default warm-up captures up to, and a ``--compile`` build compiles for: one
+is a short prompt, two a prompt of up to 150 tokens (more: ``Pipeline.warmup(prompt_chunks=)``)."""
+
 VAE_SCALE = 8
 """Image pixels per latent pixel, per side (KL-f8)."""
 

@@ -141,3 +141,24 @@ def tiny_controlnet_engines(tiny_controlnet_files: dict[str, Path]) -> Path:
     ``depth`` (tiny-controlnet-small from a diffusers directory), all tiny buckets, up to 2 images per batch.
     Shared: read it, or copy it before changing anything."""
     return engine_cache.shared("tiny-controlnet")
+
+
+@pytest.fixture(scope="session")
+def graph_test_engines(tiny_models, tiny_engines: Path, tiny_controlnet_engines: Path,
+                       tiny_controlnet_files: dict[str, Path]):
+    """torch engines (fp32, CPU) of the tiny components, in memory, over the manifests of ``tiny_controlnet_engines``
+    and ``tiny_engines`` (tests/support/torch_engines.py says why not exported) at the buckets of
+    ``support.torch_engines.TINY_TORCH_BUCKETS``: what the emulated CUDA-graph tests run on."""
+    from support.controlnet_files import load_tiny_controlnet
+    from support.torch_engines import TINY_TORCH_BUCKETS, EngineSet, TinyTorchEngines
+
+    from sdxl_trt.export.wrappers import wrap_components
+
+    base, refiner = tiny_models
+    controlnets = {"controlnet.edges": load_tiny_controlnet("tiny-controlnet"),
+                   "controlnet.depth": load_tiny_controlnet(tiny_controlnet_files["depth"])}
+    return TinyTorchEngines(
+        controlnet=EngineSet.in_memory(tiny_controlnet_engines, wrap_components(base, controlnets=controlnets),
+                                       TINY_TORCH_BUCKETS),
+        refiner=EngineSet.in_memory(tiny_engines, wrap_components(base, refiner), TINY_TORCH_BUCKETS))
+

@@ -1034,16 +1034,22 @@ def test_invalidated_graphs_are_captured_again_after_warm_up(monkeypatch: pytest
     captured: list[Any] = []
     monkeypatch.setattr(graphs, "_capture", lambda key, work, mutable: captured.append(key)
                         or graphs.graphs.setdefault(key, f"graph-{len(captured)}"))
-    step = ("step", "unet", "64x64", 1, True, 1, False, "euler", ())
+    from sdxl_trt.buckets import Bucket
+    from sdxl_trt.step_shape import GraphKey
+
+    step = GraphKey("unet", Bucket(64, 64), 1, True, 1, False, "euler", ())  # the key the runtime captures under
+    controlled = GraphKey("unet", Bucket(64, 64), 1, True, 1, False, "euler", (("controlnet.edges", False),))
     text = ("text", "text_encoder_2", 2)
     assert graphs.get(step, lambda: None, graph_safe=True, mutable=()) == "graph-1"
     assert graphs.get(text, lambda: None, graph_safe=True, mutable=()) == "graph-2"
+    assert graphs.get(controlled, lambda: None, graph_safe=True, mutable=()) == "graph-3"
     graphs.forbid_capture()
+    assert graphs.invalidate({"controlnet.edges"}) == [controlled]  # a ControlNet's refit: its steps only
     assert graphs.invalidate({"unet"}) == [step]
-    assert graphs.get(step, lambda: None, graph_safe=True, mutable=()) == "graph-3"  # re-captured
+    assert graphs.get(step, lambda: None, graph_safe=True, mutable=()) == "graph-4"  # re-captured
     assert graphs.get(text, lambda: None, graph_safe=True, mutable=()) == "graph-2"  # untouched
     assert graphs.get(("text", "text_encoder", 1), lambda: None, graph_safe=True, mutable=()) is None
-    assert captured == [step, text, step]
+    assert captured == [step, text, controlled, step]
 
 
 @pytest.mark.parametrize("built,here,refused", [("10.13.0.35", "11.4.0.9", True), ("11.4.0.9", "10.13.0.35", True),

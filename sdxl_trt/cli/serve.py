@@ -2,7 +2,8 @@
 
 On SIGTERM (or Ctrl-C): ``/ready`` turns 503 and new requests get 503 while queued and running ones finish
 (up to ``--drain-timeout-s``); then uvicorn's graceful shutdown closes the connections and the process
-exits 0. A second signal stops at once. If the engines fail to load, the process exits 2 with the reason.
+exits 0. A second signal stops at once. If the engines fail to load, the process exits 2 with the reason;
+after a sticky CUDA error while serving (every later call would fail), 3, so the orchestrator replaces it.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-guidance", type=_warmup_guidance, default=d.warmup_guidance, metavar="G,...",
                    help="guidance scales captured at start (default 5; a value <= 1 captures the step without "
                         "classifier-free guidance, as few-step recipes run: e.g. 5,0 for both)")
+    p.add_argument("--warmup-prompt-chunks", type=int, default=d.warmup_prompt_chunks, metavar="N",
+                   help="prompts of up to N chunks of 75 tokens are captured at start (default 2: 150 tokens; "
+                        "longer prompts run their steps eagerly)")
     p.add_argument("--no-ui", action="store_true",
                    help="serve no playground page on / and no OpenAPI page on /docs (the APIs are unchanged)")
     p.add_argument("--ray", action="store_true",
@@ -226,6 +230,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_steps=args.max_steps, request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
         max_body_mb=args.max_body_mb, device=args.device, warmup=args.warmup,
         warmup_schedulers=args.warmup_schedulers, warmup_guidance=args.warmup_guidance,
+        warmup_prompt_chunks=args.warmup_prompt_chunks,
         max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout_s,
         lora_dirs=tuple(_lora_dirs(args.lora_dir)),
         body_timeout_s=args.body_timeout_s, chunk_timeout_s=args.chunk_timeout_s,
@@ -249,7 +254,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def run_server(settings: ServeSettings, pipeline_factory: PipelineFactory | None = None) -> int:
     """Serve on uvicorn with the edge limits until SIGTERM drains it: 0 when drained, 2 when the engines failed
-    to load, 1 when the drain timed out. ``pipeline_factory`` is for tests (a pipeline double)."""
+    to load, 3 when the GPU failed while serving (a sticky CUDA error), 1 when the drain timed out.
+    ``pipeline_factory`` is for tests (a pipeline double)."""
     try:
         import uvicorn
 
@@ -276,7 +282,7 @@ def run_server(settings: ServeSettings, pipeline_factory: PipelineFactory | None
     server.run()
     if service.state == "failed":
         print(f"sdxl-trt serve: error: {service.error}", file=sys.stderr)
-        return 2
+        return 3 if service.device_error is not None else 2
     return 0 if server.drained else 1
 
 

@@ -20,6 +20,10 @@ Rules of this module (keep them):
   number of results) fails only the requests it concerns. A running batch gets a deadline too
   (``default_timeout_s`` from its start): past it, its requests get :class:`DeadlineExceededError` and
   :attr:`AsyncPipeline.healthy` is False (``/ready`` answers 503) until the pipeline call returns.
+* A sticky CUDA error (an illegal address, a launch failure: :func:`sticky_device_error`) is not retried one by
+  one, since every later call in the process fails too: the batch's requests, the queued ones and every later
+  one get :class:`DeviceFailedError`, :attr:`AsyncPipeline.healthy` is False for good and ``on_device_failure``
+  is told, so the service can exit and be replaced.
 * No web library here: services embed this without HTTP.
 """
 
@@ -38,7 +42,13 @@ from sdxl_trt.buckets import Bucket
 from sdxl_trt.request import GenerationRequest, GenerationResult
 from sdxl_trt.step_shape import StepShape
 
-from .errors import DeadlineExceededError, OverloadedError, ShuttingDownError
+from .errors import (
+    DeadlineExceededError,
+    DeviceFailedError,
+    OverloadedError,
+    ShuttingDownError,
+    sticky_device_error,
+)
 from .pipeline_like import PipelineLike
 
 log = logging.getLogger(__name__)
@@ -92,7 +102,8 @@ class AsyncPipeline:
 
     def __init__(self, pipeline: PipelineLike, *, max_batch: int | None = None, batch_window_ms: float = 10.0,
                  max_queue: int = 64, max_images: int = 64, max_steps: int | None = None,
-                 default_timeout_s: float | None = None, on_batch: Callable[[BatchReport], None] | None = None) -> None:
+                 default_timeout_s: float | None = None, on_batch: Callable[[BatchReport], None] | None = None,
+                 on_device_failure: Callable[[str], None] | None = None) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         if batch_window_ms < 0:
@@ -119,6 +130,8 @@ class AsyncPipeline:
         self._stats = AsyncPipelineStats()
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._stuck_since: float | None = None  # a running batch outlived its deadline; the call has not returned
+        self._on_device_failure = on_device_failure
+        self.device_error: str | None = None  # the sticky CUDA error that ended this pipeline's usefulness
 
     # ------------------------------------------------------------------ public API
     @property
@@ -131,14 +144,17 @@ class AsyncPipeline:
 
     @property
     def healthy(self) -> bool:
-        """False when the worker stopped without being asked to, or a pipeline call outlived its deadline."""
-        if self._stuck_since is not None:
+        """False when the worker stopped without being asked to, a pipeline call outlived its deadline, or the
+        GPU hit a sticky error (for good)."""
+        if self._stuck_since is not None or self.device_error is not None:
             return False
         worker = self._worker
         return worker is None or not worker.done() or self._closing
 
     def health(self) -> str:
         """Why :attr:`healthy` is False, in words for ``/ready`` ("ok" otherwise)."""
+        if self.device_error is not None:
+            return self._device_failed().args[0]
         if self._stuck_since is not None:
             return (f"a batch has been running for {time.monotonic() - self._stuck_since:.0f} s past its deadline; "
                     "the engine may be hung")
@@ -173,6 +189,8 @@ class AsyncPipeline:
         """
         if self._closing:
             raise ShuttingDownError("the service is shutting down and accepts no new requests")
+        if self.device_error is not None:
+            raise self._device_failed()
         shape = self.admit(request)
         if len(self._queue) >= self.max_queue:
             self._stats.rejected_overloaded += 1
@@ -338,6 +356,8 @@ class AsyncPipeline:
         finally:
             self._running = []
             self._stuck_since = None
+        if self.device_error is not None:
+            self._device_failure_reached()
         seconds = time.monotonic() - t0
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         s = self._stats
@@ -382,21 +402,55 @@ class AsyncPipeline:
         return await call
 
     def _run_sync(self, requests: list[GenerationRequest]) -> list[GenerationResult | Exception]:
-        """In the worker thread: the whole batch, or on failure each request alone so only the culprit fails.
-        Never raises: a result count that does not match the requests is an error for each of them."""
+        """In the worker thread: the whole batch, or on failure each request alone so only the culprit fails
+        (not after a sticky CUDA error: nothing would succeed). Never raises: a result count that does not
+        match the requests is an error for each of them."""
+        if self.device_error is not None:
+            return [self._device_failed() for _ in requests]
         try:
             return self._checked(requests, self.pipeline.generate_batch(requests))
         except Exception as e:
+            if self._sticky(e):
+                return [self._device_failed() for _ in requests]
             if len(requests) == 1:
                 return [e]
             log.warning("a batch of %d requests failed (%s); running them one at a time", len(requests), e)
         outcomes: list[GenerationResult | Exception] = []
         for r in requests:
+            if self.device_error is not None:
+                outcomes.append(self._device_failed())
+                continue
             try:
                 outcomes += self._checked([r], self.pipeline.generate_batch([r]))
             except Exception as e:
-                outcomes.append(e)
+                outcomes.append(self._device_failed() if self._sticky(e) else e)
         return outcomes
+
+    def _sticky(self, error: Exception) -> bool:
+        """Whether ``error`` is a sticky CUDA error; the first one is kept (and logged) as :attr:`device_error`."""
+        message = sticky_device_error(error)
+        if message is None:
+            return False
+        if self.device_error is None:
+            self.device_error = message
+            log.critical("the GPU hit an unrecoverable CUDA error (%s): every later call in this process would "
+                         "fail; failing all requests, /ready answers 503", message, exc_info=error)
+        return True
+
+    def _device_failed(self) -> DeviceFailedError:
+        return DeviceFailedError(f"the GPU hit an unrecoverable CUDA error ({self.device_error}); this process "
+                                 "can no longer generate and must be restarted: retry on another replica")
+
+    def _device_failure_reached(self) -> None:
+        """On the event loop after the failing batch: fail what is queued (it cannot run), tell the owner once."""
+        for item in list(self._queue):
+            self._fail_queued(item, self._device_failed())
+        callback, self._on_device_failure = self._on_device_failure, None
+        if callback is not None:
+            try:
+                callback(str(self.device_error))
+            except Exception:
+                log.exception("the on_device_failure callback failed")
 
     @staticmethod
     def _checked(requests: list[GenerationRequest], results: Sequence[GenerationResult]) -> list[GenerationResult | Exception]:

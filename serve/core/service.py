@@ -1,7 +1,9 @@
 """``Service``: the engine behind the HTTP APIs and its life: loading -> ready -> draining -> stopped.
 
 Loading happens in the background so ``/health`` answers at once and ``/ready`` says 503 until the engines are
-loaded and warm. The app (and a Ray Serve replica later) holds one ``Service``; no web library here.
+loaded and warm. A sticky CUDA error while serving turns it "failed" too (:attr:`Service.device_error`): the
+server then exits non-zero so that the orchestrator replaces the process. The app (and a Ray Serve replica
+later) holds one ``Service``; no web library here.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Service:
         self._on_batch = on_batch
         self.state: State = "starting"
         self.error: str | None = None
+        self.device_error: str | None = None  # a sticky CUDA error ended serving (the process must be replaced)
         self.pipeline: PipelineLike | None = None
         self.async_pipeline: AsyncPipeline | None = None
         self._load_task: asyncio.Task[None] | None = None
@@ -72,11 +75,16 @@ class Service:
         self.async_pipeline = AsyncPipeline(
             pipeline, max_batch=s.max_batch, batch_window_ms=s.batch_window_ms, max_queue=s.max_queue,
             max_images=s.max_images, max_steps=s.max_steps, default_timeout_s=s.request_timeout_s,
-            on_batch=self._on_batch)
+            on_batch=self._on_batch, on_device_failure=self._device_failed)
         if self.state == "loading":
             self.state = "ready"
             log.info("ready in %.1f s: max batch %d, batch window %g ms, queue %d", time.perf_counter() - t0,
                      self.async_pipeline.max_batch, s.batch_window_ms, s.max_queue)
+
+    def _device_failed(self, message: str) -> None:
+        self.device_error = message
+        self.error = f"the GPU hit an unrecoverable CUDA error ({message}); the process exits to be replaced"
+        self.state = "failed"
 
     def _warm_up(self, pipeline: PipelineLike) -> None:
         """Capture every chosen bucket at each batch size up to the service's max batch, then forbid capture,
@@ -91,7 +99,7 @@ class Service:
         t0 = time.perf_counter()
         pipeline.warmup(buckets=buckets, batch_sizes=sizes, steps=s.warmup_steps,
                         refiner=pipeline.has_refiner, schedulers=s.warmup_schedulers,
-                        guidance_scales=s.warmup_guidance)
+                        guidance_scales=s.warmup_guidance, prompt_chunks=s.warmup_prompt_chunks)
         stats = pipeline.cuda_graph_stats()
         log.info("warm-up of %s at batch sizes 1..%d took %.2f s: %d CUDA graphs, pool %.1f MB",
                  "every built bucket" if buckets is None else ", ".join(buckets), largest,

@@ -48,6 +48,7 @@ class ServeSettings:
     # None: the model's own sampler; guidance <= 1 captures the step without classifier-free guidance.
     warmup_schedulers: tuple[str, ...] | None = None
     warmup_guidance: tuple[float, ...] = (5.0,)
+    warmup_prompt_chunks: int = 2  # prompts of up to this many 75-token chunks replay captured graphs
     ui: bool = True  # the playground on / and the OpenAPI page on /docs; --no-ui turns both off
 
     @property

@@ -1,7 +1,7 @@
 """One error type for the HTTP edge, rendered in the shape of the API the client called.
 
-Engine and queue errors map to status codes here (400 bad value, 429 queue full, 503 not ready or draining,
-504 deadline); anything unexpected is a 500 whose body says only that, with the traceback in the server log.
+Engine and queue errors map to status codes here (400 bad value, 429 queue full, 503 not ready, draining or
+the GPU failed, 504 deadline); anything unexpected is a 500 whose body says only that, with the traceback in the server log.
 Messages name the bad value and the fix, but never a server path: the runtime's messages are written for the
 CLI (a LoRA's file, the engine directory in a rebuild command), so :func:`render` replaces each absolute path
 on this machine by its last part, and logs the message as it was.
@@ -21,7 +21,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sdxl_trt.errors import InvalidRequestError, NonFiniteOutputError
 
 from ..apis import a1111_api, openai_api
-from ..core.errors import DeadlineExceededError, NotReadyError, OverloadedError, ShuttingDownError
+from ..core.errors import (
+    DeadlineExceededError,
+    DeviceFailedError,
+    NotReadyError,
+    OverloadedError,
+    ShuttingDownError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ def from_exception(exc: BaseException) -> ApiError:
         return ApiError(504, str(exc), code="deadline_exceeded", type="timeout_error")
     if isinstance(exc, ShuttingDownError):
         return ApiError(503, str(exc), code="shutting_down", type="server_error", headers={"Retry-After": "5"})
+    if isinstance(exc, DeviceFailedError):
+        return ApiError(503, str(exc), code="device_failed", type="server_error")
     if isinstance(exc, NotReadyError):
         return ApiError(503, str(exc), code="not_ready", type="server_error", headers={"Retry-After": "5"})
     if isinstance(exc, NonFiniteOutputError):

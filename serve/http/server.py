@@ -4,7 +4,8 @@ uvicorn on SIGTERM stops listening at once and, once stopped, re-raises the sign
 signal, not with exit code 0). Here the first SIGTERM or SIGINT starts the service's drain while the
 listener stays open, so ``/ready`` answers 503 and new requests get 503 instead of a refused connection;
 queued and running requests finish, then uvicorn's graceful shutdown runs and ``run()`` returns. A second
-signal stops at once.
+signal stops at once. When the service fails while serving (a sticky CUDA error), ``/ready`` answers 503 for
+``FAILED_LINGER_S`` (probes and in-flight clients see why), then the server stops and the CLI exits 3.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Generator
 from types import FrameType
 
@@ -23,6 +25,9 @@ import uvicorn
 from ..core.service import Service
 
 log = logging.getLogger(__name__)
+
+FAILED_LINGER_S = 2.0
+"""Seconds a service that failed while serving keeps answering (503) before the process exits."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -33,6 +38,7 @@ class DrainingServer(uvicorn.Server):
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._failed_at: float | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -72,5 +78,11 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self.service.state == "failed":
-            self.should_exit = True
+            now = time.monotonic()
+            if self._failed_at is None:
+                self._failed_at = now
+                if self.service.device_error is not None:
+                    log.critical("stopping in %g s: %s", FAILED_LINGER_S, self.service.error)
+            if self.service.device_error is None or now - self._failed_at >= FAILED_LINGER_S:
+                self.should_exit = True
         return await super().on_tick(counter)

@@ -3,8 +3,9 @@
 
 The double misbehaves on cue, by prompt, so tests can see what clients get when the engine does: ``boom``
 raises an unexpected exception inside the batch, ``short`` returns too few results, ``hang`` blocks for
-``HANG_S``; ``slow`` takes ``SLOW_S``; anything else returns tiny images at once. ``$SDXL_TRT_DOUBLE_CONTROLNETS``
-(comma-separated names) makes it claim those ControlNets, so the server decodes and preprocesses control images.
+``HANG_S``; ``slow`` takes ``SLOW_S``; ``crash`` raises CUDA's illegal-address error, which (as on a GPU) every
+later call raises too; anything else returns tiny images at once. ``$SDXL_TRT_DOUBLE_CONTROLNETS`` (comma-separated
+names) makes it claim those ControlNets, so the server decodes and preprocesses control images.
 """
 
 from __future__ import annotations
@@ -27,15 +28,22 @@ from support.serve_fakes import GatedPipeline  # noqa: E402
 
 HANG_S = 8.0
 SLOW_S = 1.5
+ILLEGAL_ADDRESS = ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                   "asynchronously reported at some other API call, so the stacktrace below might be incorrect.")
+"""torch's message for cudaErrorIllegalAddress."""
 
 
 class MisbehavingPipeline(GatedPipeline):
     def __init__(self) -> None:
         super().__init__(open_gate=True)
         self.controlnet_names = [n for n in os.environ.get("SDXL_TRT_DOUBLE_CONTROLNETS", "").split(",") if n]
+        self.crashed = False
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         prompts = [r.prompt for r in requests]
+        if self.crashed or "crash" in prompts:
+            self.crashed = True  # a sticky error: the CUDA context is unusable from now on
+            raise RuntimeError(ILLEGAL_ADDRESS)
         if "boom" in prompts:
             raise KeyError("an unexpected bug inside the engine")
         if "hang" in prompts:

@@ -72,7 +72,7 @@ class GatedPipeline:
 
     def warmup(self, *, buckets: Sequence[str] | None, batch_sizes: Sequence[int], steps: int,
                refiner: bool, schedulers: Sequence[str] | None = None,
-               guidance_scales: Sequence[float] | None = None) -> float:
+               guidance_scales: Sequence[float] | None = None, prompt_chunks: int = 2) -> float:
         self.warmed += [(b, n) for b in (buckets if buckets is not None else [None]) for n in batch_sizes]
         self.warm_samplers = (schedulers, guidance_scales)
         return 0.0
