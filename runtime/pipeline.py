@@ -331,6 +331,9 @@ class Pipeline:
         if req.controlnets:
             p["controlnets"] = [{"name": u.name, "scale": u.scale, "start": u.start, "end": u.end,
                                  "guess_mode": u.guess_mode} for u in req.controlnets]
+        if req.cache_interval > 1:
+            p.update(cache_interval=req.cache_interval,
+                     cache_branch=req.cache_branch if req.cache_branch is not None else self.cache_branches[0])
         if req.mode != "txt2img":
             p["strength"] = req.strength
         if req.refiner_mode:

@@ -14,22 +14,18 @@ import types
 import numpy as np
 import pytest
 import torch
+from support.deepcache_reference import MAX_LEVELS, MEAN_LEVELS, diffusers_pipelines, run_deepcache, u8
 
 from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.request import GenerationRequest
 
-MEAN_LEVELS = 0.3
-MAX_LEVELS = 2
-
 
 def _u8(images) -> np.ndarray:
-    if isinstance(images, list):
-        return np.stack([np.asarray(im) for im in images]).astype(np.int16)
-    return (np.asarray(images) * 255).round().astype(np.int16)
+    return u8(images)
 
 
 def _diff(ours, theirs) -> tuple[float, int]:
-    d = np.abs(_u8(ours) - _u8(theirs))
+    d = np.abs(u8(ours) - u8(theirs))
     return float(d.mean()), int(d.max())
 
 
@@ -42,36 +38,7 @@ def cached_pipeline(tiny_deepcache_engines):
 
 @pytest.fixture(scope="module")
 def reference(tiny_models):
-    """diffusers' SDXL txt2img and img2img pipelines over the tiny modules (Euler, the model's scheduler)."""
-    import diffusers
-    from transformers import CLIPTokenizer
-
-    base, _ = tiny_models
-    tok = CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer"))
-    tok2 = CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer_2"))
-    sched = diffusers.EulerDiscreteScheduler.from_pretrained(str(base.config_dir / "scheduler"))
-    common = dict(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=tok,
-                  tokenizer_2=tok2, unet=base.unet, scheduler=sched)
-    pipes = {"txt2img": diffusers.StableDiffusionXLPipeline(**common, force_zeros_for_empty_prompt=True,
-                                                              add_watermarker=False),
-             "img2img": diffusers.StableDiffusionXLImg2ImgPipeline(**common, add_watermarker=False)}
-    for p in pipes.values():
-        p.set_progress_bar_config(disable=True)
-    return pipes
-
-
-def run_deepcache(pipe, *, interval: int, branch: int, seed: int, n: int = 1, **kwargs) -> np.ndarray:
-    """diffusers with DeepCache's helper enabled (interval 1: the helper's every step is full)."""
-    from DeepCache import DeepCacheSDHelper
-
-    helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
-    try:
-        return pipe(generator=[torch.Generator().manual_seed(seed + k) for k in range(n)], num_images_per_prompt=n,
-                    output_type="np", **kwargs).images
-    finally:
-        helper.disable()
+    return diffusers_pipelines(tiny_models[0])
 
 
 def test_wrappers_equal_the_helper_layer_for_layer(tiny_models):
