@@ -247,6 +247,11 @@ class Pipeline:
             raise InvalidRequestError(
                 f"cache_interval {n} with ControlNets {[u.name for u in request.controlnets]}: step caching skips "
                 "the UNet blocks a ControlNet feeds; send cache_interval 1 or no ControlNet", param="cache_interval")
+        if n > 1 and request.loras:
+            raise InvalidRequestError(
+                f"cache_interval {n} with LoRAs {[name for name, _ in request.loras]}: run-time LoRA switching does "
+                "not reach the shallow UNets yet; send cache_interval 1, or fuse the LoRA at build (--lora)",
+                param="cache_interval")
         return self.cache_branches[0] if k is None else k
 
     def check(self, req: GenerationRequest, *, max_images: int = 10_000, max_steps: int | None = None) -> Bucket:

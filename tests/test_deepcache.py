@@ -176,3 +176,12 @@ def test_engines_without_caching_refuse_it(tiny_pipeline):
         tiny_pipeline.admit(GenerationRequest(prompt="x", width=256, height=256, steps=4, cache_interval=2))
     assert "built without step caching" in str(e.value) and "--deepcache 0" in str(e.value)
     assert "sdxl-trt build" in str(e.value)
+
+
+def test_info_lists_the_branches(tiny_deepcache_engines):
+    from sdxl_trt.engine_dir.describe import format_manifest
+    from sdxl_trt.engine_dir.manifest import Manifest
+
+    text = format_manifest(Manifest.load(tiny_deepcache_engines))
+    assert "step cache: branches 0, 1, 3" in text and "unet_shallow.3" in text
+    assert "--deepcache 0,1,3" in text  # the build command a refusal names
