@@ -432,8 +432,8 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
     return fake
 
 
-def _onnx(tmp_path: Path, name: str, *, dtype: str = "FLOAT", errors: tuple[str, ...] = ()) -> Path:
-    spec = SPECS[name]
+def _onnx(tmp_path: Path, name: str, *, dtype: str = "FLOAT", errors: tuple[str, ...] = (), spec: Any = None) -> Path:
+    spec = spec or SPECS[name]
     path = tmp_path / f"{name}.onnx"
     inputs = {t.name: ("INT64" if t.dtype == "int64" else dtype) for t in spec.inputs}
     path.write_text(json.dumps({"inputs": inputs, "outputs": spec.output_names, "errors": list(errors)}))
@@ -668,3 +668,31 @@ def test_controlnet_and_residual_unet_plans_with_fake_tensorrt(fake_trt: FakeTen
         wrong = {**shapes, spec.input_names[-1]: (2, 1280, 29, 36) if name == "unet" else (2, 11)}
         with pytest.raises(InvalidRequestError):
             engine.infer_shapes(wrong, profile=1)
+
+
+def test_shallow_unet_builds_per_bucket_profiles_with_the_feature_at_h_f_w_f(fake_trt: FakeTensorRT,
+                                                                           tmp_path: Path) -> None:
+    """A ``--deepcache`` build's shallow UNet goes through the same TensorRT build as the UNet: one profile per
+    bucket, its ``deepcache_feature`` input at the branch's downscale of each bucket's latent (SDXL's branch 3:
+    640 channels at h/2, w/2), batch range shared with the other inputs; the full UNet's feature outputs."""
+    from types import SimpleNamespace
+
+    from sdxl_trt.contracts import DEEPCACHE_FEATURE
+    from sdxl_trt.export.deepcache import deepcache_features
+
+    sdxl = SimpleNamespace(block_out_channels=[320, 640, 1280], layers_per_block=2)
+    specs = component_specs(ModelDims(deepcache_features=deepcache_features(sdxl, (0, 3))))
+    assert [t.name for t in specs["unet"].outputs] == ["noise_pred", "deepcache_feature_0", "deepcache_feature_3"]
+    spec = specs["unet_shallow.3"]
+    assert spec.input_names == [*SPECS["unet"].input_names, DEEPCACHE_FEATURE]
+    profiles = component_profiles(spec, buckets=BUCKETS, max_batch=2)
+    tb.build_engine(_onnx(tmp_path, spec.name, spec=spec), tmp_path / "unet_shallow.3.plan", spec=spec, profiles=profiles,
+                    config=tb.TensorRTBuildConfig(precision="fp16"))
+    feature = [c[2:] for c in fake_trt.calls if c[0] == "set_shape" and c[1] == DEEPCACHE_FEATURE]
+    sample = [c[2:] for c in fake_trt.calls if c[0] == "set_shape" and c[1] == "sample"]
+    assert len(feature) == len(BUCKETS)
+    for (lo, opt, hi), (s_lo, s_opt, s_hi) in zip(feature, sample, strict=True):
+        for f, s in ((lo, s_lo), (opt, s_opt), (hi, s_hi)):
+            assert tuple(f) == (s[0], 640, s[2] // 2, s[3] // 2)
+    assert [tuple(f[2]) for f in feature] == [(4, 640, 64, 64), (4, 640, 56, 72)]  # 1024x1024, 1152x896
+
