@@ -25,10 +25,11 @@ CPU, tiny (engines and end to end, about 3 minutes on 2 shared cores)::
 
     python benchmarks/bench_stepcache.py --model tiny --size 256x256 --steps 10 --e2e-runs 1
 
-CPU, full-size SDXL base (per-step costs only, about 10 minutes on 2 shared cores)::
+CPU, full-size SDXL base (per-step costs only; one round is three full UNet calls, minutes each on 2 shared
+cores)::
 
     python benchmarks/bench_stepcache.py --model sdxl-base-1.0 --source eager --size 512x512 --steps 30 \\
-        --calls 2 --e2e-runs 0
+        --calls 1 --warm-rounds 0 --e2e-runs 0 --threads 1
 """
 
 from __future__ import annotations
@@ -144,16 +145,20 @@ def engine_calls(pipe: Any, size: tuple[int, int]) -> dict[str, Callable[[], Any
     return out
 
 
-def step_seconds(ours: dict[str, Callable[[], Any]], theirs: Callable[[], dict[str, float]], calls: int
-                 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds per kind of call, ours and diffusers', over ``calls`` interleaved rounds after one untimed
-    round: on a shared machine a load change then shifts every kind alike instead of one side."""
+def step_seconds(ours: dict[str, Callable[[], Any]], theirs: Callable[[], dict[str, float]], calls: int,
+                 warm: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per kind of call, ours and diffusers', over ``calls`` interleaved rounds after ``warm``
+    untimed rounds: on a shared machine a load change then shifts every kind alike instead of one side.
+    ``warm`` 0: one untimed full UNet call instead (the first forward pays for allocation and oneDNN's kernel
+    setup, for both sides alike: they run the same ops at the same shapes)."""
     samples: tuple[dict[str, list[float]], dict[str, list[float]]] = ({}, {})
     with torch.inference_mode():
-        for r in range(calls + 1):
+        if warm == 0:
+            ours["unet"]()
+        for r in range(1 - warm, calls + 1):
             got = ({k: _clock(fn) for k, fn in ours.items()}, theirs())
             log.info("round %d/%d: %s", r, calls, {k: round(v, 4) for d in got for k, v in d.items()})
-            if r:
+            if r > 0:
                 for side, d in zip(samples, got, strict=True):
                     for k, v in d.items():
                         side.setdefault(k, []).append(v)
@@ -177,20 +182,6 @@ def preset_unet(model: str) -> Any:
 
     torch.manual_seed(PRESETS[model].seed * 100 + 1)
     return UNet2DConditionModel.from_config(PRESETS[model].unet)
-
-
-def reference_pipeline(base: Any) -> Any:
-    import diffusers
-    from transformers import CLIPTokenizer
-
-    ref = diffusers.StableDiffusionXLPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer")),
-        tokenizer_2=CLIPTokenizer.from_pretrained(str(base.config_dir / "tokenizer_2")), unet=base.unet,
-        scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(str(base.config_dir / "scheduler")),
-        add_watermarker=False)
-    ref.set_progress_bar_config(disable=True)
-    return ref
 
 
 def end_to_end(pipe: Any, ref: Any, size: tuple[int, int], steps: int, runs: int) -> list[dict[str, Any]]:
@@ -271,8 +262,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Step caching: {a['model']}, {a['size']}, {a['steps']} steps, {a['device']} "
              f"({a['cpu_cores']} cores, torch threads {a['torch_threads']}, load average {a['loadavg_start']:.1f} "
              f"at start, {a['loadavg_end']:.1f} at end)", "",
-             f"Per-step: median of {a['calls']} interleaved round(s) of direct calls at B = 2 after one untimed "
-             f"round; ours = {kind}; "
+             f"Per-step: median of {a['calls']} interleaved round(s) of direct calls at B = 2 after "
+             f"{a['warm_rounds'] or 'no'} untimed round(s) (0: one untimed full UNet call); ours = {kind}; "
              "diffusers' skip step = DeepCacheSDHelper primed by one full step.", "",
              "| UNet call | ours ms | diffusers(+DeepCache) ms |", "|---|---|---|"]
     for name, v in a["per_step_s"]["ours"].items():
@@ -344,6 +335,8 @@ def main() -> None:
     ap.add_argument("--size", default="256x256")
     ap.add_argument("--steps", type=int, default=10, help="steps of the UNet total and of the end-to-end rows")
     ap.add_argument("--calls", type=int, default=5, help="timed direct UNet calls per kind of step")
+    ap.add_argument("--warm-rounds", type=int, default=1,
+                    help="untimed rounds first (0: one untimed full UNet call only, for the full size on a CPU)")
     ap.add_argument("--e2e-runs", type=int, default=1, help="timed runs per end-to-end row (0: none; engines only)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sdxl-trt-bench-stepcache"))
@@ -353,7 +346,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import diffusers
 
-    from sdxl_trt.export.loading import load_model
+    from sdxl_trt.bench.baseline import load_diffusers
     from sdxl_trt.presets import SCHEDULER_CONFIG
 
     w, h = (int(v) for v in args.size.split("x"))
@@ -368,26 +361,28 @@ def main() -> None:
                                    buckets=args.size, deepcache=BRANCHES))
         pipe = Pipeline.load(out_dir, device=args.device)
     e2e_wanted = pipe is not None and args.e2e_runs > 0
-    base = load_model(args.model) if e2e_wanted else None  # the whole model only for diffusers' pipeline
-    unet = base.unet if base is not None else preset_unet(args.model)
+    # the whole model only for diffusers' pipeline (the bench's baseline: eager, SDPA, the model's Euler)
+    ref = (load_diffusers(args.model, refiner=None, dtype=torch.float32, device=torch.device(args.device),
+                          scheduler="euler").base if e2e_wanted else None)
+    unet = ref.unet if ref is not None else preset_unet(args.model)
     unet.eval()
     x = unet_inputs(unet, (w, h))
     scheduler = diffusers.EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
     calls = engine_calls(pipe, (w, h)) if pipe is not None else eager_calls(unet, x, BRANCHES)
-    ours, theirs = step_seconds(calls, diffusers_round(unet, scheduler, x, BRANCHES), args.calls)
+    ours, theirs = step_seconds(calls, diffusers_round(unet, scheduler, x, BRANCHES), args.calls, args.warm_rounds)
     rows = unet_rows(ours, theirs, args.steps)
-    e2e = end_to_end(pipe, reference_pipeline(base), (w, h), args.steps, args.e2e_runs) if base is not None else []
+    e2e = end_to_end(pipe, ref, (w, h), args.steps, args.e2e_runs) if ref is not None else []
     report = {"model": args.model, "source": args.source, "backend": args.backend if pipe is not None else "torch eager",
-              "device": args.device, "size": args.size, "steps": args.steps, "calls": args.calls,
+              "device": args.device, "size": args.size, "steps": args.steps, "calls": args.calls, "warm_rounds": args.warm_rounds,
               "e2e_runs": args.e2e_runs if e2e else 0, "machine": platform.processor() or platform.machine(),
               "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": load_start,
               "loadavg_end": os.getloadavg()[0], "per_step_s": {"ours": ours, "diffusers": theirs},
               "unet_rows": rows, "e2e_rows": e2e, "targets": targets(ours, rows, e2e)}
     stem = RESULTS / f"stepcache-{args.model}-{args.source}-{args.device}"
     RESULTS.mkdir(exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
+    stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=2))  # not with_suffix: "1.0" has a dot
+    stem.with_name(stem.name + ".md").write_text(markdown(report))
+    plot(report, stem.with_name(stem.name + ".png"))
     log.info("wrote %s.{json,md,png}\n%s", stem, markdown(report))
 
 
