@@ -5,6 +5,7 @@
 # What `sdxl-trt build --backend torch` and `sdxl-trt bench --baseline` import there and the machine lacks:
 #   diffusers (model classes for export and the baseline) + importlib_metadata (+ zipp and lazy-importer, its
 #   dependencies);
+#   DeepCache (the --stepcache row's baseline: diffusers under DeepCacheSDHelper);
 #   polygraphy and onnx-graphsurgeon (imported by export/ on its ONNX path; a torch-backend build and a bench with
 #   both blocked imported neither here, but a GPU test may).
 # All pure Python; pinned to the versions CI tests with. onnxruntime-gpu (255 MB) and Ray (79 MB) cannot travel.
@@ -17,6 +18,7 @@ WHEELS=(
   importlib_metadata==10.2.0
   zipp==4.1.2
   lazy-importer==0.1.0
+  DeepCache==0.1.1
   polygraphy==0.53.6
   onnx_graphsurgeon==0.6.1
 )

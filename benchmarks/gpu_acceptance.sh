@@ -2,7 +2,7 @@
 # GPU acceptance in one command, for a bare GPU machine given this tree and a folder of wheels (.whl/).
 #
 #   bash benchmarks/gpu_acceptance.sh [--refiner] [--compile] [--sizes 1024x1024,...] [--steps N] [--runs N]
-#                                     [--budget-s S] [--skip-tests] [--controlnet] [--dry-run]
+#                                     [--budget-s S] [--skip-tests] [--controlnet] [--stepcache] [--dry-run]
 # (--refiner or --compile: add --skip-tests or a larger --budget-s; both need more than 8 minutes together)
 #
 # Phases, each under its own `timeout` so one slow phase cannot eat the rest (the script keeps going and
@@ -15,11 +15,14 @@
 #   5. compiled  (--compile) the same engines loaded with Inductor, no baseline
 #   5b. controlnet (--controlnet) benchmarks/bench_controlnet.py: none, one and two full-size ControlNets
 #                (sdxl-controlnet, random weights) per step, against the build of phase 3 without them
+#   5c. stepcache (--stepcache) phase 3 builds with --deepcache 0; sdxl-trt bench --cache-interval 3
+#                --cache-branch 0 on those engines against diffusers + DeepCacheSDHelper at the same N and K
+#                (the headline row is the uncached figure on the same engines)
 #   6. summary   one screen, printed last
 # Everything lands in $OUT (default benchmarks/results/acceptance-<UTC time>): acceptance.log, summary.md,
 # gpu-tests.xml and reports.tar.gz (every report: headline.{json,md,png}, compiled.{json,md},
-# controlnet.{json,md,png}) -- 4 files whatever the flags; the device tool returns at most 8 (the script fails
-# if $OUT holds more). Unpack the bundle into benchmarks/results/ to commit the reports.
+# controlnet.{json,md,png}, stepcache.{json,md}) -- 4 files whatever the flags; the device tool returns at
+# most 8 (the script fails if $OUT holds more). Unpack the bundle into benchmarks/results/ to commit them.
 #
 # --dry-run (or SDXL_TRT_ACCEPTANCE_DRY_RUN=1): the same phases on the CPU with the tiny model and the
 # environment already installed (no wheel install): ONNX Runtime fp32 engines (DRY_BACKEND=torch for the torch
@@ -29,7 +32,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 DRY=${SDXL_TRT_ACCEPTANCE_DRY_RUN:-0}
-REFINER=0; COMPILE=0; SKIP_TESTS=0; CONTROLNET=0
+REFINER=0; COMPILE=0; SKIP_TESTS=0; CONTROLNET=0; STEPCACHE=0
 SIZES=""; STEPS=""; RUNS=""
 BUDGET=${ACCEPTANCE_BUDGET_S:-}   # seconds for the whole script, install to summary (default below)
 while [ $# -gt 0 ]; do
@@ -39,11 +42,12 @@ while [ $# -gt 0 ]; do
     --compile) COMPILE=1 ;;
     --skip-tests) SKIP_TESTS=1 ;;
     --controlnet) CONTROLNET=1 ;;
+    --stepcache) STEPCACHE=1 ;;
     --sizes) SIZES=$2; shift ;;
     --steps) STEPS=$2; shift ;;
     --runs) RUNS=$2; shift ;;
     --budget-s) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu_acceptance.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -63,13 +67,14 @@ if [ "$DRY" = 1 ]; then
   MODEL=tiny; REF_MODEL=tiny-refiner; DEVICE=cpu; PRECISION=fp32; BACKEND=${DRY_BACKEND:-onnxruntime}
   SIZES=${SIZES:-256x256}; STEPS=${STEPS:-4}; RUNS=${RUNS:-2}
   # About a minute of CPU time in all; the limits only guard against a hang on a busy shared machine.
-  B_INSTALL=0; B_TESTS=240; B_BUILD=300; B_COMPILED=120; B_CONTROLNET=300; BUDGET=${BUDGET:-900}
+  B_INSTALL=0; B_TESTS=240; B_BUILD=300; B_COMPILED=120; B_CONTROLNET=300; B_STEPCACHE=200; BUDGET=${BUDGET:-900}
   CN_MODEL=tiny-controlnet
 else
   PY=${PYTHON:-python3}
   MODEL=sdxl-base-1.0; REF_MODEL=sdxl-refiner-1.0; DEVICE=cuda; PRECISION=fp16; BACKEND=torch
   SIZES=${SIZES:-1024x1024}; STEPS=${STEPS:-30}; RUNS=${RUNS:-3}
-  B_INSTALL=90; B_TESTS=120; B_BUILD=200; B_COMPILED=150; B_CONTROLNET=240; BUDGET=${BUDGET:-470}  # 8 minutes minus a margin
+  B_INSTALL=90; B_TESTS=120; B_BUILD=200; B_COMPILED=150; B_CONTROLNET=240; B_STEPCACHE=150
+  BUDGET=${BUDGET:-470}  # 8 minutes minus a margin; --stepcache: pass --skip-tests (or a larger --budget-s)
   CN_MODEL=sdxl-controlnet  # with --controlnet: pass --skip-tests (or a larger --budget-s) to leave it time
   # Inductor compiles each (bucket, batch) shape at build (base UNet 135-160 s on an H100), the refiner adds a
   # second 2.3 B-parameter export: with either, pass --skip-tests or a larger --budget-s (at most ~580 in a
@@ -157,6 +162,7 @@ BUILD=("$PY" -m sdxl_trt.cli build --model "$MODEL" --out "$ENGINES" --backend "
        --buckets "$SIZES" --max-batch 1 --device "$DEVICE")
 [ "$REFINER" = 1 ] && BUILD+=(--refiner "$REF_MODEL")
 [ "$COMPILE" = 1 ] && BUILD+=(--compile)
+[ "$STEPCACHE" = 1 ] && BUILD+=(--deepcache 0)
 phase build "$B_BUILD" 60 "${BUILD[@]}"
 
 # 4. the headline benchmark (it writes its report after each pipeline, so a timeout keeps the first figures)
@@ -165,7 +171,7 @@ BENCH=("$PY" -m sdxl_trt.cli bench --engines "$ENGINES" --out "$WORK/reports" --
 [ "$REFINER" = 1 ] && BENCH+=(--refiner-mode ensemble)
 [ "$DRY" = 1 ] && BENCH+=(--threads 1)  # 2 shared cores: torch's spinning threads would time the neighbours
 if [ -f "$ENGINES/manifest.json" ]; then
-  phase bench 100000 $([ "$COMPILE" = 1 ] && echo 90 || echo 10) "${BENCH[@]}"
+  phase bench 100000 $(( 10 + (COMPILE ? 80 : 0) + (STEPCACHE ? B_STEPCACHE : 0) )) "${BENCH[@]}"
 else
   log "bench: skipped, no engines were built"; printf 'bench\tskipped (no engines)\t0\t0\n' >> "$PHASES"
 fi
@@ -183,6 +189,12 @@ if [ "$CONTROLNET" = 1 ] && [ -f "$ENGINES/manifest.json" ]; then
     --backend "$BACKEND" --precision "$PRECISION" --device "$DEVICE" --size "${SIZES%%,*}" --steps "$STEPS" \
     --runs "$RUNS" --plain-engines "$ENGINES" --out "$WORK/reports" --name controlnet \
     $([ "$DRY" = 1 ] && echo "--baseline diffusers" || echo "--baseline none")
+fi
+
+# 5c. step caching (DeepCache) at N = 3, K = 0 on phase 3's engines, against diffusers + DeepCacheSDHelper
+if [ "$STEPCACHE" = 1 ] && [ -f "$ENGINES/manifest.json" ]; then
+  phase stepcache "$B_STEPCACHE" 10 "${BENCH[@]/headline/stepcache}" --cache-interval 3 --cache-branch 0 \
+    --no-reference --no-step-split --no-plot
 fi
 
 # 6. summary: bundle the reports (one file, whatever the flags), print one screen
@@ -227,7 +239,7 @@ def show(name: str, r: dict) -> None:
         print(f"note: {n}")
 
 
-for name in ("headline", "compiled"):
+for name in ("headline", "compiled", "stepcache"):
     path = reports / f"{name}.json"
     if path.exists():
         try:

@@ -51,7 +51,8 @@ def build_engines(opts: BuildOptions) -> Manifest:
     cn_specs = _controlnet_specs(opts, precision)  # and so is a ControlNet that does not fit the model
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    components = build_components(refiner=opts.refiner is not None, controlnets=[s.name for s in cn_specs])
+    components = build_components(refiner=opts.refiner is not None, controlnets=[s.name for s in cn_specs],
+                                  deepcache=opts.deepcache)
     t_start = time.perf_counter()
 
     source, builder = _backend(backend, opts, out, precision, lora_specs, cn_specs)
@@ -115,7 +116,8 @@ def _backend(backend: str, opts: BuildOptions, out: Path, precision: str, loras:
 
         torch_builder = TorchBuilder(opts, model_summary(opts.model, refiner=opts.refiner,
                                                          model_config=opts.model_config, loras=loras,
-                                                         controlnets=parse_controlnets(opts.controlnets)))
+                                                         controlnets=parse_controlnets(opts.controlnets),
+                                                         deepcache=opts.deepcache))
         return torch_builder, torch_builder
     from .onnx_source import OnnxExport
 
@@ -133,6 +135,13 @@ def _controlnet_specs(opts: BuildOptions, precision: str) -> list[Any]:
     """The parsed ``--controlnet`` values, each checked against the base model's UNet config (no weights read,
     nothing written). INT8 is refused: the UNet's calibration never saw residuals, so its activation ranges
     would clip what a ControlNet adds."""
+    if opts.deepcache and opts.controlnets:
+        raise BuildError("--deepcache and --controlnet cannot be combined: DeepCache's shallow steps skip the blocks "
+                         "a ControlNet's residuals feed; build them into separate engine directories")
+    if opts.deepcache and precision in ("int8", "fp8"):
+        raise BuildError(f"--deepcache with --precision {precision} is not supported: the UNet's "
+                         f"{precision.upper()} ranges are calibrated without the cached features and the shallow "
+                         "UNets; rebuild with --precision fp16")
     if not opts.controlnets:
         return []
     if precision in ("int8", "fp8"):
@@ -148,7 +157,8 @@ def _controlnet_specs(opts: BuildOptions, precision: str) -> list[Any]:
 
 def _default_build_command(opts: BuildOptions, out: Path, backend: str) -> str:
     return " ".join([f"sdxl-trt build --model {opts.model} --out {out} --backend {backend}",
-                     *(f"--controlnet {c}" for c in opts.controlnets)])
+                     *(f"--controlnet {c}" for c in opts.controlnets),
+                     *([f"--deepcache {','.join(map(str, sorted(set(opts.deepcache))))}"] if opts.deepcache else [])])
 
 
 def _controlnet_extra(name: str, controlnets: dict[str, dict[str, Any]]) -> dict[str, Any]:

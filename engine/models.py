@@ -29,6 +29,7 @@ class TorchModels:
     base: Any  # export.loading.LoadedModel, LoRAs fused
     refiner: Any | None
     controlnets: dict[str, Any] = field(default_factory=dict)  # controlnet.NAME -> diffusers ControlNetModel
+    deepcache: tuple[int, ...] = ()  # step-caching branches (the UNet returns their features)
 
     @classmethod
     def load(cls, opts: BuildOptions) -> TorchModels:
@@ -42,10 +43,10 @@ class TorchModels:
         controlnets = {controlnet_component(s.name): load_controlnet(s.source, base_unet=dict(base.unet.config),
                                                                       device=opts.device)
                        for s in parse_controlnets(opts.controlnets)}
-        return cls(base, ref, controlnets)
+        return cls(base, ref, controlnets, tuple(opts.deepcache))
 
     def wrapped(self) -> dict[str, Any]:
         """Each component's module as export/wrappers.py wraps it (plain tensors in the contract's order)."""
         from sdxl_trt.export.wrappers import wrap_components
 
-        return wrap_components(self.base, self.refiner, controlnets=self.controlnets)
+        return wrap_components(self.base, self.refiner, controlnets=self.controlnets, deepcache=self.deepcache)

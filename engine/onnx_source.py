@@ -43,7 +43,7 @@ class OnnxExport:
         log.info("export: %s -> %s (%s)", opts.model, onnx_dir, export_precision)
         export = export_model(opts.model, out=onnx_dir, refiner=opts.refiner, precision=export_precision,
                               device=opts.device, model_config=opts.model_config, loras=loras,
-                              controlnets=controlnets)
+                              controlnets=controlnets, deepcache=opts.deepcache)
         return cls(opts, onnx_dir, export, loras=list(loras))
 
     def source_hash(self, component: str, precision: str) -> str:

@@ -37,6 +37,8 @@ class BuildOptions:
     loras: tuple[str, ...] = ()  # --lora PATH[:SCALE]: fused into the base model before export and calibration
     controlnets: tuple[str, ...] = ()  # --controlnet PATH[:NAME] / PRESET[:NAME]: engines controlnet.NAME, and a
     # UNet that takes their residuals (costs one ControlNet call per step each, only when a request asks)
+    deepcache: tuple[int, ...] = ()  # --deepcache K[,K...]: step-caching branches: engines unet_shallow.K, and a
+    # UNet that also returns each branch's feature (a copy per full step; requests ask with cache_interval)
 
 
 def cuda_available() -> bool:

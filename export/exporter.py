@@ -46,6 +46,7 @@ from .controlnet import (
     controlnet_source,
     load_controlnet,
 )
+from .deepcache import deepcache_features
 from .loading import LoadedModel, load_model, model_dims
 from .lora_fusion import fuse_loras, fused_identity
 from .onnx_export import check_onnx, export_onnx, fp32_outputs, sample_inputs, verify_onnx
@@ -100,6 +101,7 @@ def export_model(
     loaded: tuple[LoadedModel, LoadedModel | None] | None = None,
     loras: Sequence[LoraSpec] = (),
     controlnets: Sequence[ControlNetSpec] = (),
+    deepcache: Sequence[int] = (),
 ) -> ExportResult:
     """Export ``model`` (a preset or a local path) to ``out``; returns the export manifest (also saved).
 
@@ -118,11 +120,15 @@ def export_model(
     model_identity = model_identity_hash(model)
     base_identity = fused_identity(model_identity, loras)
     refiner_identity = model_identity_hash(refiner) if refiner is not None else None
+    if deepcache and controlnets:
+        raise ExportError("--deepcache and --controlnet cannot be combined: DeepCache's shallow steps skip the "
+                          "blocks a ControlNet's residuals feed; build them into separate engine directories")
     wanted = list(components) if components else build_components(refiner=refiner is not None,
-                                                                   controlnets=[s.name for s in controlnets])
+                                                                   controlnets=[s.name for s in controlnets],
+                                                                   deepcache=deepcache)
     identities = {name: component_identity(name, base=base_identity, refiner=refiner_identity,
                                             controlnets={n: e["identity_hash"] for n, e in cn_entries.items()},
-                                            residual_unet=bool(controlnets))
+                                            residual_unet=bool(controlnets), deepcache=deepcache)
                   for name in wanted}
     todo = wanted if force else stale_components(
         out, wanted, identities=identities, precision=precision, vae_fp16_safe=vae_fp16_safe
@@ -143,11 +149,13 @@ def export_model(
         base_m, ref_m = loaded
     fused = fuse_loras(base_m, loras)
     dims = with_controlnet_residuals(model_dims(base_m, ref_m), base_m.unet.config, controlnets)
+    dims = replace(dims, deepcache_features=deepcache_features(base_m.unet.config, deepcache))
     specs = component_specs(dims, [s.name for s in controlnets])
     cn_modules = {controlnet_component(s.name): load_controlnet(s.source, base_unet=dict(base_m.unet.config),
                                                                  device=device)
                   for s in controlnets if controlnet_component(s.name) in todo}
-    modules = wrap_components(base_m, ref_m, controlnets=cn_modules, unet_residuals=bool(controlnets))
+    modules = wrap_components(base_m, ref_m, controlnets=cn_modules, unet_residuals=bool(controlnets),
+                              deepcache=deepcache)
     buckets = PRESETS[model].buckets if model in PRESETS else None
     verify_bucket = min(buckets, key=lambda b: b.pixels) if buckets else None
     vh, vw = verify_bucket.latent_hw if verify_bucket else (64, 64)

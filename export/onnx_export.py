@@ -119,7 +119,7 @@ def export_onnx(
         except Exception as e:  # noqa: BLE001 - report which component failed and why
             raise ExportError(f"torch.onnx.export failed for {spec.name}: {e}") from e
     model = onnx.load(str(raw), load_external_data=True)
-    model = clean_graph(model)
+    model = restore_unused_inputs(clean_graph(model), spec, precision)
     if precision == torch.float16:
         cast = unify_float16(model)
         cast += type_float_outputs(model, spec, onnx.TensorProto.FLOAT16)
@@ -237,6 +237,26 @@ def type_float_outputs(model: onnx.ModelProto, spec: ComponentSpec, elem_type: i
             cast += 1
         out.type.tensor_type.elem_type = elem_type
     return cast
+
+
+def restore_unused_inputs(model: onnx.ModelProto, spec: ComponentSpec, precision: torch.dtype) -> onnx.ModelProto:
+    """Give back the contract's inputs that no output depends on, in the contract's order (the tracer drops them:
+    e.g. a step-caching shallow UNet whose layers have no cross-attention never reads ``encoder_hidden_states``),
+    so every engine of a family takes the same named inputs. ONNX Runtime and TensorRT accept unused inputs."""
+    present = {i.name: i for i in model.graph.input}
+    missing = [t for t in spec.inputs if t.name not in present]
+    if not missing:
+        return model
+    elem = {"float": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(str(precision).removeprefix("torch."))),
+            "float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT32, "int64": onnx.TensorProto.INT64}
+    made = {t.name: onnx.helper.make_tensor_value_info(t.name, elem[t.dtype], [
+        d if isinstance(d, int) else str(d) for d in t.dims]) for t in missing}
+    ordered = [present.get(t.name) or made[t.name] for t in spec.inputs]
+    extra = [i for i in model.graph.input if i.name not in {t.name for t in spec.inputs}]
+    del model.graph.input[:]
+    model.graph.input.extend([*ordered, *extra])
+    log.info("%s: inputs %s are unused; kept as graph inputs", spec.name, [t.name for t in missing])
+    return model
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, *, external_data_threshold: int = TWO_GB) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,16 +25,20 @@ RESIDUAL_INPUTS = "controlnet-residuals"
 
 
 def component_identity(component: str, *, base: str, refiner: str | None = None,
-                       controlnets: Mapping[str, str] | None = None, residual_unet: bool = False) -> str:
+                       controlnets: Mapping[str, str] | None = None, residual_unet: bool = False,
+                       deepcache: Sequence[int] = ()) -> str:
     """What one component's export (or torch engine) depends on besides its precision: its model's identity
     (``base`` with any LoRAs fused), a ControlNet's own (``controlnets``: NAME -> identity), and for a UNet that
-    takes ControlNet residuals, a mark that it is another program."""
+    takes ControlNet residuals or returns step-caching features (``deepcache``: the built branches), a mark that
+    it is another program."""
     if contract_of(component) == "controlnet":
         return (controlnets or {})[controlnet_names([component])[0]]
     if component == "refiner":
         if refiner is None:
             raise ValueError("the refiner's identity is needed but the export has no refiner")
         return refiner
+    if component == "unet" and deepcache:
+        return f"{base}+deepcache-{','.join(map(str, sorted(set(deepcache))))}"
     return f"{base}+{RESIDUAL_INPUTS}" if component == "unet" and residual_unet else base
 
 
@@ -93,7 +97,7 @@ class ExportResult:
             component, base=self.model.get("fused_identity") or self.model["identity_hash"],
             refiner=(self.refiner or {}).get("identity_hash"),
             controlnets={n: e["identity_hash"] for n, e in self.controlnets.items()},
-            residual_unet=bool(self.controlnets))
+            residual_unet=bool(self.controlnets), deepcache=[k for k, _, _ in self.model_dims.deepcache_features])
 
     def relative_error(self, component: str) -> dict[str, float]:
         """The component's export error against PyTorch ({} when it was not exported to ONNX)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ from sdxl_trt.lora import LoraSpec
 from sdxl_trt.presets import PRESETS
 
 from .controlnet import ControlNetSpec
+from .deepcache import deepcache_features
 from .exporter import (
     controlnet_entries,
     copy_runtime_assets,
@@ -34,7 +36,8 @@ from .result import ExportResult
 
 
 def model_summary(model: str, *, refiner: str | None = None, model_config: str | None = None,
-                  loras: Sequence[LoraSpec] = (), controlnets: Sequence[ControlNetSpec] = ()) -> ExportResult:
+                  loras: Sequence[LoraSpec] = (), controlnets: Sequence[ControlNetSpec] = (),
+                  deepcache: Sequence[int] = ()) -> ExportResult:
     """Identity, widths, pipeline options and runtime assets of a model, read from configs only (``loras``:
     recorded by file hash and scale; the torch build fuses them when it loads the weights; ``controlnets``:
     checked against the base UNet and recorded like the export records them)."""
@@ -47,6 +50,7 @@ def model_summary(model: str, *, refiner: str | None = None, model_config: str |
         ref_dir, ref_src = _config_dir_of(refiner, None)
         ref = _config_only(ref_dir, refiner, ref_src, model_identity_hash(refiner))
     dims = with_controlnet_residuals(model_dims(base, ref), base.unet.config, controlnets)
+    dims = replace(dims, deepcache_features=deepcache_features(base.unet.config, deepcache))
     buckets = PRESETS[model].buckets if model in PRESETS else None
     assets = Path(tempfile.mkdtemp(prefix="sdxl-trt-assets-"))
     copy_runtime_assets(base, ref, assets)

@@ -7,14 +7,15 @@ Python-side branching on values: only tensor math.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from sdxl_trt.contracts import ModelDims, residual_specs
+from sdxl_trt.contracts import ModelDims, residual_specs, shallow_component
 
 from .controlnet import controlnet_residuals
+from .deepcache import FeatureUNetWrapper, ShallowUNetWrapper
 from .loading import LoadedModel
 
 
@@ -181,16 +182,21 @@ class VaeEncoderWrapper(nn.Module):
 
 def wrap_components(base: LoadedModel, refiner: LoadedModel | None = None, *,
                     controlnets: Mapping[str, nn.Module] | None = None, unet_residuals: bool = False,
-                    ) -> dict[str, nn.Module]:
+                    deepcache: Sequence[int] = ()) -> dict[str, nn.Module]:
     """The contract's components of a model (and its refiner), wrapped for tracing. ``controlnets`` (component
     name ``controlnet.NAME`` -> diffusers ControlNetModel) are wrapped too; with them, or ``unet_residuals``,
-    the UNet takes the residual inputs."""
+    the UNet takes the residual inputs. ``deepcache`` (cache branches): the UNet also returns each branch's
+    feature and each branch's shallow UNet ``unet_shallow.K`` is wrapped (they share the UNet's modules)."""
     assert base.text_encoder is not None
     controlled = unet_residuals or bool(controlnets)
+    if controlled and deepcache:
+        raise ValueError("a UNet cannot take ControlNet residuals and return step-caching features at once")
+    unet: nn.Module = (residual_unet_wrapper(base.unet) if controlled
+                       else FeatureUNetWrapper(base.unet, deepcache) if deepcache else UNetWrapper(base.unet))
     out: dict[str, nn.Module] = {
         "text_encoder": TextEncoderWrapper(base.text_encoder),
         "text_encoder_2": TextEncoder2Wrapper(base.text_encoder_2),
-        "unet": residual_unet_wrapper(base.unet) if controlled else UNetWrapper(base.unet),
+        "unet": unet,
         "vae_decoder": VaeDecoderWrapper(base.vae),
         "vae_encoder": VaeEncoderWrapper(base.vae),
     }
@@ -198,4 +204,6 @@ def wrap_components(base: LoadedModel, refiner: LoadedModel | None = None, *,
         out["refiner"] = UNetWrapper(refiner.unet)
     for name, controlnet in (controlnets or {}).items():
         out[name] = ControlNetWrapper(controlnet)
+    for k in deepcache:
+        out[shallow_component(k)] = ShallowUNetWrapper(base.unet, k)
     return {k: v.eval() for k, v in out.items()}

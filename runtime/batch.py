@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from sdxl_trt.buckets import Bucket
-from sdxl_trt.contracts import TOKENS_PER_CHUNK
+from sdxl_trt.contracts import DEEPCACHE_FEATURE, TOKENS_PER_CHUNK, deepcache_feature_name, shallow_component
+from sdxl_trt.engine_dir.profiles import select_profile
 
-from .context import MAX_STATE_TENSORS, EngineContext
+from .context import MAX_STATE_TENSORS, Bound, EngineContext
 from .controlnet import ControlNets
-from .denoise import Denoiser, StepBuffers
+from .denoise import Denoiser, ShallowStep, StepBuffers
 from .images import image_to_tensor, mask_to_tensor, non_finite_error, to_uint8
 from .progress import StepProgress
 from .schedule_tables import ScheduleTables
@@ -129,6 +130,8 @@ class BatchRunner:
         finite = {"unet": self._denoise("unet", batch, schedule, latents, inpaint=inpaint)}
         timer.stop("denoise", t1)
         steps_run = {"unet": schedule.num_steps}
+        if shape.cache_branch is not None:  # step caching: the steps among them that ran the shallow UNet
+            steps_run["unet_cached"] = sum(1 for i in range(schedule.num_steps) if i % shape.cache_interval)
 
         if refiner_host is not None:
             assert shape.refiner is not None  # a refiner schedule comes from the shape's refiner
@@ -230,12 +233,31 @@ class BatchRunner:
         controls = []
         if unet == "unet" and self.controlnets.unet_takes_residuals:
             controls = self.controlnets.prepare(batch, inputs, schedule.num_steps)
+        features = {n: t for n, t in bound.outputs.items() if n != "noise_pred"}
+        shallow = self._shallow_step(batch, bound) if unet == "unet" else None
         buf = StepBuffers(latents=latents, unet_in=inputs, noise_pred=bound.outputs["noise_pred"], guidance=guidance,
                           step_index=step_index, step_noise=step_noise, state=state, inpaint=inpaint,
-                          controls=controls)
+                          controls=controls, features=features, shallow=shallow)
         self.denoisers[unet].run(schedule, buf, cfg=cfg, profile=bound.profile, key=key)
         # Checked on the device now, read on the host after the batch's final copy (no sync here).
         return torch.isfinite(latents).all()
+
+    def _shallow_step(self, batch: Batch, full: Bound) -> ShallowStep | None:
+        """The batch's step-caching shallow UNet over the full UNet's arena views (its inputs, its noise output
+        and the feature it writes), or None when the batch's shape asks for no caching."""
+        shape = batch.shape
+        if shape.cache_branch is None:
+            return None
+        name = shallow_component(shape.cache_branch)
+        dims = {"B": full.inputs["sample"].shape[0], "h": shape.bucket.latent_hw[0], "w": shape.bucket.latent_hw[1],
+                "S": full.inputs["encoder_hidden_states"].shape[1]}
+        profile = select_profile(self.ctx.profiles[name], dims)
+        inputs = {n: full.inputs[n] for n in self.ctx.specs[name].input_names if n != DEEPCACHE_FEATURE}
+        inputs[DEEPCACHE_FEATURE] = full.outputs[deepcache_feature_name(shape.cache_branch)]
+        engine = self.ctx.engines[name]
+        engine.infer_shapes({k: tuple(v.shape) for k, v in inputs.items()}, profile)
+        return ShallowStep(engine, profile, inputs, shape.cache_interval,
+                           shape.graph_key("unet", len(batch), shallow=True))
 
     def _decode(self, latents: torch.Tensor, bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents -> uint8 images [M, H, W, 3] on the device (converted before the copy to the host), and

@@ -8,6 +8,10 @@ Rules for this module (the next engineer: keep them):
 * Everything a step needs that changes per request (latents, conditioning, guidance, step noise, mask,
   the schedule's tables) is copied into fixed buffers *before* the loop, so one CUDA graph per shape key
   (runtime/graphs.py) replays it for every request, whatever its step count, strength or refiner split.
+* Step caching (DeepCache): a full step and a shallow step are two captured graphs (keys differ in
+  ``GraphKey.cache_branch``) over the same buffers; the full UNet writes the cached feature into the arena, the
+  shallow UNet reads it there. Which one a step runs is decided here, on the host, between replays (step i of
+  the steps run is full when i % N == 0): no step reads the interval.
 * Scheduler math is float32 (latents, guidance, tables, state), as the scheduler package's rule and
   diffusers have it; only the UNet's own inputs and outputs are in the engine's dtype.
 """
@@ -39,10 +43,28 @@ class StepBuffers:
     state: dict[str, torch.Tensor]  # the scheduler's multistep state, float32
     inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # mask, image latents, initial noise
     controls: list[ControlBuffers] = field(default_factory=list)  # ControlNets feeding the UNet's residuals
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # the full UNet's cached features (arena)
+    shallow: ShallowStep | None = None  # step caching: the shallow UNet run between full steps
 
     def mutable(self) -> list[torch.Tensor]:
         """What a step changes in place (restored after a capture)."""
         return [self.latents, self.step_index, *self.state.values()]
+
+
+@dataclass(frozen=True)
+class ShallowStep:
+    """The shallow UNet of one cache branch, bound over the full UNet's buffers: the same input views, the
+    full UNet's feature output as its ``deepcache_feature`` input, the same noise prediction output."""
+
+    engine: Engine
+    profile: int
+    inputs: dict[str, torch.Tensor]
+    interval: int  # a full step every ``interval`` steps
+    key: Hashable  # its captured graph's key
+
+    def full_at(self, step: int) -> bool:
+        """DeepCache's uniform mode: the steps run are counted from 0, the first one run being full."""
+        return step % self.interval == 0
 
 
 class Denoiser:
@@ -53,8 +75,9 @@ class Denoiser:
         self.graphs = graphs
         self.progress = progress
 
-    def step(self, schedule: Any, buf: StepBuffers, *, cfg: bool, profile: int) -> None:
-        """One guided step at ``buf.step_index`` (then the index is advanced)."""
+    def step(self, schedule: Any, buf: StepBuffers, *, cfg: bool, profile: int, shallow: bool = False) -> None:
+        """One guided step at ``buf.step_index`` (then the index is advanced); ``shallow``: the step-caching
+        shallow UNet on the feature the last full step left in the arena."""
         m = buf.latents.shape[0]
         sample = buf.unet_in["sample"]
         i = buf.step_index
@@ -68,7 +91,12 @@ class Denoiser:
         stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
         if buf.controls:
             run_controls(buf.controls, buf.unet_in, i, stream)
-        self.unet.run(buf.unet_in, {"noise_pred": buf.noise_pred}, profile=profile, stream=stream)
+        if shallow:
+            assert buf.shallow is not None
+            buf.shallow.engine.run(buf.shallow.inputs, {"noise_pred": buf.noise_pred}, profile=buf.shallow.profile,
+                                   stream=stream)
+        else:
+            self.unet.run(buf.unet_in, {"noise_pred": buf.noise_pred, **buf.features}, profile=profile, stream=stream)
         eps = buf.noise_pred.float()
         if cfg:
             uncond, text = eps[:m], eps[m:]
@@ -87,10 +115,20 @@ class Denoiser:
         graph_safe = self.unet.graph_safe and all(c.engine.graph_safe for c in buf.controls)
         graph = self.graphs.get(key, lambda: self.step(schedule, buf, cfg=cfg, profile=profile),
                                 graph_safe=graph_safe, mutable=buf.mutable())
-        for _ in range(schedule.num_steps):
-            if graph is not None:
-                graph.replay()
+        shallow_graph = None
+        if buf.shallow is not None:
+            # Captured after the full step: its capture restores what it mutates, and the feature it reads is
+            # only a buffer's contents, which the full step rewrites before any shallow step replays.
+            shallow_graph = self.graphs.get(buf.shallow.key,
+                                            lambda: self.step(schedule, buf, cfg=cfg, profile=profile, shallow=True),
+                                            graph_safe=graph_safe and buf.shallow.engine.graph_safe,
+                                            mutable=buf.mutable())
+        for i in range(schedule.num_steps):
+            shallow = buf.shallow is not None and not buf.shallow.full_at(i)
+            g = shallow_graph if shallow else graph
+            if g is not None:
+                g.replay()
             else:
-                self.step(schedule, buf, cfg=cfg, profile=profile)
+                self.step(schedule, buf, cfg=cfg, profile=profile, shallow=shallow)
             if self.progress is not None:
                 self.progress.mark()  # between steps, outside any capture: an event record or a count

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from sdxl_trt.buckets import Bucket
-from sdxl_trt.contracts import WARMUP_PROMPT_CHUNKS
+from sdxl_trt.contracts import WARMUP_PROMPT_CHUNKS, shallow_branches
 from sdxl_trt.engine_dir.manifest import Manifest, open_engine_dir, unpassed_guidance_embedding
 from sdxl_trt.errors import InvalidRequestError, ManifestError
 from sdxl_trt.request import ControlNetUnit, GenerationRequest, GenerationResult
@@ -52,6 +52,15 @@ from .slots import Batch, Slot
 from .text import CONTENT_TOKENS
 
 log = logging.getLogger(__name__)
+
+
+def _with_deepcache(command: str, branches: Sequence[int]) -> str:
+    """A build command with ``--deepcache`` naming ``branches`` (replacing the one it has)."""
+    words = command.split()
+    if "--deepcache" in words:
+        i = words.index("--deepcache")
+        del words[i:i + 2]
+    return " ".join([*words, "--deepcache", ",".join(map(str, sorted(set(branches))))])
 
 
 class Pipeline:
@@ -76,7 +85,8 @@ class Pipeline:
         self.progress = self.runner.progress  # the running batch's steps, for progress endpoints (any thread)
         self.max_batch = manifest.max_batch
         self.has_refiner = "refiner" in engines
-        self.cache_branches: tuple[int, ...] = ()  # step caching (DeepCache) branches built: none yet
+        # Step caching (DeepCache): the branches whose shallow UNets were built (``--deepcache``).
+        self.cache_branches: tuple[int, ...] = tuple(shallow_branches(engines))
         self._lock = threading.Lock()
         # What `sdxl-trt run` uses when no --scheduler is given: the model's own (LCMScheduler config -> lcm).
         self.default_scheduler = scheduler_for_config(self.runner.schedules.scheduler_configs["unet"]) or "euler"
@@ -143,6 +153,7 @@ class Pipeline:
         and ``guidance_scales`` (default: ``guidance_scale``; one at or below 1 captures the step without
         classifier-free guidance, as few-step recipes run).
         ``refiner`` (default: when there is one) runs the ensemble too, capturing the refiner's step.
+        Engines built with ``--deepcache`` also capture each branch's shallow step (a request at interval 2).
         ``controlnets`` (default: every built one) also captures the step with each ControlNet alone; other
         ControlNet sets (two at once, guess mode) are captured on first use, or run eagerly after warm-up.
 
@@ -179,6 +190,8 @@ class Pipeline:
                                     scheduler=sampler, guidance_scale=guidance, seed=0, num_images=n,
                                     refiner_mode="ensemble" if use_refiner else None)
             self.generate(req)  # the base's (and refiner's) step; text encoders with an empty negative prompt
+            for branch in self.cache_branches:  # step caching: the shallow step of each branch (steps >= 2)
+                self.generate(replace(req, steps=max(steps, 2), cache_interval=2, cache_branch=branch))
             blank = Image.new("RGB", (bucket.width, bucket.height))
             if thorough:
                 self.generate(replace(req, refiner_mode=None, init_image=blank, strength=1.0,
@@ -238,12 +251,41 @@ class Pipeline:
         bucket, chunks = self.conditioner.check_inputs(request, max_images=max_images, schedulers=SCHEDULERS,
                                                        max_steps=min(max_steps or self.max_steps, self.max_steps))
         shape = StepShape.of(request, bucket, prompt_chunks=chunks,
-                             guidance_embedding=bool(self.ctx.dims.unet_time_cond_dim))
+                             guidance_embedding=bool(self.ctx.dims.unet_time_cond_dim),
+                             cache_branch=self._cache_branch(request))
         self.runner.schedules.for_shape(shape)  # refuses what the sampler cannot take (spacing, timesteps, eta)
         if request.loras:
             self.loras.read_set(check_lora_set(request.loras))  # unknown names, bad files, INT8 engines
         self.runner.controlnets.check_names(request, self.manifest.rebuild_hint(self.directory))
         return shape
+
+    def _cache_branch(self, request: GenerationRequest) -> int | None:
+        """The request's step-caching branch (its default: the lowest built), or a refusal naming the value, the
+        branches these engines have and the rebuild command."""
+        n, k = request.cache_interval, request.cache_branch
+        if n == 1 and k is None:
+            return None
+        built = ", ".join(map(str, self.cache_branches)) or "none"
+        rebuild = self.manifest.rebuild_hint(self.directory)
+        if not self.cache_branches:
+            raise InvalidRequestError(
+                f"cache_interval {n}{f' / cache_branch {k}' if k is not None else ''}: these engines were built "
+                f"without step caching (built branches: none); rebuild with it: {rebuild} --deepcache {k or 0}",
+                param="cache_interval" if k is None else "cache_branch")
+        if k is not None and k not in self.cache_branches:
+            raise InvalidRequestError(
+                f"cache_branch {k} was not built; built branches: {built}; rebuild with it: "
+                f"{_with_deepcache(rebuild, (*self.cache_branches, k))}", param="cache_branch")
+        if n > 1 and request.controlnets:
+            raise InvalidRequestError(
+                f"cache_interval {n} with ControlNets {[u.name for u in request.controlnets]}: step caching skips "
+                "the UNet blocks a ControlNet feeds; send cache_interval 1 or no ControlNet", param="cache_interval")
+        if n > 1 and request.loras:
+            raise InvalidRequestError(
+                f"cache_interval {n} with LoRAs {[name for name, _ in request.loras]}: run-time LoRA switching does "
+                "not reach the shallow UNets yet; send cache_interval 1, or fuse the LoRA at build (--lora)",
+                param="cache_interval")
+        return self.cache_branches[0] if k is None else k
 
     def check(self, req: GenerationRequest, *, max_images: int = 10_000, max_steps: int | None = None) -> Bucket:
         """:meth:`admit`'s checks, returning the request's bucket only (the pre-queue check services have
@@ -327,6 +369,9 @@ class Pipeline:
         if req.controlnets:
             p["controlnets"] = [{"name": u.name, "scale": u.scale, "start": u.start, "end": u.end,
                                  "guess_mode": u.guess_mode} for u in req.controlnets]
+        if req.cache_interval > 1:
+            p.update(cache_interval=req.cache_interval,
+                     cache_branch=req.cache_branch if req.cache_branch is not None else self.cache_branches[0])
         if req.mode != "txt2img":
             p["strength"] = req.strength
         if req.refiner_mode:

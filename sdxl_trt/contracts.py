@@ -22,6 +22,11 @@ each ControlNet engine ``controlnet.NAME`` follows the ``controlnet`` contract: 
 scale per row and residual, so guess mode's geometric scales and per-step start/end tables are plain data),
 returning exactly those residuals, already scaled. A plain build's UNet is unchanged.
 
+Step caching (DeepCache): a model built with ``--deepcache K[,K...]`` has ``ModelDims.deepcache_features``. Its
+full UNet then also returns ``deepcache_feature_K`` per branch (B x c x h/f x w/f), and each shallow UNet
+``unet_shallow.K`` follows the ``unet_shallow`` contract: the UNet's inputs plus ``deepcache_feature``, returning
+``noise_pred`` (export/deepcache.py says which layers it runs). A plain build's UNet is unchanged.
+
 Widths (hidden sizes, context width, number of micro-conditioning numbers) are properties of the model,
 not of the contract, so the specs are built from a :class:`ModelDims` read off the model's configs.
 
@@ -67,14 +72,41 @@ CONTROLNET_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 """What a ControlNet's NAME may be (it names a file and a request field)."""
 
 
+UNET_SHALLOW = "unet_shallow"
+"""The shallow UNet contract of step caching (DeepCache); each built branch K is a component ``unet_shallow.K``."""
+
+DEEPCACHE_FEATURE = "deepcache_feature"
+"""The shallow UNet's feature input; the full UNet of a ``--deepcache`` build returns it per branch K as
+``deepcache_feature_K``."""
+
+
+def shallow_component(branch: int) -> str:
+    """The component (engine) name of the shallow UNet of cache branch ``branch``."""
+    return f"{UNET_SHALLOW}.{branch}"
+
+
+def deepcache_feature_name(branch: int) -> str:
+    """The full UNet's output that feeds the shallow UNet of ``branch``."""
+    return f"{DEEPCACHE_FEATURE}_{branch}"
+
+
+def shallow_branches(components: Iterable[str]) -> list[int]:
+    """The cache branches among component names (``unet_shallow.3`` -> 3), ascending."""
+    return sorted(int(c[len(UNET_SHALLOW) + 1:]) for c in components if c.startswith(UNET_SHALLOW + "."))
+
+
 def controlnet_component(name: str) -> str:
     """The component (engine) name of the ControlNet called ``name``."""
     return f"{CONTROLNET}.{name}"
 
 
 def contract_of(component: str) -> str:
-    """The contract a component follows: ``controlnet.edges`` -> ``controlnet``; others are their own."""
-    return CONTROLNET if component.startswith(CONTROLNET + ".") else component
+    """The contract a component follows: ``controlnet.edges`` -> ``controlnet``, ``unet_shallow.0`` ->
+    ``unet_shallow``; others are their own."""
+    for family in (CONTROLNET, UNET_SHALLOW):
+        if component.startswith(family + "."):
+            return family
+    return component
 
 
 def controlnet_names(components: Iterable[str]) -> list[str]:
@@ -82,10 +114,12 @@ def controlnet_names(components: Iterable[str]) -> list[str]:
     return [c[len(CONTROLNET) + 1:] for c in components if contract_of(c) == CONTROLNET and c != CONTROLNET]
 
 
-def build_components(*, refiner: bool = False, controlnets: Sequence[str] = ()) -> list[str]:
+def build_components(*, refiner: bool = False, controlnets: Sequence[str] = (),
+                     deepcache: Sequence[int] = ()) -> list[str]:
     """The components a build exports and builds, in build order: the base model's, the refiner's UNet if
-    asked, then one ``controlnet.NAME`` per ControlNet."""
-    return [*BASE_COMPONENTS, *(["refiner"] if refiner else []), *(controlnet_component(n) for n in controlnets)]
+    asked, one ``controlnet.NAME`` per ControlNet, then one ``unet_shallow.K`` per cache branch."""
+    return [*BASE_COMPONENTS, *(["refiner"] if refiner else []), *(controlnet_component(n) for n in controlnets),
+            *(shallow_component(k) for k in sorted(set(deepcache)))]
 
 
 # --------------------------------------------------------------------------- component facts
@@ -95,7 +129,7 @@ def build_components(*, refiner: bool = False, controlnets: Sequence[str] = ()) 
 Family = Literal["text_encoder", "unet", "vae", "controlnet"]
 FAMILIES: Mapping[str, Family] = {
     "text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet", "refiner": "unet",
-    "vae_decoder": "vae", "vae_encoder": "vae", CONTROLNET: "controlnet",
+    "vae_decoder": "vae", "vae_encoder": "vae", CONTROLNET: "controlnet", UNET_SHALLOW: "unet",
 }
 """Each contract's family. UNets and ControlNets run once per denoising step, beside each other (a guided
 batch, ``S`` context tokens, one profile per bucket); text encoders once per prompt chunk; VAEs once per image."""
@@ -301,6 +335,9 @@ class ModelDims:
     # (channels, downscale) of each residual a ControlNet adds to the base UNet: the down blocks' in order,
     # the mid block's last. Empty: built without --controlnet (the UNet takes no residual inputs).
     controlnet_residuals: tuple[tuple[int, int], ...] = ()
+    # (branch, channels, downscale) of each step-caching (DeepCache) feature the full UNet returns and a shallow
+    # UNet takes. Empty: built without --deepcache (the UNet returns the noise prediction alone).
+    deepcache_features: tuple[tuple[int, int, int], ...] = ()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -309,6 +346,7 @@ class ModelDims:
     def from_json(cls, data: Mapping) -> ModelDims:
         values = dict(data)
         values["controlnet_residuals"] = tuple(tuple(r) for r in values.get("controlnet_residuals", ()))
+        values["deepcache_features"] = tuple(tuple(r) for r in values.get("deepcache_features", ()))
         return cls(**values)
 
     @property
@@ -329,6 +367,11 @@ def residual_specs(dims: ModelDims) -> tuple[TensorSpec, ...]:
     return (*out, TensorSpec("mid_block_res", "float", (B, c, Dim("h", div=f), Dim("w", div=f))))
 
 
+def feature_spec(name: str, channels: int, downscale: int) -> TensorSpec:
+    """A step-caching feature: B x channels x h/f x w/f (B the UNet's, doubled under guidance)."""
+    return TensorSpec(name, "float", (B, channels, Dim("h", div=downscale), Dim("w", div=downscale)))
+
+
 def component_specs(dims: ModelDims, controlnets: Sequence[str] = ()) -> dict[str, ComponentSpec]:
     """The component contracts for a model of the given widths (with ``controlnet_residuals``: also the
     ``controlnet`` contract, and one spec per ControlNet engine named in ``controlnets``)."""
@@ -341,7 +384,7 @@ def component_specs(dims: ModelDims, controlnets: Sequence[str] = ()) -> dict[st
     residuals = residual_specs(dims) if dims.controlnet_residuals else ()
 
     def unet_like(name: str, context: int, pooled: int, time_ids: int, doc: str, time_cond: int = 0,
-                  extra: tuple[TensorSpec, ...] = ()) -> ComponentSpec:
+                  extra: tuple[TensorSpec, ...] = (), outputs: tuple[TensorSpec, ...] = ()) -> ComponentSpec:
         return ComponentSpec(
             name,
             inputs=(
@@ -353,7 +396,7 @@ def component_specs(dims: ModelDims, controlnets: Sequence[str] = ()) -> dict[st
                 *((TensorSpec("timestep_cond", "float", (B, time_cond)),) if time_cond else ()),
                 *extra,
             ),
-            outputs=(TensorSpec("noise_pred", "float", latent),),
+            outputs=(TensorSpec("noise_pred", "float", latent), *outputs),
             doc=doc,
         )
 
@@ -376,6 +419,7 @@ def component_specs(dims: ModelDims, controlnets: Sequence[str] = ()) -> dict[st
         "unet": unet_like(
             "unet", dims.unet_context, dims.pooled_dim, dims.unet_time_ids, "SDXL base UNet: predicts noise",
             time_cond=dims.unet_time_cond_dim, extra=residuals,
+            outputs=tuple(feature_spec(deepcache_feature_name(k), ch, f) for k, ch, f in dims.deepcache_features),
         ),
         "refiner": unet_like(
             "refiner",
@@ -397,6 +441,11 @@ def component_specs(dims: ModelDims, controlnets: Sequence[str] = ()) -> dict[st
             doc="VAE encoder: images in [-1, 1] -> mean and log-variance of the latent distribution",
         ),
     }
+    for k, ch, down in dims.deepcache_features:
+        specs[shallow_component(k)] = unet_like(
+            shallow_component(k), dims.unet_context, dims.pooled_dim, dims.unet_time_ids,
+            f"SDXL base UNet's shallow part at cache branch {k} (DeepCache): noise from the cached feature",
+            time_cond=dims.unet_time_cond_dim, extra=(feature_spec(DEEPCACHE_FEATURE, ch, down),))
     if residuals:
         specs[CONTROLNET] = ComponentSpec(
             CONTROLNET,

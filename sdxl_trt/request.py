@@ -84,6 +84,10 @@ class GenerationRequest:
     ``steps`` then becomes its length; ``eta`` is TCD's gamma (default 0.3). Each applies only where
     diffusers' scheduler class takes it, and is refused elsewhere. ``guidance_scale <= 1`` turns
     classifier-free guidance off: the UNet runs on the images only and ``negative_prompt`` is ignored.
+
+    Step caching (engines built with ``--deepcache``): ``cache_interval`` N > 1 runs the whole base UNet at
+    steps 0, N, 2N, ... of the steps run and, between them, the shallow UNet of ``cache_branch`` K on the feature
+    the last full step kept (DeepCache's ``DeepCacheSDHelper``, uniform mode); the refiner runs unchanged.
     """
 
     prompt: str
@@ -113,6 +117,8 @@ class GenerationRequest:
     eta: float | None = None  # tcd's gamma (None: 0.3); ddim: 0 only
     loras: tuple[tuple[str, float], ...] = ()  # (name in the pipeline's lora_dirs, or a path; scale), stacked
     controlnets: tuple[ControlNetUnit, ...] = ()
+    cache_interval: int = 1  # step caching (DeepCache): a full UNet step every N steps run, shallow between; 1: off
+    cache_branch: int | None = None  # its branch (DeepCache's cache_branch_id); None: the engines' lowest built one
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -183,6 +189,14 @@ class GenerationRequest:
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
             raise InvalidRequestError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}", param="seed")
         self.mode  # noqa: B018 - raises for a mask without an image
+        steps = len(self.timesteps) if self.timesteps else self.steps
+        n = self.cache_interval
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= steps:
+            raise InvalidRequestError(f"cache_interval must be an integer in 1..{steps} (the request's steps; 1 = no "
+                                      f"step caching), got {n!r}", param="cache_interval")
+        k = self.cache_branch
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise InvalidRequestError(f"cache_branch must be a non-negative integer, got {k!r}", param="cache_branch")
         if not isinstance(self.controlnets, tuple) or not all(isinstance(u, ControlNetUnit) for u in self.controlnets):
             raise InvalidRequestError("controlnets must be a list of ControlNetUnit", param="controlnets")
         for i, unit in enumerate(self.controlnets):

@@ -14,9 +14,13 @@ Rules of this module (keep them):
   guidance on/off, prompt chunks), which code runs (inpainting, sampler) and which engines run on which rows
   (the ControlNet signature). Everything else here (steps, strength, the refiner split, spacing, explicit
   timesteps, eta, the LoRA set) is data in fixed buffers or engine weights, so one graph serves all of it.
-  Step caching (DeepCache) will add the kind of step (full or shallow, and the cache branch) to the graph key
-  as an argument of :meth:`StepShape.graph_key`, and the cache interval to the shape only (requests with
-  different intervals run the same captured steps, in a different order).
+  Step caching (DeepCache) adds the kind of step (full, or shallow at a cache branch) to the graph key as an
+  argument of :meth:`StepShape.graph_key`, and the cache interval and branch to the shape only: requests with
+  different intervals run the same captured steps, in a different order. They do not share a batch: a step
+  runs one kind for the whole batch (the guided batch's rows go through one engine call), and running the full
+  step for a row that DeepCache would run shallow changes that row's image, so equal intervals (and branches)
+  are what keeps every request's images exactly DeepCache's. A request without caching (interval 1) has no
+  branch, so it batches with any other uncached request.
 * Ground floor: plain data, no torch, no stage imported; made by the pipeline's admission check
   (``Pipeline.admit``), which knows the prompt's token chunks and whether the UNet takes a guidance embedding.
 """
@@ -59,10 +63,12 @@ class GraphKey:
     inpaint: bool
     sampler: str
     controlnets: ControlSignature
+    cache_branch: int | None = None  # None: a full UNet step; K: the shallow step of cache branch K (DeepCache)
 
     def __str__(self) -> str:
         control = "".join(f" +{n}{'(guess)' if g else ''}" for n, g in self.controlnets)
-        return (f"{self.unet} step {self.bucket} x{self.images} {'cfg' if self.guided else 'no-cfg'} "
+        kind = "" if self.cache_branch is None else f" shallow@{self.cache_branch}"
+        return (f"{self.unet} step{kind} {self.bucket} x{self.images} {'cfg' if self.guided else 'no-cfg'} "
                 f"{self.prompt_chunks} chunk(s) {self.sampler}{' inpaint' if self.inpaint else ''}{control}")
 
 
@@ -86,12 +92,15 @@ class StepShape:
     timesteps: tuple[int, ...] | None
     eta: float | None
     loras: tuple[tuple[str, float], ...]
+    cache_interval: int = 1  # step caching: a full step every N of the base UNet's steps (1: every step)
+    cache_branch: int | None = None  # its branch; None without caching
 
     @classmethod
     def of(cls, request: GenerationRequest, bucket: Bucket, *, prompt_chunks: int,
-           guidance_embedding: bool) -> StepShape:
+           guidance_embedding: bool, cache_branch: int | None = None) -> StepShape:
         """The shape of a request that passed the pipeline's checks, in ``bucket``. ``guidance_embedding``:
-        the base UNet takes guidance as an input (a guidance-distilled model), so it never runs a CFG batch."""
+        the base UNet takes guidance as an input (a guidance-distilled model), so it never runs a CFG batch.
+        ``cache_branch``: the request's branch as the pipeline resolved it (its default filled in)."""
         guided = request.guidance_scale > 1.0
         refiner = None
         if request.refiner_mode == "ensemble":
@@ -105,20 +114,24 @@ class StepShape:
             sampler=request.scheduler, controlnets=request.control_signature, steps=request.steps,
             strength=None if mode == "txt2img" else float(request.strength), refiner=refiner,
             timestep_spacing=request.timestep_spacing, timesteps=request.timesteps, eta=request.eta,
-            loras=request.loras,
+            loras=request.loras, cache_interval=request.cache_interval,
+            cache_branch=cache_branch if request.cache_interval > 1 else None,
         )
 
     @property
     def inpaint(self) -> bool:
         return self.mode == "inpaint"
 
-    def graph_key(self, unet: str, images: int) -> GraphKey:
+    def graph_key(self, unet: str, images: int, *, shallow: bool = False) -> GraphKey:
         """The captured step of ``unet`` ("unet" or "refiner") for a batch of ``images`` of this shape. The
-        refiner takes neither ControlNets nor the inpainting blend, and guides by its own rule."""
+        refiner takes neither ControlNets nor the inpainting blend, and guides by its own rule. ``shallow``: the
+        base UNet's shallow step at this shape's cache branch (step caching)."""
         if unet == "refiner":
             if self.refiner is None:
                 raise ValueError(f"{self} has no refiner step")
             return GraphKey(unet, self.bucket, images, self.refiner.guided, self.prompt_chunks, False, self.sampler,
                             ())
+        if shallow and (unet != "unet" or self.cache_branch is None):
+            raise ValueError(f"{self} has no shallow step for {unet}")
         return GraphKey(unet, self.bucket, images, self.guided, self.prompt_chunks, self.inpaint, self.sampler,
-                        self.controlnets)
+                        self.controlnets, self.cache_branch if shallow else None)

@@ -123,6 +123,13 @@ def tiny_torch_engines() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_deepcache_engines() -> Path:
+    """ONNX Runtime fp32 engines of tiny (no refiner) built with ``--deepcache 0,1,3``: the 256x256 bucket, up to 2
+    images per batch. Shared: read it, or copy it before changing anything."""
+    return engine_cache.shared("tiny-deepcache")
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_engines: Path):
     from sdxl_trt.runtime.pipeline import Pipeline
 

@@ -179,3 +179,42 @@ def test_unknown_baseline_is_refused_before_any_timing(tiny_engines: Path, tmp_p
     err = capsys.readouterr().err
     assert "sdxl-bsae-1.0" in err and "sdxl-base-1.0" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_cache_interval_times_step_caching_against_deepcache_on_diffusers(
+        tiny_deepcache_engines: Path, tmp_path: Path) -> None:
+    """``--cache-interval 3 --cache-branch 1``: the timed requests run step caching and the baseline runs
+    diffusers under DeepCacheSDHelper at the same interval and branch: our image equals it (fp32: rounding only),
+    while caching itself moves diffusers' image far more, so an uncached baseline would fail the bound."""
+    import torch
+
+    from sdxl_trt.bench.baseline import load_diffusers, relative_error
+    from sdxl_trt.buckets import Bucket
+
+    rc = main(["-q", "bench", "--engines", str(tiny_deepcache_engines), "--out", str(tmp_path), "--baseline", "tiny",
+               "--cache-interval", "3", "--cache-branch", "1", "--steps", "3", "--runs", "1", "--warmup-runs", "0",
+               "--no-step-split", "--name", "c"])
+    assert rc == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["settings"]["cache_interval"] == 3 and report["engines"]["cache_branch"] == 1
+    assert report["engines"]["cache_branches"] == [0, 1, 3]
+    assert "DeepCacheSDHelper (interval 3, branch 1)" in report["reference"]["description"]
+    assert "step caching: interval 3, branch 1" in (tmp_path / "c.md").read_text()
+    err = report["rows"][0]["error_vs_fp32"]["sdxl_trt"]
+    dp = load_diffusers("tiny", refiner=None, dtype=torch.float32, device=torch.device("cpu"), scheduler="euler")
+    kw = dict(prompt=report["settings"]["prompt"], bucket=Bucket.parse("256x256"), steps=3, guidance=5.0, seed=0,
+              n=1, refiner_mode=None, refiner_start=0.8, refiner_strength=0.3)
+    caching_moves = relative_error(dp.generate(**kw), dp.generate(**kw, cache_interval=3, cache_branch=1))
+    assert err < 2e-3 and caching_moves > 5 * err, (err, caching_moves)
+
+
+@pytest.mark.parametrize(("flags", "named"), [(["--cache-interval", "2", "--cache-branch", "2"], "0, 1, 3"),
+                                              (["--cache-interval", "9", "--steps", "4"], "--steps (4)")])
+def test_bad_cache_flags_are_refused_before_any_timing(tiny_deepcache_engines: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                       named: str) -> None:
+    rc = main(["-q", "bench", "--engines", str(tiny_deepcache_engines), "--out", str(tmp_path), *flags])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert named in err and flags[1] in err
+    assert not list(tmp_path.iterdir())

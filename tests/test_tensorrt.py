@@ -613,9 +613,9 @@ def fake_trt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _onnx(tmp_path: Path, name: str, *, dtype: str = "FLOAT", errors: tuple[str, ...] = (),
-          weights: dict[str, str] | None = None) -> Path:
+          weights: dict[str, str] | None = None, spec: Any = None) -> Path:
     """A fake ONNX of component ``name`` whose float tensors are ``dtype`` (the fixed ones their own)."""
-    spec = SPECS[name]
+    spec = spec or SPECS[name]
     path = tmp_path / f"{name}.onnx"
     fixed = {"int64": "INT64", "int32": "INT32", "float32": "FLOAT"}
     types_ = {t.name: fixed.get(t.dtype, dtype) for t in spec.tensors}
@@ -1071,3 +1071,31 @@ def test_manifest_refuses_plans_of_another_tensorrt_major(tmp_path: Path, built:
     with pytest.raises(ManifestError, match=rf"TensorRT {built}, this machine has {here}: plans do not load across "
                                             r"major versions. Rebuild: sdxl-trt build --model sdxl-base-1.0"):
         check()
+
+
+def test_shallow_unet_builds_per_bucket_profiles_with_the_feature_at_h_f_w_f(fake_trt: FakeTensorRT,
+                                                                           tmp_path: Path) -> None:
+    """A ``--deepcache`` build's shallow UNet goes through the same TensorRT build as the UNet: one profile per
+    bucket, its ``deepcache_feature`` input at the branch's downscale of each bucket's latent (SDXL's branch 3:
+    640 channels at h/2, w/2), batch range shared with the other inputs; the full UNet's feature outputs."""
+    from types import SimpleNamespace
+
+    from sdxl_trt.contracts import DEEPCACHE_FEATURE
+    from sdxl_trt.export.deepcache import deepcache_features
+
+    sdxl = SimpleNamespace(block_out_channels=[320, 640, 1280], layers_per_block=2)
+    specs = component_specs(ModelDims(deepcache_features=deepcache_features(sdxl, (0, 3))))
+    assert [t.name for t in specs["unet"].outputs] == ["noise_pred", "deepcache_feature_0", "deepcache_feature_3"]
+    spec = specs["unet_shallow.3"]
+    assert spec.input_names == [*SPECS["unet"].input_names, DEEPCACHE_FEATURE]
+    profiles = component_profiles(spec, buckets=BUCKETS, max_batch=2)
+    tb.build_engine(_onnx(tmp_path, spec.name, dtype="HALF", spec=spec), tmp_path / "unet_shallow.3.plan", spec=spec, profiles=profiles,
+                    config=tb.TensorRTBuildConfig(precision="fp16"))
+    feature = [c[2:] for c in fake_trt.calls if c[0] == "set_shape" and c[1] == DEEPCACHE_FEATURE]
+    sample = [c[2:] for c in fake_trt.calls if c[0] == "set_shape" and c[1] == "sample"]
+    assert len(feature) == len(BUCKETS)
+    for (lo, opt, hi), (s_lo, s_opt, s_hi) in zip(feature, sample, strict=True):
+        for f, s in ((lo, s_lo), (opt, s_opt), (hi, s_hi)):
+            assert tuple(f) == (s[0], 640, s[2] // 2, s[3] // 2)
+    assert [tuple(f[2]) for f in feature] == [(4, 640, 64, 64), (4, 640, 56, 72)]  # 1024x1024, 1152x896
+

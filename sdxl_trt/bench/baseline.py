@@ -8,6 +8,8 @@ from ``torch.Generator().manual_seed(seed + k)`` on the CPU, as the runtime does
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +17,27 @@ import numpy as np
 import torch
 
 from sdxl_trt.buckets import Bucket
+from sdxl_trt.errors import InvalidRequestError
 from sdxl_trt.samplers import sampler
 
 log = logging.getLogger(__name__)
+
+@contextmanager
+def deepcache(pipe: Any, interval: int, branch: int) -> Iterator[None]:
+    """diffusers' ``pipe`` with DeepCache's reference helper enabled (the ``DeepCache`` package, a dev extra)."""
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ImportError:
+        raise InvalidRequestError("a --baseline with --cache-interval needs the DeepCache package "
+                                  "(pip install DeepCache==0.1.1, or the dev extra)", param="cache_interval") from None
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        yield
+    finally:
+        helper.disable()
+
 
 def _scheduler(config_dir: Any, name: str) -> Any:
     """diffusers' scheduler for our sampler ``name`` (its record's class and kwargs) over the model's config."""
@@ -38,8 +58,16 @@ class DiffusersPipelines:
     description: str
 
     def generate(self, *, prompt: str, bucket: Bucket, steps: int, guidance: float, seed: int, n: int,
-                 refiner_mode: str | None, refiner_start: float, refiner_strength: float) -> np.ndarray:
-        """``n`` images as uint8 [n, H, W, 3], with the same settings and noise as the runtime's request."""
+                 refiner_mode: str | None, refiner_start: float, refiner_strength: float,
+                 cache_interval: int = 1, cache_branch: int | None = None) -> np.ndarray:
+        """``n`` images as uint8 [n, H, W, 3], with the same settings and noise as the runtime's request;
+        ``cache_interval`` > 1: the base pipeline under DeepCache's own ``DeepCacheSDHelper`` at that interval and
+        branch (the refiner runs unchanged, as the runtime's does)."""
+        if cache_interval > 1:
+            with deepcache(self.base, cache_interval, cache_branch or 0):
+                return self.generate(prompt=prompt, bucket=bucket, steps=steps, guidance=guidance, seed=seed, n=n,
+                                     refiner_mode=refiner_mode, refiner_start=refiner_start,
+                                     refiner_strength=refiner_strength)
         gens = [torch.Generator().manual_seed(seed + k) for k in range(n)]
         kw: dict[str, Any] = dict(prompt=prompt, width=bucket.width, height=bucket.height, num_inference_steps=steps,
                                   guidance_scale=guidance, generator=gens, num_images_per_prompt=n)

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 def report_name(report: dict[str, Any]) -> str:
     e, env = report["engines"], report["environment"]
     model = Path(str(e["model"])).name or "model"
-    return f"bench-{model}-{e['backend']}-{e['precision']}-{env['device'].split(':')[0]}"
+    cache = f"-cache{report['settings']['cache_interval']}" if report["settings"].get("cache_interval", 1) > 1 else ""
+    return f"bench-{model}-{e['backend']}-{e['precision']}-{env['device'].split(':')[0]}{cache}"
 
 
 def _f(v: float | None, fmt: str = ".3f", scale: float = 1.0) -> str:
@@ -60,7 +61,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Settings: {s['steps']} steps, {s['scheduler']}, guidance {s['guidance']}, seed {s['seed']}, "
         f"{s['runs']} timed runs per row after {s['warmup_runs']} untimed"
         + (f"; refiner {s['refiner_mode']} (start {s['refiner_start']}, strength {s['refiner_strength']})"
-           if s["refiner_mode"] else "") + ".",
+           if s["refiner_mode"] else "")
+        + (f"; step caching: interval {s['cache_interval']}, branch {e.get('cache_branch')} (the baseline with "
+           "DeepCacheSDHelper at the same)" if s.get("cache_interval", 1) > 1 else "") + ".",
         f"Timing: {report['timing_method']}.",
         f"Stages: {report['stage_timers']}",
         f"Reference for the image error: {report['reference']['description']}.",

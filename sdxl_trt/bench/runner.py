@@ -64,6 +64,8 @@ class BenchOptions:
     reference: bool = True  # the fp32 reference run (needs --baseline: it is diffusers in fp32)
     step_split: bool = True  # the event-timed per-step figure from a second, half-length step count
     threads: int | None = None  # torch's CPU threads (a shared or loaded CPU: oversubscribed threads spin)
+    cache_interval: int = 1  # step caching (engines built with --deepcache): a full UNet step every N steps
+    cache_branch: int | None = None  # its branch (None: the lowest built); the baseline runs DeepCacheSDHelper
     name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -123,7 +125,8 @@ def _request(opts: BenchOptions, bucket: Bucket, *, refiner_mode: str | None, n:
     return GenerationRequest(prompt=opts.prompt, width=bucket.width, height=bucket.height,
                              steps=steps or opts.steps, guidance_scale=opts.guidance, scheduler=opts.scheduler,
                              seed=opts.seed, num_images=n, refiner_mode=refiner_mode,  # type: ignore[arg-type]
-                             refiner_start=opts.refiner_start, refiner_strength=opts.refiner_strength)
+                             refiner_start=opts.refiner_start, refiner_strength=opts.refiner_strength,
+                             cache_interval=opts.cache_interval, cache_branch=opts.cache_branch)
 
 
 def scheduler_configs(engines: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -189,7 +192,7 @@ def _ours_row(pipe: Any, opts: BenchOptions, bucket: Bucket, mode: str | None, d
     ours: dict[str, Any] = {**lat, "stages_s": stages, "steps": steps, "step_ms": step_ms,
                             "other_s": lat["p50_s"] - sum(stages.values()),
                             "step_ms_events": None, "fixed_ms_events": None}
-    if opts.step_split and mode is None and opts.steps >= 2:
+    if opts.step_split and mode is None and opts.steps >= 2 and opts.cache_interval <= opts.steps // 2:
         half = _request(opts, bucket, refiner_mode=None, steps=opts.steps // 2)
         half_s, _, _ = _time_ours(pipe, half, opts, device, probe)
         n_full, n_half = steps["base"], step_counts(configs, half)["base"]
@@ -263,6 +266,9 @@ def run_bench(opts: BenchOptions, *, checkpoint: Callable[[dict[str, Any]], None
     is a note in the report, not a lost run."""
     if opts.runs < 1 or opts.steps < 1 or opts.warmup_runs < 0:
         raise InvalidRequestError("runs and steps must be at least 1, warmup runs at least 0", param="runs")
+    if not 1 <= opts.cache_interval <= opts.steps:
+        raise InvalidRequestError(f"--cache-interval {opts.cache_interval} must be between 1 (no caching) and "
+                                  f"--steps ({opts.steps})", param="cache_interval")
     for what, model in (("baseline", opts.baseline), ("baseline_refiner", opts.baseline_refiner)):
         _check_model(what, model)
     device = resolve_device(opts.device)
@@ -322,7 +328,11 @@ def _measure_ours(opts: BenchOptions, device: torch.device, report: dict[str, An
     modes: list[str | None] = [None] + ([opts.refiner_mode] if opts.refiner_mode else [])
     report["engines"] = {"directory": str(opts.engines), "backend": manifest.backend, "precision": manifest.precision,
                          "model": manifest.model.get("name"), "refiner": (manifest.refiner or {}).get("name"),
-                         "buckets": list(manifest.buckets), "max_batch": manifest.max_batch}
+                         "buckets": list(manifest.buckets), "max_batch": manifest.max_batch,
+                         "cache_branches": list(pipe.cache_branches),
+                         # refused before warm-up (an unbuilt branch, engines without caching); the branch
+                         # the timed requests run, the runtime's default filled in
+                         "cache_branch": pipe.admit(_request(opts, sizes[0], refiner_mode=None)).cache_branch}
 
     eager = _EagerLog()
     runtime_log = logging.getLogger("sdxl_trt.runtime")
@@ -381,7 +391,8 @@ def _run_baseline(opts: BenchOptions, report: dict[str, Any], sizes: list[Bucket
                      "--baseline-refiner")
     dtype = _baseline_dtype(manifest.precision, device)
     kw = dict(prompt=opts.prompt, steps=opts.steps, guidance=opts.guidance, seed=opts.seed,
-              refiner_start=opts.refiner_start, refiner_strength=opts.refiner_strength)
+              refiner_start=opts.refiner_start, refiner_strength=opts.refiner_strength,
+              cache_interval=opts.cache_interval, cache_branch=report["engines"].get("cache_branch"))
     rows = {(r["size"], r["pipeline"]): r for r in report["rows"]}
 
     theirs_images, baseline_is_fp32 = _measure_diffusers(opts, report, sizes, modes, device, refiner, dtype, kw)
@@ -404,6 +415,9 @@ def _run_baseline(opts: BenchOptions, report: dict[str, Any], sizes: list[Bucket
             log.exception("the fp32 reference run failed")
             notes.append(f"fp32 reference failed: {type(e).__name__}: {e}")
             return
+    if opts.cache_interval > 1:
+        report["reference"]["description"] += (f" under DeepCacheSDHelper (interval {opts.cache_interval}, branch "
+                                                f"{kw['cache_branch']}), the step-caching reference")
     for key, ref in reference.items():
         row = rows[key]
         row["error_vs_fp32"] = {"sdxl_trt": relative_error(ours_images[key], ref),

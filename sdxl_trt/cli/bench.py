@@ -42,6 +42,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the fp32 reference run (no image error)")
     p.add_argument("--no-step-split", action="store_true",
                    help="skip the event-timed per-step figure (a second run set at half the steps)")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="step caching (engines built with --deepcache): a full UNet step every N steps, the shallow "
+                   "step between; the --baseline runs diffusers with DeepCacheSDHelper at the same N and branch")
+    p.add_argument("--cache-branch", type=int, default=None, metavar="K",
+                   help="the cache branch of --cache-interval (default: the lowest the engines were built with)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; the report says)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG plot (JSON and Markdown only)")
     p.add_argument("--name", default=None, help="report file name without suffix (default: from the engines)")
@@ -68,7 +73,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         refiner_mode=None if args.refiner_mode == "none" else args.refiner_mode, refiner_start=args.refiner_start,
         refiner_strength=args.refiner_strength, device=args.device, compile=args.compile, scheduler=args.scheduler,
         guidance=args.guidance, seed=args.seed, reference=not args.no_reference, step_split=not args.no_step_split,
-        threads=args.threads, name=args.name,
+        threads=args.threads, name=args.name, cache_interval=args.cache_interval, cache_branch=args.cache_branch,
     )
 
 

@@ -42,7 +42,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="build a ControlNet with the engines (repeatable): a diffusers-format directory, a single "
                         "file, or a preset (tiny-controlnet, tiny-controlnet-small, sdxl-controlnet); NAME (default: "
                         "from the path) is what requests call it (sdxl-trt run --controlnet NAME)")
+    p.add_argument("--deepcache", type=_branch_list, default=(), metavar="K[,K...]",
+                   help="step caching (DeepCache): for each cache branch K (DeepCache's cache_branch_id; 0 is the "
+                        "shallowest and fastest), a shallow UNet engine unet_shallow.K, and a UNet that also returns "
+                        "the feature it reuses; requests ask with --cache-interval N --cache-branch K")
     p.set_defaults(func=cmd_build)
+
+
+def _branch_list(text: str) -> tuple[int, ...]:
+    """``0,1,3`` -> (0, 1, 3); which branches exist is checked against the model's UNet."""
+    try:
+        branches = tuple(sorted({int(k) for k in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated branch numbers like 0 or 0,1,3, got {text!r}") from None
+    if any(k < 0 for k in branches):
+        raise argparse.ArgumentTypeError(f"cache branches are >= 0, got {text!r}")
+    return branches
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -56,7 +71,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         refittable=args.refittable, weight_streaming=args.weight_streaming, compile_torch=args.compile,
         calibration_prompts=args.calibration_prompts, calibration_steps=args.calibration_steps,
         calibration_backend=args.calibration_backend,
-        loras=tuple(args.lora), **_controlnet_build_option(args.controlnet),
+        loras=tuple(args.lora), **_controlnet_build_option(args.controlnet), deepcache=tuple(args.deepcache),
         build_command=" ".join(["sdxl-trt", *map(shlex.quote, sys.argv[1:])]),
     )
     manifest = build_engines(opts)

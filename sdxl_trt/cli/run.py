@@ -75,6 +75,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="apply a LoRA at run time (repeatable, stacked); the engines' weights are updated in place")
     add_controlnet_run_arguments(p)
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="step caching (engines built with --deepcache): a full UNet step every N steps, the shallow "
+                        "UNet between (DeepCache); 1 = off")
+    p.add_argument("--cache-branch", type=int, default=None, metavar="K",
+                   help="the cache branch of --cache-interval (default: the lowest the engines were built with)")
     p.add_argument("--out", required=True, help="PNG path; with --batch > 1, _0, _1, ... are appended")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 
@@ -194,6 +199,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         timestep_spacing=args.timestep_spacing, timesteps=args.timesteps, eta=args.eta,
         loras=tuple(_lora_arg(text) for text in args.lora),
         controlnets=tuple(getattr(args, "controlnets", ())),  # read and checked by sdxl_trt.cli.controlnet_units
+        cache_interval=args.cache_interval, cache_branch=args.cache_branch,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from sdxl_trt.contracts import controlnet_names
+from sdxl_trt.contracts import controlnet_names, shallow_branches
 from sdxl_trt.tables import format_table, human_bytes
 
 from .manifest import Manifest
@@ -39,6 +39,9 @@ def format_manifest(manifest: Manifest) -> str:
         f"versions:   {json.dumps(m.versions)}",
         f"created:    {m.created}",
         f"command:    {m.build_command}",
+        *([f"step cache: branches {', '.join(map(str, shallow_branches(m.components)))} (shallow UNets "
+           f"{', '.join(c for c in m.components if c.startswith('unet_shallow.'))}; requests: cache_interval N, "
+           "cache_branch K)"] if shallow_branches(m.components) else []),
         "",
         format_build_table(m),
     ]

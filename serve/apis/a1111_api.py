@@ -39,6 +39,8 @@ class _Processing(BaseModel):
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: float | None = None
+    cache_interval: int = 1  # ours: step caching (engines built with --deepcache), txt2img and img2img
+    cache_branch: int | None = None
     denoising_strength: float | None = None
     s_min_uncond: float | None = None
     s_churn: float | None = None

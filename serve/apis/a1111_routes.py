@@ -172,7 +172,7 @@ def to_generation_request(body: Txt2ImgRequest | Img2ImgRequest, *, settings: Se
         prompt=prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
         steps=steps, guidance_scale=body.cfg_scale, scheduler=scheduler,
         seed=None if body.seed == -1 else body.seed, num_images=n, controlnets=controlnets, **refiner, **extra,
-        **few_step,
+        **few_step, cache_interval=body.cache_interval, cache_branch=body.cache_branch,
     ), sampler
 
 

@@ -82,6 +82,9 @@ class _Common(BaseModel):
     timesteps: list[int] | None = Field(None, min_length=1, max_length=1000)
     eta: float | None = Field(None, ge=0.0, le=1.0)
     loras: list[LoraRef] | None = Field(None, max_length=8)
+    # step caching (engines built with --deepcache; see the README's "Step caching"): checked by the pipeline
+    cache_interval: int = 1
+    cache_branch: int | None = None
 
 
 class ImageGenerationRequest(_Common):

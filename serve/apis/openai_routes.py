@@ -60,6 +60,7 @@ def to_generation_request(body: ImageGenerationRequest | ImageEditRequest, *, se
         width, height = bucket.width, bucket.height
     extra: dict[str, Any] = {"strength": body.strength} if isinstance(body, ImageEditRequest) else {}
     extra.update(few_step_fields(body.timestep_spacing, body.timesteps, body.eta))
+    extra.update(cache_interval=body.cache_interval, cache_branch=body.cache_branch)
     if body.loras:
         extra["loras"] = lora_set([(r.name, r.scale) for r in body.loras], pipeline)
     return GenerationRequest(

@@ -64,6 +64,7 @@ class BatchReport:
     requests: int
     seconds: float
     timings: dict[str, float]
+    steps_run: dict[str, int] = field(default_factory=dict)  # the batch's UNet steps (``unet_cached``: shallow)
 
 
 @dataclass
@@ -364,6 +365,7 @@ class AsyncPipeline:
         s.batches += 1
         s.batch_sizes[images] += 1
         timings: dict[str, float] = {}
+        steps_run: dict[str, int] = {}
         for it, outcome in zip(batch, outcomes, strict=True):
             it.state = "done"
             if isinstance(outcome, BaseException):
@@ -374,13 +376,15 @@ class AsyncPipeline:
             s.completed += 1
             s.images += len(outcome.images)
             timings = timings or dict(outcome.timings)
+            steps_run = steps_run or dict(outcome.steps_run)
             outcome.timings["queue_wait"] = t0 - it.enqueued  # this request's own wait (after the metrics' copy)
             if not it.future.done():
                 it.future.set_result(outcome)
         log.debug("batch of %d requests (%d images) in %.3f s", len(batch), images, seconds)
         if self._on_batch is not None:
             try:
-                self._on_batch(BatchReport(images=images, requests=len(batch), seconds=seconds, timings=timings))
+                self._on_batch(BatchReport(images=images, requests=len(batch), seconds=seconds, timings=timings,
+                                           steps_run=steps_run))
             except Exception:
                 log.exception("the on_batch callback failed")
 

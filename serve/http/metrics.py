@@ -64,6 +64,9 @@ class ServeMetrics:
         self.controlnet_requests = Counter("sdxl_trt_controlnet_requests",
                                            "Generation requests answered that used each ControlNet",
                                            ["controlnet"], registry=r)
+        self.cached_steps = Counter("sdxl_trt_cached_steps",
+                                    "Denoising steps that ran the step-caching shallow UNet (DeepCache), per batch",
+                                    registry=r)
         self.graph_pool_bytes = Gauge("sdxl_trt_graph_pool_bytes", "Bytes of the CUDA graphs' shared memory pool",
                                       registry=r)
 
@@ -83,6 +86,7 @@ class ServeMetrics:
         for stage, seconds in report.timings.items():
             if seconds > 0:
                 self.stage_seconds.labels(stage=stage).observe(seconds)
+        self.cached_steps.inc(report.steps_run.get("unet_cached", 0))
         if report.timings.get("lora_switch", 0.0) > 0:
             self.lora_switch_seconds.observe(report.timings["lora_switch"])
 
