@@ -122,8 +122,8 @@ def tiny_engines() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_torch_engines() -> Path:
-    """torch.export programs of tiny (no refiner), fp32, the 256x256 bucket, one image per batch. Shared: read it,
-    or copy it before changing anything."""
+    """torch.export programs of tiny (no refiner), fp32, buckets 256x256 and 320x256, up to 2 images per batch.
+    Shared: read it, or copy it before changing anything."""
     return engine_cache.shared("tiny-torch")
 
 
