@@ -23,9 +23,14 @@ from support import engine_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SDXL_TRT_CACHE_DIR", tempfile.mkdtemp(prefix="sdxl-trt-test-cache-"))  # hermetic hash cache
-# Under pytest-xdist (CI runs two workers on its two cores) each worker takes one core's share of threads.
+# Under pytest-xdist (CI runs two workers on its two cores) each worker takes one core's share of threads, and so
+# do the processes it starts (servers, CLI runs: torch reads OMP_NUM_THREADS at import). With torch's default of
+# one thread per core there, a server beside a busy worker has 3 threads on 2 cores, and OpenMP's barriers made its
+# torch work about 2x dearer in CPU time (the tiny UNet: 60x, measured on a loaded machine). Results do not change.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 logging.getLogger("sdxl_trt.tests").setLevel(logging.INFO)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,8 +122,8 @@ def tiny_engines() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_torch_engines() -> Path:
-    """torch.export programs of tiny (no refiner), fp32, the 256x256 bucket, one image per batch. Shared: read it,
-    or copy it before changing anything."""
+    """torch.export programs of tiny (no refiner), fp32, buckets 256x256 and 320x256, up to 2 images per batch.
+    Shared: read it, or copy it before changing anything."""
     return engine_cache.shared("tiny-torch")
 
 

@@ -311,7 +311,7 @@ def test_torch_backend_builds_matches_pytorch_and_the_onnxruntime_pipeline(tiny_
     """`--backend torch`: torch.export programs, checked against PyTorch at build time, and the whole pipeline on
     them gives the ONNX Runtime pipeline's image (both fp32 of the same weights: at most 2 levels apart). The
     build is the shared ``tiny-torch`` one (BuildOptions(model="tiny", backend="torch", precision="fp32",
-    buckets="256x256"), made by this checkout's build code: tests/support/engine_cache.py)."""
+    buckets="256x256,320x256", max_batch=2), made by this checkout's build code: tests/support/engine_cache.py)."""
     from sdxl_trt.request import GenerationRequest
     from sdxl_trt.runtime.pipeline import Pipeline
 

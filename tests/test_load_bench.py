@@ -62,7 +62,7 @@ def test_percentiles_and_metrics_parsing(load_report: ModuleType) -> None:
 @pytest.mark.slow
 def test_against_a_spawned_server(load_bench: ModuleType, tiny_engines: Path, tmp_path: Path) -> None:
     rc = load_bench.main([
-        "--spawn-engines", str(tiny_engines), "--server-args", "--max-queue 1 --batch-window-ms 5",
+        "--spawn-engines", str(tiny_engines), "--server-args", "--max-queue 1 --batch-window-ms 5 --warmup none",
         "--concurrency", "1,6", "--duration-s", "3", "--steps", "2", "--warmup", "1", "--max-backoff-s", "0.2",
         "--in-process-engines", str(tiny_engines), "--in-process-runs", "2", "--out", str(tmp_path), "--name", "smoke",
     ])

@@ -426,7 +426,7 @@ def test_overload_answers_429_and_loses_no_accepted_request(server) -> None:
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_engines, tmp_path) -> None:
     srv = ServerProcess(tiny_engines, tmp_path / "server.log", "--max-queue", "16", "--batch-window-ms", "50",
-                        "--drain-timeout-s", "60")
+                        "--drain-timeout-s", "60", "--warmup", "none")  # the warm-up is the module server's test
     try:
         srv.wait_ready()
         bodies = [{"prompt": "a harbour", "size": "256x256", "steps": 2, "seed": 200 + i} for i in range(6)]

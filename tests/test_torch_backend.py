@@ -22,6 +22,7 @@ from sdxl_trt.buckets import Bucket
 from sdxl_trt.contracts import component_specs
 from sdxl_trt.engine.torch_backend import build_torch_engine, cache_artifacts_path
 from sdxl_trt.engine.torch_shapes import dim_multiples_for, export_ranges, multiples_from_suggested_fixes
+from sdxl_trt.engine_dir.manifest import Manifest
 from sdxl_trt.engine_dir.profiles import Profile, component_profiles
 from sdxl_trt.errors import BuildError, InvalidRequestError
 from sdxl_trt.export.loading import load_model, model_dims
@@ -30,7 +31,7 @@ from sdxl_trt.export.wrappers import wrap_components
 from sdxl_trt.runtime.engine import Engine
 from sdxl_trt.runtime.torch_engine import TorchEngine
 
-BUCKETS = [Bucket(256, 256), Bucket(320, 256)]
+BUCKETS = [Bucket(256, 256), Bucket(320, 256)]  # the shared tiny-torch build's (tests/support/engine_cache.py)
 MAX_BATCH = 2
 COMPONENTS = ("unet", "refiner", "vae_decoder", "vae_encoder", "text_encoder", "text_encoder_2")
 RTOL = ATOL = 1e-5
@@ -45,19 +46,25 @@ def tiny() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def built(tiny: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """Every tiny component built once: name -> {path, profiles, info}. The refiner is built without
+def built(tiny: dict[str, Any], tiny_torch_engines: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Every tiny component's engine: name -> {path, profiles, info}. The base's five are the shared
+    ``tiny-torch`` build's (``build_engines`` -> ``build_torch_engine`` with ``dim_multiples_for``, over these
+    BUCKETS and MAX_BATCH; its manifest holds each build's info). The refiner is built here without
     ``dim_multiples``, so that torch.export's suggested fixes have to supply them."""
-    root = tmp_path_factory.mktemp("torch-engines")
+    manifest = Manifest.load(tiny_torch_engines)
     out = {}
     for name in COMPONENTS:
         spec = tiny["specs"][name]
         profiles = component_profiles(spec, buckets=BUCKETS, max_batch=MAX_BATCH)
-        path = root / f"{name}.pt2"
-        info = build_torch_engine(
-            tiny["modules"][name], spec, path, profiles=profiles, precision=torch.float32, device="cpu",
-            dim_multiples=None if name == "refiner" else dim_multiples_for(name, tiny["dims"]),
-        )
+        if name == "refiner":
+            path = tmp_path_factory.mktemp("torch-engines") / f"{name}.pt2"
+            info = build_torch_engine(tiny["modules"][name], spec, path, profiles=profiles, precision=torch.float32,
+                                      device="cpu", dim_multiples=None)
+        else:
+            entry = manifest.components[name]
+            assert [Profile.from_json(p).to_json() for p in entry.profiles] == [p.to_json() for p in profiles], name
+            path, info = tiny_torch_engines / entry.file, entry.extra
         out[name] = {"path": path, "profiles": profiles, "info": info}
     return out
 

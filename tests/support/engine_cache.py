@@ -65,14 +65,16 @@ RECIPES: dict[str, dict[str, Any]] = {
              "max_batch": 2},
     "tiny-controlnet": {"model": "tiny", "backend": "onnxruntime", "precision": "fp32", "max_batch": 2,
                         "controlnets": ("tiny-controlnet:edges", "{controlnet_source}:depth")},
-    "tiny-torch": {"model": "tiny", "backend": "torch", "precision": "fp32", "buckets": "256x256"},
+    "tiny-torch": {"model": "tiny", "backend": "torch", "precision": "fp32", "buckets": "256x256,320x256",
+                   "max_batch": 2},
     "tiny-deepcache": {"model": "tiny", "backend": "onnxruntime", "precision": "fp32", "buckets": "256x256",
                        "max_batch": 2, "deepcache": (0, 1, 3)},
 }
 """BuildOptions fields of each shared directory (``out`` is the cache's). ``tiny``: base + refiner, all five tiny
 buckets, up to 2 images per batch. ``tiny-controlnet``: the base alone with ControlNets ``edges`` (a preset) and
 ``depth`` (:data:`CONTROLNET_SOURCE` from a diffusers directory). ``tiny-torch``: the base as torch.export
-programs, one bucket (the costliest build: torch.export of every component). ``tiny-deepcache``: the base with
+programs, two buckets, up to 2 images per batch (the costliest build: torch.export of every component; one
+program serves every bucket and batch, so the ranges cost nothing; tests/test_torch_backend.py reads it). ``tiny-deepcache``: the base with
 step caching at branches 0, 1 and 3 (shallow UNets ``unet_shallow.K``), one bucket, up to 2 images per batch."""
 
 
