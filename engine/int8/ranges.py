@@ -19,7 +19,7 @@ module's forward input: the exporter decomposes ``scaled_dot_product_attention``
 sqrt(s)), softmax, @ V (s = 1/sqrt(head_dim)). :func:`attention_plan` maps each attention module to those four
 ONNX tensors, and while calibrating, ``F.scaled_dot_product_attention`` is wrapped so that, inside a hooked
 attention module at a picked call, it folds max|Q|*sqrt(s), max|K|*sqrt(s), max|V| and the softmax's max into the
-same running scalars (the softmax row by row in chunks of at most 2^24 scores, so memory stays one step's).
+same running scalars (the softmax row by row in chunks of at most 2^22 scores (16 MiB in fp32), so memory stays one step's).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def observation_plan(graph: onnx.ModelProto, nodes: Collection[str], root: torch
 
 ATTENTION_TENSORS = ("q", "k", "p", "v")
 """The attention MatMuls' inputs: ``qk`` reads (q, k), ``pv`` reads (p, v); p is the softmax output."""
-_SCORES_PER_CHUNK = 1 << 24
+_SCORES_PER_CHUNK = 1 << 22
 
 
 def attention_plan(graph: onnx.ModelProto, root: torch.nn.Module) -> dict[str, dict[str, str]]:
