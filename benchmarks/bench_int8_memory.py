@@ -1,4 +1,4 @@
-"""INT8 calibration + Q/DQ writing: peak host memory and wall time, the bounded path beside ONNX Runtime's.
+"""INT8 / FP8 calibration + Q/DQ writing: peak host memory and wall time, the bounded path beside ONNX Runtime's.
 
 Each configuration (model, size, calibration backend) runs in its own process, so every peak is that
 configuration's own: the child loads the model, then runs ``build_int8_unet`` (calibration on a few prompts and
@@ -21,6 +21,12 @@ CPU (the committed report)::
         --prompts 2 --steps 4 --samples 4
 
 GPU (``--device cuda``; add ``sdxl-base-1.0:1024x1024``).
+
+FP8 beside INT8 (``--formats``: the same bounded path writing E4M3 Q/DQ; ``fp8-attention`` also observes every
+attention's matmul inputs inside ``scaled_dot_product_attention``; torch backend only)::
+
+    python benchmarks/bench_int8_memory.py --configs tiny:256x256,tiny:1024x1024 --backends torch \
+        --formats int8,fp8,fp8-attention --prompts 2 --steps 4 --samples 4 --name fp8-memory-cpu
 """
 
 from __future__ import annotations
@@ -148,7 +154,8 @@ def child(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     report = build_int8_unet(loader, Path(args.fp32), Path(args.out), num_prompts=args.prompts, steps=args.steps,
                              width=width, height=height, num_eval_prompts=0, max_samples=args.samples,
-                             backend=args.backend)
+                             backend=args.backend, fmt="int8" if args.format == "int8" else "fp8",
+                             attention=args.format == "fp8-attention")
     total_s = time.perf_counter() - t1
     result = {
         # ru_maxrss follows the high-water mark the phases reset, so the run's peak is the largest phase peak
@@ -164,6 +171,7 @@ def child(args: argparse.Namespace) -> int:
         "activation_gib_per_call": activations / GIB,
         "device_peak_gib": torch.cuda.max_memory_allocated() / GIB if args.device.startswith("cuda") else None,
         "quantized_nodes": report.quantized_nodes,
+        "attention_matmuls": report.attention_matmuls,
         "samples": report.calibration_samples,
         "int8_bytes": sum(p.stat().st_size for p in Path(args.out).parent.glob(Path(args.out).name + "*")),
     }
@@ -254,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                    "part overrides --prompts/--steps/--samples for that configuration)")
     p.add_argument("--backends", default="torch,onnxruntime",
                    help="torch first: its row measures the activation volume the old path's estimate needs")
+    p.add_argument("--formats", default="int8",
+                   help="comma-separated Q/DQ formats: int8, fp8, fp8-attention (fp8 ones: torch backend only)")
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--samples", type=int, default=4)
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
+    p.add_argument("--format", default="int8", help=argparse.SUPPRESS)
     p.add_argument("--fp32", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -286,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         effort = [int(v) for v in parts[2].split("x")] if len(parts) > 2 else [args.prompts, args.steps, args.samples]
         configs.append((parts[0], parts[1], effort))
     backends = args.backends.split(",")
+    formats = args.formats.split(",")
+    bad = [f for f in formats if f not in ("int8", "fp8", "fp8-attention")]
+    if bad or any(f != "int8" for f in formats) and backends != ["torch"]:
+        raise SystemExit(f"--formats must be int8, fp8, fp8-attention (fp8 ones with --backends torch), got {formats}")
     rows: list[dict[str, Any]] = []
     old_tiny: tuple[float, float] | None = None  # (activation GiB, old-path peak GiB) of the largest tiny row
     for model, size, (prompts, steps, samples) in configs:
@@ -297,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0:
                 raise SystemExit(f"export of {model} failed ({rc}):\n{out[-3000:]}")
             log.info("exported in %.0f s", secs)
-        for backend in backends:
-            row: dict[str, Any] = {"model": model, "size": size, "backend": backend, "prompts": prompts,
-                                   "steps": steps, "requested_samples": samples}
+        for backend, fmt in [(b, f) for b in backends for f in formats]:
+            row: dict[str, Any] = {"model": model, "size": size, "backend": backend, "format": fmt,
+                                   "prompts": prompts, "steps": steps, "requested_samples": samples}
             budget = args.old_path_budget_gib if args.old_path_budget_gib is not None else _available_gib() - 2
             activation = next((r.get("activation_gib_per_call") for r in rows
                                if r["model"] == model and r["size"] == size and r.get("activation_gib_per_call")), None)
@@ -314,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                     log.warning("%s %s %s: not run: %s", model, size, backend, row["not_run"])
                     rows.append(row)
                     continue
-            out_onnx = work / model / f"unet.int8.{backend}.{size}.onnx"
+            out_onnx = work / model / f"unet.{fmt}.{backend}.{size}.onnx"
             cmd = [sys.executable, __file__, "--child", "measure", "--model", model, "--size", size, "--backend", backend,
+                   "--format", fmt,
                    "--fp32", str(fp32), "--out", str(out_onnx), "--prompts", str(prompts), "--steps",
                    str(steps), "--samples", str(samples), "--device", args.device, "--threads",
                    str(args.threads)]
@@ -330,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "onnxruntime" and model == "tiny" and (
                         old_tiny is None or row["activation_gib_per_call"] > old_tiny[0]):
                     old_tiny = (row["activation_gib_per_call"], row["peak_rss_gib"])
-                log.info("%s %s %s: peak %.2f GiB, %.0f s", model, size, backend, row["peak_rss_gib"],
+                log.info("%s %s %s %s: peak %.2f GiB, %.0f s", model, size, backend, fmt, row["peak_rss_gib"],
                          row["calibration_and_writing_s"])
             for f in out_onnx.parent.glob(out_onnx.name + "*"):
                 f.unlink()
@@ -338,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "what": "INT8 calibration + Q/DQ writing: peak host RSS and wall time per configuration, each in its own process",
         "settings": {"prompts": args.prompts, "steps": args.steps, "samples": args.samples, "device": args.device,
-                     "threads": args.threads},
+                     "threads": args.threads, "formats": formats},
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python benchmarks/bench_int8_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -368,7 +384,7 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 def markdown(report: dict[str, Any], name: str) -> str:
     s, m = report["settings"], report["machine"]
     lines = [
-        "# INT8 calibration memory and time",
+        "# INT8 / FP8 calibration memory and time",
         "",
         f"{report['date']}; {m['cores']} cores, {_fmt(m['memory_gib'], '.1f')} GiB RAM, GPU: {m['gpu'] or 'none'}; "
         f"torch {m['torch']}. Default effort {s['prompts']} prompts x {s['steps']} steps, {s['samples']} samples "
@@ -381,18 +397,23 @@ def markdown(report: dict[str, Any], name: str) -> str:
         "denoising, Q/DQ written weight by weight). Peak = whole run (model load, calibration, Q/DQ writing); "
         "the phase columns split it where the model is dropped.",
         "",
-        "| model | size | backend | prompts x steps (samples) | peak RSS (GiB) | calibration peak | writing peak | UNet fp32 weights | all fp32 weights "
+        "Formats: `int8`; `fp8` (the same ranges as E4M3 Q/DQ, weights per tensor); `fp8-attention` (also the "
+        "attention matmuls' inputs, observed inside `scaled_dot_product_attention`, softmax in chunks).",
+        "",
+        "| model | size | backend | format | prompts x steps (samples) | peak RSS (GiB) | calibration peak | writing peak | UNet fp32 weights | all fp32 weights "
         "| one forward's activations | calibration (s) | writing (s) | total (s) | device peak (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if r.get("not_run"):
-            lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | {r['prompts']} x {r['steps']} | "
+            lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | {r.get('format', 'int8')} | "
+                         f"{r['prompts']} x {r['steps']} | "
                          f"not run: {r['not_run']} |" + " |" * 9)
             continue
         w = r["weights_gib"]
         lines.append(
-            f"| {r['model']} | {r['size']} | {r['backend']} | {r['prompts']} x {r['steps']} ({r['samples']}) | "
+            f"| {r['model']} | {r['size']} | {r['backend']} | {r.get('format', 'int8')} | "
+            f"{r['prompts']} x {r['steps']} ({r['samples']}) | "
             f"**{r['peak_rss_gib']:.2f}** | "
             f"{_fmt(r.get('calibration_peak_gib'))} | {_fmt(r.get('writing_peak_gib'))} | {w['unet']:.2f} | "
             f"{sum(w.values()):.2f} | {r['activation_gib_per_call']:.2f} | {r['calibration_s']:.0f} | "
@@ -412,7 +433,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         log.info("matplotlib is not installed: no plot")
         return
     rows = [r for r in report["rows"] if not r.get("not_run")]
-    labels = [f"{r['model']}\n{r['size']}\n{r['backend']}" for r in rows]
+    labels = [f"{r['model']}\n{r['size']}\n{r['backend']} {r.get('format', 'int8')}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
     ax.bar(labels, [r["peak_rss_gib"] for r in rows], color=["#d62728" if r["backend"] == "onnxruntime" else "#1f77b4"
                                                              for r in rows])

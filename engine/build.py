@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 def build_engines(opts: BuildOptions) -> Manifest:
     """Build (or bring up to date) every engine in ``opts.out``; returns the saved manifest."""
     backend = resolve_backend(opts.backend)  # raises before anything is written
-    precision = resolve_precision(backend, opts.precision)
+    precision = resolve_precision(backend, opts.precision, fp8_attention=opts.fp8_attention)
     lora_specs = [LoraSpec.parse(s) for s in opts.loras]  # a bad --lora is refused before anything is written
     cn_specs = _controlnet_specs(opts, precision)  # and so is a ControlNet that does not fit the model
     out = Path(opts.out)
@@ -156,7 +156,10 @@ def _controlnet_specs(opts: BuildOptions, precision: str) -> list[Any]:
 
 
 def _default_build_command(opts: BuildOptions, out: Path, backend: str) -> str:
+    """The rebuild command for API callers (the CLI records its own argv): what decides the files' contents."""
     return " ".join([f"sdxl-trt build --model {opts.model} --out {out} --backend {backend}",
+                     *([f"--precision {opts.precision}"] if opts.precision else []),
+                     *(["--fp8-attention"] if opts.fp8_attention else []),
                      *(f"--controlnet {c}" for c in opts.controlnets),
                      *([f"--deepcache {','.join(map(str, sorted(set(opts.deepcache))))}"] if opts.deepcache else [])])
 

@@ -47,8 +47,11 @@ class OnnxExport:
         return cls(opts, onnx_dir, export, loras=list(loras))
 
     def source_hash(self, component: str, precision: str) -> str:
-        """The exported file's SHA-256 (the precision is in the file; INT8 follows from the fp32 UNet)."""
-        return self.export.components[component].sha256
+        """The exported file's SHA-256 (the precision is in the file; INT8 follows from the fp32 UNet). An FP8
+        build with ``fp8_attention`` parses another Q/DQ file from the same export, so its key says so: a rebuild
+        that turns the option on or off is not "up to date"."""
+        sha = self.export.components[component].sha256
+        return f"{sha}+fp8-attention" if precision == "fp8" and self.opts.fp8_attention else sha
 
     def onnx_for(self, component: str, precision: str) -> tuple[Path, dict[str, Any]]:
         if precision not in QDQ_PRECISIONS:
@@ -88,7 +91,8 @@ class OnnxExport:
         report = build_int8_unet(lambda: load_base(opts), fp32_unet, out, num_prompts=opts.calibration_prompts,
                                  steps=opts.calibration_steps, width=b.width, height=b.height,
                                  backend=opts.calibration_backend,  # type: ignore[arg-type]
-                                 fmt=precision, typed=typed)  # type: ignore[arg-type]
+                                 fmt=precision, typed=typed,  # type: ignore[arg-type]
+                                 attention=precision == "fp8" and opts.fp8_attention)
         log.info("%s", report.summary())
         return (typed[1] if typed else out), {"int8": report.to_json()}
 

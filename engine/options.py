@@ -33,6 +33,7 @@ class BuildOptions:
     calibration_prompts: int = 32  # INT8: prompts from engine/data/calibration_prompts.txt (2 UNet calls sampled each)
     calibration_steps: int = 20  # INT8: denoising steps per calibration prompt (the schedule samples are spread over)
     calibration_backend: str = "torch"  # INT8: "torch" (hooks, bounded memory) or "onnxruntime" (ORT calibrator)
+    fp8_attention: bool = False  # FP8: Q/DQ on both inputs of the attention MatMuls too (Q.K^T, softmax.V)
     build_command: str = ""
     loras: tuple[str, ...] = ()  # --lora PATH[:SCALE]: fused into the base model before export and calibration
     controlnets: tuple[str, ...] = ()  # --controlnet PATH[:NAME] / PRESET[:NAME]: engines controlnet.NAME, and a
@@ -78,13 +79,17 @@ def resolve_backend(requested: str | None) -> str:
     return "onnxruntime"
 
 
-def resolve_precision(backend: str, requested: str | None) -> str:
-    """The model-wide precision (each component's then follows ``contracts.component_precision``)."""
+def resolve_precision(backend: str, requested: str | None, *, fp8_attention: bool = False) -> str:
+    """The model-wide precision (each component's then follows ``contracts.component_precision``);
+    ``fp8_attention`` is refused here, before anything is written, unless the precision is fp8."""
     gpu = cuda_available()
     precision = requested or ("fp16" if gpu else "fp32")
     if backend == "torch" and precision == "int8":
         raise BuildError("--precision int8 is for tensorrt and onnxruntime engines (explicit Q/DQ); "
                          "use fp16 or fp32 with --backend torch")
+    if precision != "fp8" and fp8_attention:
+        raise BuildError(f"--fp8-attention quantizes the attention MatMuls in FP8, so it needs --precision fp8, not "
+                         f"{precision!r}; drop --fp8-attention or build with --precision fp8")
     if precision == "fp8":
         if backend != "tensorrt":
             why = ("ONNX Runtime's CPU and CUDA providers run FP8 Q/DQ by dequantizing to float, so it would be "

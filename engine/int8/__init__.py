@@ -85,6 +85,7 @@ def build_int8_unet(
     providers: Sequence[str] | None = None,
     fmt: Literal["int8", "fp8"] = "int8",
     typed: tuple[Path, Path] | None = None,
+    attention: bool = False,
 ) -> QuantizationReport:
     """Calibrate on ``num_prompts`` prompts, quantize, and measure the error on ``num_eval_prompts`` other prompts.
 
@@ -102,9 +103,14 @@ def build_int8_unet(
 
     ``fmt="fp8"``: FP8 E4M3 Q/DQ (scales amax / 448, weights per tensor) from the same ranges; torch ranges only.
     ``typed``: (fp16 UNet ONNX, out): the same Q/DQ also written into the fp16 UNet, the file strongly typed
-    TensorRT builds (the unquantized remainder fp16); ``out_onnx`` is then the fp32 twin the error is measured on."""
+    TensorRT builds (the unquantized remainder fp16); ``out_onnx`` is then the fp32 twin the error is measured on.
+    ``attention`` (fp8 only): the attention's Q.K^T and softmax.V MatMuls get FP8 Q/DQ on both inputs too, their
+    ranges measured in the same calibration run (:mod:`.ranges`)."""
     if fmt not in ("int8", "fp8"):
         raise BuildError(f"Q/DQ format must be int8 or fp8, got {fmt!r}")
+    if attention and fmt != "fp8":
+        raise BuildError(f"quantizing the attention MatMuls is an FP8 option (--fp8-attention); got format {fmt!r}: "
+                         "use --precision fp8 or drop --fp8-attention")
     if backend != "torch" and (fmt != "int8" or typed is not None):
         raise BuildError("FP8 and fp16-typed Q/DQ files are written from PyTorch-measured ranges; use calibration "
                          "backend 'torch'")
@@ -145,7 +151,7 @@ def build_int8_unet(
         if not quantize:
             raise BuildError(f"{fp32_unet_onnx} has no Conv/MatMul/Gemm with constant weights left to quantize; is it the UNet?")
         ranges, samples = collect_activation_ranges(loaded, graph, quantize, prompts[:num_prompts], seed=seed,
-                                                    max_samples=cap, **sampling)
+                                                    max_samples=cap, attention=attention, **sampling)
         del graph
     else:
         calib = collect_calibration_inputs(loaded, prompts[:num_prompts], seed=seed, max_samples=cap, **sampling)
@@ -165,7 +171,7 @@ def build_int8_unet(
         report = quantize_unet_from_ranges(
             fp32_unet_onnx, out_onnx, ranges=ranges, samples=samples, excluded=excluded, quantize=quantize,
             quant_level=quant_level, exclude_patterns=EXCLUDED_NAME_PATTERNS, eval_inputs=held_out or None,
-            providers=providers, fmt=fmt, typed=typed,
+            providers=providers, fmt=fmt, typed=typed, attention=attention,
         )
     else:
         report = quantize_unet(

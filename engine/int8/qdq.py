@@ -43,6 +43,11 @@ _ATTENTION_QKV = re.compile(r"(to_q|to_k|to_v)\b")
 _FEED_FORWARD = re.compile(r"ff[./]net")
 
 
+ATTENTION_ROLES = ("qk", "pv")
+"""The attention's two activation-by-activation MatMuls, as the exporter decomposes ``scaled_dot_product_attention``:
+``qk`` = (Q * sqrt(s)) @ (K^T * sqrt(s)), s = 1/sqrt(head_dim), and ``pv`` = softmax(qk) @ V."""
+
+
 def initializer_names(model: onnx.ModelProto) -> set[str]:
     return {i.name for i in model.graph.initializer}
 
@@ -51,6 +56,45 @@ def weighted_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Conv/MatMul/Gemm nodes whose second input (the weight) is a constant initializer."""
     inits = initializer_names(model)
     return [n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and len(n.input) > 1 and n.input[1] in inits]
+
+
+def attention_matmuls(model: onnx.ModelProto) -> dict[str, str]:
+    """The attention MatMuls (both inputs activations) by node name -> role, ``qk`` or ``pv`` (:data:`ATTENTION_ROLES`).
+
+    Found structurally, not by name: a MatMul with no constant input whose output reaches a Softmax is ``qk``; one
+    whose first input comes from a Softmax is ``pv`` (through Casts and Q/DQ either way: the fp16 file keeps the
+    softmax in fp32, and a quantized file has a Q/DQ pair between the softmax and ``pv``). Each attention gives one of each; a MatMul of two activations that is neither is not listed."""
+    inits = initializer_names(model) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+
+    passthrough = ("Cast", "QuantizeLinear", "DequantizeLinear")
+
+    def through_casts_up(name: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        while node is not None and node.op_type in passthrough:
+            node = producer.get(node.input[0])
+        return node
+
+    def reaches_softmax(name: str) -> bool:
+        for c in consumers.get(name, []):
+            if c.op_type == "Softmax" or (c.op_type in passthrough and reaches_softmax(c.output[0])):
+                return True
+        return False
+
+    out: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or any(i in inits for i in n.input):
+            continue
+        first = through_casts_up(n.input[0])
+        if first is not None and first.op_type == "Softmax":
+            out[n.name] = "pv"
+        elif reaches_softmax(n.output[0]):
+            out[n.name] = "qk"
+    return out
 
 
 def plan_exclusions(
@@ -146,13 +190,18 @@ def weight_axis(node: onnx.NodeProto) -> int:
     return 1  # MatMul B is [K, N]: N output channels
 
 
-def check_tensorrt_qdq(model: onnx.ModelProto, *, high_precision: Collection[str] = (), base_dir: str = "") -> list[str]:
+def check_tensorrt_qdq(model: onnx.ModelProto, *, high_precision: Collection[str] = (), base_dir: str = "",
+                       attention: bool = False) -> list[str]:
     """Problems that would stop TensorRT from building this Q/DQ graph as intended (empty list: none).
 
     TensorRT's explicit quantization is symmetric: INT8 with zero-point 0, activations per tensor, weights per
     output channel in [-127, 127], float bias (no INT32 bias DQ), and DQ only on the inputs of the ops that should
     run in INT8 (Conv/MatMul/Gemm not named in ``high_precision``). ``base_dir``: where a graph loaded without its
-    external data finds it (the weights are then read one at a time)."""
+    external data finds it (the weights are then read one at a time).
+
+    ``attention``: whether the attention MatMuls are quantized (FP8 ``--fp8-attention``): then each must read a DQ
+    on *both* inputs, each a per-tensor FP8 activation pair (one side alone would leave TensorRT a mixed-precision
+    GEMM in float); without it none may read a DQ output."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -194,6 +243,26 @@ def check_tensorrt_qdq(model: onnx.ModelProto, *, high_precision: Collection[str
                     problems.append(f"{n.name}: per-channel axis {axis} is not {c.op_type}'s output-channel axis {weight_axis(c)}")
                 if w.dtype == np.int8 and int(w.min(initial=0)) < -127:
                     problems.append(f"{n.name}: weight uses -128; TensorRT's INT8 weights are in [-127, 127]")
+    dq_by_output = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for name, role in attention_matmuls(model).items():
+        node = next(n for n in model.graph.node if n.name == name)
+        dqs = [dq_by_output.get(i) for i in node.input]
+        if not attention:
+            if any(dqs):
+                problems.append(f"attention MatMul {name!r} ({role}) reads a DQ output but attention is not quantized")
+            continue
+        for i, dq in zip(node.input, dqs, strict=True):
+            if dq is None:
+                problems.append(f"attention MatMul {name!r} ({role}): input {i!r} has no Q/DQ (both inputs need one)")
+            elif dq.input[0] in inits:
+                problems.append(f"attention MatMul {name!r} ({role}): input {i!r} is a constant, not an activation")
+            else:
+                zp = inits.get(dq.input[2]) if len(dq.input) > 2 else None
+                sc = inits.get(dq.input[1])
+                if zp is None or zp.data_type != onnx.TensorProto.FLOAT8E4M3FN:
+                    problems.append(f"attention MatMul {name!r} ({role}): input {i!r} is not FP8 E4M3 Q/DQ")
+                if sc is not None and int(np.prod(sc.dims)) != 1:
+                    problems.append(f"attention MatMul {name!r} ({role}): input {i!r} scale is not per tensor")
     return problems
 
 

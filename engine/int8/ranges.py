@@ -13,12 +13,21 @@ pass's augmented outputs on the host instead).
 The statistic is the symmetric max-abs range, what ``minmax`` calibration computes (ONNX Runtime's MinMax with
 ``CalibTensorRangeSymmetric``): merged incrementally it is exact, and it is the recipe's measured default.
 Histogram-based methods (percentile, entropy) remain on the ONNX Runtime path.
+
+FP8 attention (``--fp8-attention``) also quantizes the attention's two activation MatMuls, whose inputs are no
+module's forward input: the exporter decomposes ``scaled_dot_product_attention`` into (Q * sqrt(s)) @ (K^T *
+sqrt(s)), softmax, @ V (s = 1/sqrt(head_dim)). :func:`attention_plan` maps each attention module to those four
+ONNX tensors, and while calibrating, ``F.scaled_dot_product_attention`` is wrapped so that, inside a hooked
+attention module at a picked call, it folds max|Q|*sqrt(s), max|K|*sqrt(s), max|V| and the softmax's max into the
+same running scalars (the softmax row by row in chunks of at most 2^22 scores (16 MiB in fp32), so memory stays one step's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Collection, Mapping, Sequence
+import math
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import onnx
@@ -26,6 +35,7 @@ import onnx
 from sdxl_trt.errors import BuildError
 
 from .calibration import Sampling, run_calibration_prompts
+from .qdq import attention_matmuls
 
 if TYPE_CHECKING:
     import torch
@@ -86,32 +96,129 @@ def observation_plan(graph: onnx.ModelProto, nodes: Collection[str], root: torch
     return plan
 
 
+ATTENTION_TENSORS = ("q", "k", "p", "v")
+"""The attention MatMuls' inputs: ``qk`` reads (q, k), ``pv`` reads (p, v); p is the softmax output."""
+_SCORES_PER_CHUNK = 1 << 22
+
+
+def attention_plan(graph: onnx.ModelProto, root: torch.nn.Module) -> dict[str, dict[str, str]]:
+    """Attention module path (in ``root``) -> its MatMul inputs' ONNX tensor names by :data:`ATTENTION_TENSORS`.
+    Raises naming the node when its module is missing or is not an attention (no ``to_q``)."""
+    plan: dict[str, dict[str, str]] = {}
+    roles = attention_matmuls(graph)
+    for node in graph.graph.node:
+        role = roles.get(node.name)
+        if role is None:
+            continue
+        path = module_path(node.name)
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            module = None
+        if module is None or not hasattr(module, "to_q"):
+            raise BuildError(f"attention MatMul {node.name!r} maps to {path!r}, which is not an attention module of "
+                             "the loaded UNet: is the ONNX file from another model? Re-export it")
+        names = ("q", "k") if role == "qk" else ("p", "v")
+        plan.setdefault(path, {}).update(dict(zip(names, node.input, strict=True)))
+    incomplete = {p: sorted(t) for p, t in plan.items() if set(t) != set(ATTENTION_TENSORS)}
+    if incomplete:
+        raise BuildError(f"attentions without both Q.K^T and softmax.V MatMuls: {list(incomplete)[:3]}; re-export")
+    return plan
+
+
 class AmaxObserver:
     """Running ``max(|x|)`` per ONNX tensor, fed by forward pre-hooks on the modules of an :func:`observation_plan`.
 
     The hooks act only while :attr:`active` is set (the picked UNet calls). Each keeps a 0-d float32 tensor on the
     module's device and folds every call in with ``torch.maximum``: no host copy, no sync, O(1) memory."""
 
-    def __init__(self, root: torch.nn.Module, plan: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, root: torch.nn.Module, plan: Mapping[str, Sequence[str]],
+                 attention: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.active = False
-        self._amax: dict[str, torch.Tensor | None] = {t: None for t in plan}
-        self._calls: dict[str, int] = dict.fromkeys(plan, 0)
+        attention = attention or {}
+        tensors = [*plan, *(t for names in attention.values() for t in names.values())]
+        self._amax: dict[str, torch.Tensor | None] = {t: None for t in tensors}
+        self._calls: dict[str, int] = dict.fromkeys(tensors, 0)
         self._handles: list[Any] = []
+        self._attention = attention
+        self._in_attention: str | None = None
         for tensor, paths in plan.items():
             for path in paths:
                 hook = self._hook(tensor)
                 self._handles.append(root.get_submodule(path).register_forward_pre_hook(hook))
+        for path in attention:
+            module = root.get_submodule(path)
+            self._handles.append(module.register_forward_pre_hook(self._enter(path)))
+            self._handles.append(module.register_forward_hook(self._leave))
+
+    def _fold(self, tensor: str, a: torch.Tensor) -> None:
+        import torch
+
+        prev = self._amax[tensor]
+        self._amax[tensor] = a if prev is None else torch.maximum(prev, a)
+        self._calls[tensor] += 1
+
+    def _enter(self, path: str) -> Any:
+        def hook(_module: torch.nn.Module, _args: tuple[Any, ...]) -> None:
+            self._in_attention = path
+
+        return hook
+
+    def _leave(self, _module: torch.nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
+        self._in_attention = None
+
+    @contextlib.contextmanager
+    def observing_attention(self) -> Iterator[None]:
+        """``F.scaled_dot_product_attention`` wrapped (diffusers' attention processors look it up per call) to fold
+        the attention MatMuls' input ranges of the hooked attention it runs in; a no-op without attention plan."""
+        if not self._attention:
+            yield
+            return
+        from torch.nn import functional
+
+        original = functional.scaled_dot_product_attention
+
+        def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.active and self._in_attention is not None:
+                self._observe_attention(self._attention[self._in_attention], query, key, value, attn_mask,
+                                        kwargs.get("scale"))
+            return original(query, key, value, attn_mask, *args, **kwargs)
+
+        functional.scaled_dot_product_attention = sdpa  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            functional.scaled_dot_product_attention = original
+
+    def _observe_attention(self, names: Mapping[str, str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None, scale: float | None) -> None:
+        """The exported graph's tensors: Q and K each times sqrt(s), V, and softmax(Q K^T s + mask)."""
+        import torch
+
+        s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        with torch.no_grad():
+            self._fold(names["q"], q.detach().abs().amax().float() * math.sqrt(s))
+            self._fold(names["k"], k.detach().abs().amax().float() * math.sqrt(s))
+            self._fold(names["v"], v.detach().abs().amax().float())
+            rows = q.shape[-2]
+            chunk = max(1, _SCORES_PER_CHUNK // max(1, q[..., :1, :1].numel() * k.shape[-2]))
+            p_max: torch.Tensor | None = None
+            for i in range(0, rows, chunk):
+                scores = (q[..., i:i + chunk, :].float() * s) @ k.float().transpose(-1, -2)
+                if mask is not None:
+                    m = mask[..., i:i + chunk, :] if mask.shape[-2] == rows else mask
+                    scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+                top = torch.softmax(scores, dim=-1).amax()
+                p_max = top if p_max is None else torch.maximum(p_max, top)
+            assert p_max is not None
+            self._fold(names["p"], p_max)
 
     def _hook(self, tensor: str) -> Any:
         def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             if not self.active:
                 return
-            import torch
-
-            a = args[0].detach().abs().amax().float()
-            prev = self._amax[tensor]
-            self._amax[tensor] = a if prev is None else torch.maximum(prev, a)
-            self._calls[tensor] += 1
+            self._fold(tensor, args[0].detach().abs().amax().float())
 
         return hook
 
@@ -144,20 +251,25 @@ def collect_activation_ranges(
     guidance_scale: float = 5.0,
     seed: int = 0,
     embeddings: Sequence[Mapping[str, Any]] | None = None,
+    attention: bool = False,
 ) -> tuple[dict[str, float], int]:
     """Max-abs ranges of the activations feeding ``nodes`` (of ``graph``), measured at the same picked UNet calls
-    :func:`.calibration.collect_calibration_inputs` would record. Returns (ranges by tensor name, samples)."""
+    :func:`.calibration.collect_calibration_inputs` would record. ``attention``: also the inputs of every
+    attention's two MatMuls (:func:`attention_plan`). Returns (ranges by tensor name, samples)."""
     plan = observation_plan(graph, nodes, model.unet)
-    observer = AmaxObserver(model.unet, plan)
-    log.info("calibration: observing %d activations through %d module hooks", len(plan),
-             sum(len(p) for p in plan.values()))
+    attn = attention_plan(graph, model.unet) if attention else {}
+    observer = AmaxObserver(model.unet, plan, attn)
+    log.info("calibration: observing %d activations through %d module hooks%s", len(plan),
+             sum(len(p) for p in plan.values()), f" and {len(attn)} attentions' MatMul inputs" if attn else "")
 
     def on_call(picked: bool, _args: tuple[Any, ...], _kwargs: dict[str, Any]) -> None:
         observer.active = picked
 
     try:
         sampling = Sampling(steps, width, height, max_samples, guidance_scale, seed)
-        samples = run_calibration_prompts(model, prompts, on_call, sampling, what="calibration", embeddings=embeddings)
+        with observer.observing_attention():
+            samples = run_calibration_prompts(model, prompts, on_call, sampling, what="calibration",
+                                              embeddings=embeddings)
     finally:
         observer.remove()
     return observer.ranges(), samples

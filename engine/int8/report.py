@@ -37,6 +37,7 @@ class QuantizationReport:
     format: str = "int8"  # int8 or fp8 (E4M3)
     typed_onnx: str | None = None  # the same Q/DQ in the fp16 UNet: what a strongly typed TensorRT build parses
     error_typed: dict[str, Any] | None = None  # measure_error of typed_onnx against the fp32 file
+    attention_matmuls: int = 0  # attention MatMuls with FP8 Q/DQ on both inputs (fp8 --fp8-attention), else 0
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -49,6 +50,8 @@ class QuantizationReport:
             err += (f"; fp16-typed file rel. L2 {self.error_typed['relative_l2_mean']:.4f}, cosine "
                     f"{self.error_typed['cosine_mean']:.5f}")
         q = ", ".join(f"{k} {v}" for k, v in sorted(self.quantized_nodes.items()))
+        if self.attention_matmuls:
+            q += f" (incl. {self.attention_matmuls} attention MatMuls)"
         return (
             f"{self.format.upper()} UNet: quantized {q}; {len(self.excluded_nodes)} weighted nodes kept high precision; "
             f"{self.calibration_samples} calibration samples, {self.seconds:.1f} s{err}"

@@ -16,6 +16,10 @@ FP8 (``fmt="fp8"``, TensorRT's FP8 recipe as NVIDIA ModelOpt writes it for SDXL)
 Q/DQ, activations per tensor with scale ``amax / 448`` from the same ranges, weights **per tensor**
 (``max|w| / 448``: TensorRT's FP8 convolutions and GEMMs take one weight scale), zero points FP8 zero.
 
+FP8 attention (``attention``: the attention MatMuls' node names): both inputs of each Q.K^T and softmax.V MatMul
+get an activation pair too, per tensor ``amax / 448`` (no weight: both are activations), so TensorRT can run the
+attention's two GEMMs in FP8; their scales take the input tensor's float type.
+
 The same ranges are written into either graph: the fp32 UNet (verified on the CPU, where ONNX Runtime runs the
 Q/DQ pairs intact) or the fp16 UNet (the typed file TensorRT builds: the quantized layers INT8/FP8, the rest
 fp16; its scales are fp16, which needs opset 19 as ``float8e4m3fn`` does, so such files are converted to 19).
@@ -37,7 +41,14 @@ from onnx.external_data_helper import uses_external_data
 from sdxl_trt.errors import BuildError
 from sdxl_trt.files import atomic_path
 
-from .qdq import QUANTIZED_OP_TYPES, check_tensorrt_qdq, initializer_names, quantized_counts, weight_axis
+from .qdq import (
+    QUANTIZED_OP_TYPES,
+    attention_matmuls,
+    check_tensorrt_qdq,
+    initializer_names,
+    quantized_counts,
+    weight_axis,
+)
 from .report import QuantizationReport, measure_error
 
 log = logging.getLogger(__name__)
@@ -181,12 +192,16 @@ def write_qdq_model(
     ranges: Mapping[str, float],
     quantize: Collection[str],
     fmt: str = "int8",
+    attention: Collection[str] = (),
 ) -> onnx.ModelProto:
     """Write ``out_onnx``: the UNet (fp32 or fp16) with Q/DQ in front of ``quantize`` (node names), scales from
-    ``ranges`` (max-abs by activation tensor name), INT8 or FP8 (``fmt``). Returns the written graph (initializers
-    of large models external)."""
+    ``ranges`` (max-abs by activation tensor name), INT8 or FP8 (``fmt``); ``attention``: attention MatMuls (node
+    names) whose two activation inputs get FP8 Q/DQ too. Returns the written graph (initializers of large models
+    external)."""
     if fmt not in QMAX_OF:
         raise BuildError(f"Q/DQ format must be one of {list(QMAX_OF)}, got {fmt!r}")
+    if attention and fmt != "fp8":
+        raise BuildError(f"attention MatMuls are quantized in FP8 only (--fp8-attention), not {fmt!r}")
     fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
     model = onnx.load(str(fp32_onnx), load_external_data=False)
     if fmt == "fp8" or any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
@@ -198,7 +213,11 @@ def write_qdq_model(
     if len(nodes) != len(set(quantize)):
         missing = sorted(set(quantize) - set(nodes))
         raise BuildError(f"{len(missing)} nodes to quantize are not in {fp32_onnx}, e.g. {missing[:3]}")
-    no_range = sorted({n.input[0] for n in nodes.values()} - set(ranges))
+    attn_nodes = {n.name: n for n in graph.node if n.name in set(attention)}
+    if len(attn_nodes) != len(set(attention)):
+        raise BuildError(f"attention MatMuls not in {fp32_onnx}: {sorted(set(attention) - set(attn_nodes))[:3]}")
+    no_range = sorted(({n.input[0] for n in nodes.values()} | {i for n in attn_nodes.values() for i in n.input})
+                      - set(ranges))
     if no_range:
         raise BuildError(f"no calibration range for {len(no_range)} activations, e.g. {no_range[:3]}; calibrate again")
     bad = {t: a for t, a in ranges.items() if not np.isfinite(a)}
@@ -228,6 +247,23 @@ def write_qdq_model(
     def scale_dtype(node: onnx.NodeProto) -> type:
         """Q/DQ scales take the node's float type (DQ outputs it): its weight's (fp16 in the typed file)."""
         return np.float16 if inits[node.input[1]].data_type == TensorProto.FLOAT16 else np.float32
+
+    def activation_pair(act: str, dtype: type) -> str:
+        """The DQ output of ``act``'s one Q/DQ pair (made on first use), per tensor from its range."""
+        if act not in activation_dq:
+            scale = symmetric_scale(ranges[act], qmax).astype(dtype)
+            new_inits.extend([sink.put_array(f"{act}_scale", scale), sink.put_array(f"{act}_zero_point", zero)])
+            new_nodes.extend([
+                helper.make_node("QuantizeLinear", [act, f"{act}_scale", f"{act}_zero_point"],
+                                 [f"{act}_QuantizeLinear_Output"], name=f"{act}_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [f"{act}_QuantizeLinear_Output", f"{act}_scale",
+                                                      f"{act}_zero_point"],
+                                 [f"{act}_DequantizeLinear_Output"], name=f"{act}_DequantizeLinear"),
+            ])
+            activation_dq[act] = f"{act}_DequantizeLinear_Output"
+        return activation_dq[act]
+
+    float_types = _float_types(model, {i for n in attn_nodes.values() for i in n.input})
     try:
         for t in graph.initializer:  # the float weights that stay, in the file's order
             if t.name not in quantized_weights:
@@ -235,19 +271,12 @@ def write_qdq_model(
         for original in graph.node:
             n = onnx.NodeProto()
             n.CopyFrom(original)
+            if n.name in attn_nodes:
+                for i, act in enumerate(list(n.input)):
+                    n.input[i] = activation_pair(act, float_types[act])
             if n.name in nodes:
                 act = n.input[0]
-                if act not in activation_dq:
-                    scale = symmetric_scale(ranges[act], qmax).astype(scale_dtype(n))
-                    new_inits += [sink.put_array(f"{act}_scale", scale), sink.put_array(f"{act}_zero_point", zero)]
-                    new_nodes += [
-                        helper.make_node("QuantizeLinear", [act, f"{act}_scale", f"{act}_zero_point"],
-                                         [f"{act}_QuantizeLinear_Output"], name=f"{act}_QuantizeLinear"),
-                        helper.make_node("DequantizeLinear", [f"{act}_QuantizeLinear_Output", f"{act}_scale",
-                                                              f"{act}_zero_point"],
-                                         [f"{act}_DequantizeLinear_Output"], name=f"{act}_DequantizeLinear"),
-                    ]
-                    activation_dq[act] = f"{act}_DequantizeLinear_Output"
+                activation_pair(act, scale_dtype(n))
                 w = n.input[1]
                 axis = weight_axis(n)
                 if fmt == "fp8":  # per tensor: no axis
@@ -285,6 +314,49 @@ def write_qdq_model(
     log.info("wrote %s: %d activations and %d weights quantized%s", out_onnx, len(activation_dq),
              len(quantized_weights), f" (weights in {sink.location})" if external else "")
     return model
+
+
+def _float_types(model: onnx.ModelProto, names: Collection[str]) -> dict[str, type]:
+    """numpy float type (float32 / float16) of each tensor in ``names``, from the graph's value_info (the exporter
+    stores it), shape inference filling any gap. Raises naming a tensor that is not float32 or float16."""
+    want = set(names)
+    if not want:
+        return {}
+    graph = model.graph
+
+    def known(g: onnx.GraphProto) -> dict[str, int]:
+        return {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
+
+    types = known(graph)
+    if not want <= set(types):
+        types.update(known(onnx.shape_inference.infer_shapes(model).graph))
+    np_type = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+    bad = sorted(n for n in want if types.get(n) not in np_type)
+    if bad:
+        raise BuildError(f"attention MatMul inputs {bad[:3]} are not float32/float16 tensors (types "
+                         f"{[types.get(n) for n in bad[:3]]}): cannot place FP8 Q/DQ on them")
+    return {n: np_type[types[n]] for n in want}
+
+
+def attention_ranges(fp32_onnx: Path, other_onnx: Path, ranges: Mapping[str, float]) -> dict[str, float]:
+    """The attention MatMul inputs' ranges (keyed by the fp32 graph's tensor names) keyed by ``other_onnx``'s,
+    matched by attention module and role (Q.K^T / softmax.V) and input position."""
+    from .ranges import module_path
+
+    def by_role(path: Path) -> dict[tuple[str, str], list[str]]:
+        model = onnx.load(str(path), load_external_data=False)
+        roles = attention_matmuls(model)
+        return {(module_path(n.name), roles[n.name]): list(n.input) for n in model.graph.node if n.name in roles}
+
+    ours = by_role(fp32_onnx)
+    out: dict[str, float] = {}
+    for key, inputs in by_role(other_onnx).items():
+        if key not in ours:
+            continue  # no range: write_qdq_model names the tensor
+        for theirs, mine in zip(inputs, ours[key], strict=True):
+            if mine in ranges:
+                out[theirs] = float(ranges[mine])
+    return out
 
 
 def ranges_for_graph(fp32_onnx: Path, other_onnx: Path, ranges: Mapping[str, float],
@@ -330,23 +402,33 @@ def quantize_unet_from_ranges(
     providers: Sequence[str] | None = None,
     fmt: str = "int8",
     typed: tuple[Path, Path] | None = None,
+    attention: bool = False,
 ) -> QuantizationReport:
     """Write the Q/DQ UNet from measured ranges, check it as TensorRT will read it, and report (with the error on
     ``eval_inputs`` when given): the range-based counterpart of :func:`.ort.quantize_unet`. ``fmt``: int8 or
     fp8. ``typed``: (fp16 UNet, out): also write the same Q/DQ into the fp16 UNet, the file a strongly typed
-    TensorRT build parses; its error against the fp32 file is measured too (``error_typed``)."""
+    TensorRT build parses; its error against the fp32 file is measured too (``error_typed``). ``attention``: FP8
+    Q/DQ on both inputs of every attention MatMul as well (``ranges`` must hold them: :mod:`.ranges` with
+    ``attention=True``)."""
     fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
     if fp32_onnx.resolve() == out_onnx.resolve():
         raise BuildError(f"out_onnx {out_onnx} would overwrite the FP32 input; choose another path")
     t0 = time.perf_counter()
-    model = write_qdq_model(fp32_onnx, out_onnx, ranges=ranges, quantize=quantize, fmt=fmt)
-    problems = check_tensorrt_qdq(model, high_precision=set(excluded), base_dir=str(out_onnx.parent))
+
+    def attention_nodes(path: Path) -> list[str]:
+        return sorted(attention_matmuls(onnx.load(str(path), load_external_data=False))) if attention else []
+
+    attn = attention_nodes(fp32_onnx)
+    model = write_qdq_model(fp32_onnx, out_onnx, ranges=ranges, quantize=quantize, fmt=fmt, attention=attn)
+    problems = check_tensorrt_qdq(model, high_precision=set(excluded), base_dir=str(out_onnx.parent),
+                                  attention=attention)
     if problems:
         raise BuildError(f"the quantized UNet is not TensorRT-compatible ({len(problems)} problems), first: {problems[:3]}")
     quantized, qdq = quantized_counts(model)
     inits = initializer_names(model)
-    attention = sum(1 for n in model.graph.node if n.op_type == "MatMul" and not any(i in inits for i in n.input)
-                    and not any(i.endswith("_DequantizeLinear_Output") for i in n.input))
+    unquantized_attention = sum(1 for n in model.graph.node if n.op_type == "MatMul"
+                                and not any(i in inits for i in n.input)
+                                and not any(i.endswith("_DequantizeLinear_Output") for i in n.input))
     del model
     try:
         onnx.checker.check_model(str(out_onnx))
@@ -367,21 +449,28 @@ def quantize_unet_from_ranges(
         settings={
             "calibration_backend": "torch",
             "quant_format": "QDQ",
-            "activation_type": ("FP8 E4M3 per tensor (amax / 448)" if fmt == "fp8"
+            "activation_type": ("FP8 E4M3 per tensor (amax / 448)" + (", attention MatMul inputs too" if attn else "")
+                                if fmt == "fp8"
                                 else "QInt8 symmetric per tensor (amax / 127)"),
             "weight_type": "FP8 E4M3 per tensor (max|w| / 448)" if fmt == "fp8" else "QInt8 symmetric per output channel",
             "per_channel": fmt != "fp8",
             "op_types_to_quantize": list(QUANTIZED_OP_TYPES),
             "exclude_patterns": dict(exclude_patterns),
             "not_quantized": "every op but Conv/MatMul/Gemm (norms, softmax, activations, adds, concats, resizes)",
-            "attention_matmuls_not_quantized": attention,
+            "attention_matmuls_not_quantized": unquantized_attention,
+            "attention_matmuls_quantized": len(attn),
         },
+        attention_matmuls=len(attn),
     )
     if typed is not None:
         fp16_onnx, typed_out = typed
         typed_ranges = ranges_for_graph(fp32_onnx, fp16_onnx, ranges, quantize)
-        typed_model = write_qdq_model(fp16_onnx, typed_out, ranges=typed_ranges, quantize=quantize, fmt=fmt)
-        problems = check_tensorrt_qdq(typed_model, high_precision=set(excluded), base_dir=str(typed_out.parent))
+        if attention:
+            typed_ranges.update(attention_ranges(fp32_onnx, fp16_onnx, ranges))
+        typed_model = write_qdq_model(fp16_onnx, typed_out, ranges=typed_ranges, quantize=quantize, fmt=fmt,
+                                      attention=attention_nodes(fp16_onnx))
+        problems = check_tensorrt_qdq(typed_model, high_precision=set(excluded), base_dir=str(typed_out.parent),
+                                      attention=attention)
         if problems:
             raise BuildError(f"the fp16 Q/DQ UNet is not TensorRT-compatible ({len(problems)} problems), first: "
                              f"{problems[:3]}")

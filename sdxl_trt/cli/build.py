@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default: tensorrt if importable with a CUDA GPU, else onnxruntime")
     p.add_argument("--precision", choices=["fp16", "int8", "fp8", "fp32"], default=None,
                    help="default: fp16 on a GPU, fp32 on the CPU; fp8: TensorRT on compute capability 8.9+ (Ada, Hopper, Blackwell)")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="fp8: also quantize the attention's Q.K^T and softmax.V MatMuls (FP8 Q/DQ on both inputs, "
+                   "ranges from the same calibration); default: convs and linears only (the MLPerf recipe)")
     p.add_argument("--buckets", default="all", help="'all' or WxH,WxH,...")
     p.add_argument("--max-batch", type=int, default=1, help="images per request the engines are built for")
     p.add_argument("--profile", choices=["per-bucket", "range"], default="per-bucket")
@@ -70,7 +73,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model_config=args.model_config, max_prompt_chunks=args.max_prompt_chunks, workspace_gib=args.workspace_gib,
         refittable=args.refittable, weight_streaming=args.weight_streaming, compile_torch=args.compile,
         calibration_prompts=args.calibration_prompts, calibration_steps=args.calibration_steps,
-        calibration_backend=args.calibration_backend,
+        calibration_backend=args.calibration_backend, fp8_attention=args.fp8_attention,
         loras=tuple(args.lora), **_controlnet_build_option(args.controlnet), deepcache=tuple(args.deepcache),
         build_command=" ".join(["sdxl-trt", *map(shlex.quote, sys.argv[1:])]),
     )
