@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from support.deepcache_reference import assert_close, diffusers_pipelines, run_deepcache
-from support.serve_server import ServerProcess, auth, decode_png, metric, png_b64
+from support.serve_server import ServerProcess, auth, decode_png, metric, png_b64, served
 
 TIMEOUT = 120.0
 
@@ -27,15 +27,8 @@ def reference(tiny_models):
 
 @pytest.fixture(scope="module")
 def server(tiny_deepcache_engines: Path, tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(tiny_deepcache_engines, tmp_path_factory.mktemp("serve") / "server.log", "--max-steps", "10")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        code = srv.stop()
-        text = srv.log()
-    assert code == 0, text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
+    yield from served(tiny_deepcache_engines, tmp_path_factory.mktemp("serve") / "server.log", "--max-steps", "10",
+                      clean_exit=True)
 
 
 def _post(srv: ServerProcess, path: str, body: Any) -> httpx.Response:

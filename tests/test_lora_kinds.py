@@ -31,7 +31,7 @@ import pytest
 import torch
 from support import lora_files as lf
 from support import lora_references as lr
-from support.serve_server import ServerProcess, auth, decode_png
+from support.serve_server import auth, decode_png, served
 from test_pipeline import run_diffusers_txt2img, to_uint8
 
 from sdxl_trt.lora import fuse_into_modules
@@ -240,13 +240,8 @@ def test_build_fuses_the_kinds_in_order(kinds, stacked_reference, images, tmp_pa
 
 @pytest.fixture(scope="module")
 def server(tiny_engines: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(tiny_engines, tmp_path_factory.mktemp("serve-kinds") / "server.log",
-                        "--lora-dir", str(lora_dir), "--warmup", "none", "--batch-window-ms", "0")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    yield from served(tiny_engines, tmp_path_factory.mktemp("serve-kinds") / "server.log",
+                      "--lora-dir", str(lora_dir), "--warmup", "none", "--batch-window-ms", "0")
 
 
 def test_a_real_server_lists_and_serves_every_kind(server, kinds, images):

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from support.serve_server import ServerProcess, auth, decode_png, metric
+from support.serve_server import ServerProcess, auth, decode_png, metric, served
 from test_lora_build import lora_files  # noqa: F401 - the module fixture lora_dir reads
 
 from sdxl_trt.request import GenerationRequest
@@ -29,13 +29,8 @@ def lora_dir(request) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_engines: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(tiny_engines, tmp_path_factory.mktemp("serve-extras") / "server.log",
-                        "--lora-dir", str(lora_dir), "--warmup", "none", "--batch-window-ms", "0")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    yield from served(tiny_engines, tmp_path_factory.mktemp("serve-extras") / "server.log",
+                      "--lora-dir", str(lora_dir), "--warmup", "none", "--batch-window-ms", "0")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -83,6 +84,23 @@ def start(srv: ServerProcess) -> ServerProcess:
         srv.stop()
         raise
     return srv
+
+
+def served(engines: Path | None, log_path: Path, *args: str, clean_exit: bool = False,
+           secret: str | None = None) -> Iterator[ServerProcess]:
+    """A module fixture's whole body (``yield from served(...)``): the server started and ready, yielded, stopped.
+    With ``clean_exit`` it must then have exited 0 with no traceback (nor ``secret``) in its log."""
+    srv = ServerProcess(engines, log_path, *args)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        code = srv.stop()
+        text = srv.log()
+    if clean_exit:
+        assert code == 0, text[-3000:]
+        assert secret is None or secret not in text, "the secret reached a log line"
+        assert "Traceback" not in text, text[-3000:]
 
 
 def auth() -> dict[str, str]:
