@@ -78,6 +78,23 @@ def test_mismatched_named_dimensions_name_the_tensors():
 
 
 # --------------------------------------------------------------------------- building
+@pytest.mark.parametrize("omp", ["1", "3", None])
+def test_onnxruntime_threads_follow_omp_num_threads(tiny_engines: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    omp: str | None) -> None:
+    """ONNX Runtime's pool takes OMP_NUM_THREADS, the knob torch reads; unset, ORT's own default (0: a thread
+    per core)."""
+    from sdxl_trt.engine_dir.manifest import open_engine_dir
+    from sdxl_trt.runtime.loader import load_engines
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    engines = load_engines(tiny_engines, open_engine_dir(tiny_engines), device=torch.device("cpu"))
+    threads = {n: e.session.get_session_options().intra_op_num_threads for n, e in engines.items()}
+    assert set(threads.values()) == {int(omp or 0)}, threads
+
+
 def test_onnxruntime_engines_match_pytorch(tiny_engines: Path, tiny_models):
     """Each built ONNX Runtime engine, run through the Engine protocol, equals the PyTorch component."""
     from sdxl_trt.engine_dir.manifest import open_engine_dir
