@@ -8,6 +8,7 @@ in module-scoped fixtures, one per calibration backend (``built``: the default, 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import subprocess
@@ -72,6 +73,47 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def calibrate_once_per_setting() -> Iterator[None]:
+    """The fixtures below run ``build_int8_unet`` five times over the same prompts, seed and sample count (torch
+    ranges for int8 twice and fp8, ONNX Runtime's recorded inputs, fp8 with attention): the builds re-run only
+    what a setting changes. Measuring ranges or recording inputs for settings already seen returns a copy of the
+    first result (what a re-run gives: calibration is deterministic, and ``built`` and ``built_typed`` pinning the
+    same scales shows it), so the Q/DQ writing, the typed files and the error measurement each run per build."""
+    memo: dict[tuple[Any, ...], Any] = {}
+
+    def memoized(fn: Any, key_of: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            key = (fn.__name__, *key_of(*args, **kwargs))
+            if key not in memo:
+                memo[key] = fn(*args, **kwargs)
+            return copy.deepcopy(memo[key])
+        return wrapper
+
+    def digest(value: Any) -> Any:
+        if isinstance(value, torch.Tensor | np.ndarray):
+            return hashlib.sha256(np.ascontiguousarray(np.asarray(value)).tobytes()).hexdigest()
+        if isinstance(value, dict):
+            return tuple((k, digest(v)) for k, v in sorted(value.items()))
+        if isinstance(value, list | tuple):
+            return tuple(digest(v) for v in value)
+        return value
+
+    def settings(kw: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(sorted((k, digest(v)) for k, v in kw.items()))
+
+    def ranges_key(model: Any, graph: Any, nodes: Any, prompts: Any, **kw: Any) -> tuple[Any, ...]:
+        return (id(model), frozenset(nodes), tuple(prompts), settings(kw))
+
+    def inputs_key(model: Any, prompts: Any, **kw: Any) -> tuple[Any, ...]:
+        return (id(model), tuple(prompts), settings(kw))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int8, "collect_activation_ranges", memoized(int8.collect_activation_ranges, ranges_key))
+        mp.setattr(int8, "collect_calibration_inputs", memoized(int8.collect_calibration_inputs, inputs_key))
+        yield
 
 
 def _build(tmp: Path, backend: str) -> dict[str, Any]:
@@ -324,22 +366,23 @@ print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["int8", "fp8", "fp8-attention"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8-attention"])
 def test_peak_host_memory_does_not_grow_with_calibration_samples(built: dict[str, Any], tmp_path: Path,
                                                                  fmt: str) -> None:
-    """2 vs 16 samples, each build in its own process (peak RSS is per process). Measured: 523 vs 526 MB. A path that
-    kept anything per sample at the hooked modules (their inputs are tens of MB per UNet call here) would add
-    hundreds of MB for the 14 extra samples; 32 MB covers allocator noise. FP8 uses the same ranges and writer;
-    fp8-attention also observes every attention's matmul inputs (the softmax in bounded chunks), kept as scalars."""
+    """2 vs 8 samples, each build in its own process (peak RSS is per process). Measured with 2 vs 16: 523 vs 526 MB.
+    A path that kept anything per sample at the hooked modules (their inputs are tens of MB per UNet call here)
+    would add well over 100 MB for the 6 extra samples; 32 MB covers allocator noise. Plain FP8 uses the same ranges
+    and writer as fp8-attention, which also observes every attention's matmul inputs (the softmax in bounded
+    chunks), kept as scalars: the two formats here cover all three."""
     peaks = {}
-    for prompts, samples in ((1, 2), (8, 16)):
+    for prompts, samples in ((1, 2), (4, 8)):
         run = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(built["fp32"]), str(tmp_path / f"{samples}.onnx"),
                               str(prompts), str(samples), fmt], capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         result = json.loads(run.stdout.strip().splitlines()[-1])
         assert result["samples"] == samples
         peaks[samples] = result["peak_kib"] / 1024
-    assert peaks[16] - peaks[2] < 32, peaks
+    assert peaks[8] - peaks[2] < 32, peaks
 
 
 def test_writer_streams_external_data_and_writes_the_same_model(built: dict[str, Any], tmp_path: Path) -> None:
