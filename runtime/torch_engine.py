@@ -17,7 +17,7 @@ Rules of this module (it is on the denoising loop's hot path):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class TorchEngine:
         self.compiled = compiled
         self._module = module
         self._weights: dict[str, torch.Tensor] = {}
+        self._before_weights_change: Callable[[], None] = lambda: None
         self._input_names = tuple(spec.input_names)
         self._output_names = tuple(spec.output_names)
 
@@ -75,6 +76,7 @@ class TorchEngine:
         engine = cls(program.module, spec, profiles, device=device, input_dtypes=program.input_dtypes,
                      output_dtypes=program.output_dtypes, compiled=program.compiled)
         engine._weights = program.weights
+        engine._before_weights_change = program.before_weights_change
         return engine
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -84,6 +86,7 @@ class TorchEngine:
     def set_weights(self, values: Mapping[str, torch.Tensor]) -> None:
         """Overwrite weights in place: same addresses, so CUDA graphs and compiled code stay valid (Inductor
         compiles without weight freezing, reading parameters at run time)."""
+        self._before_weights_change()
         with torch.no_grad():
             for name, value in values.items():
                 self._weights[name].copy_(value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,21 @@ def lora_dir(request):
 
 
 @pytest.fixture(scope="module")
-def torch_engines(tiny_torch_engines: Path) -> Path:
-    """torch programs of tiny, 256x256 among their buckets (shared: runtime LoRAs change the loaded weights, never the files)."""
-    return tiny_torch_engines
+def torch_engines(tiny_torch_engines: Path) -> Iterator[Path]:
+    """torch programs of tiny, 256x256 among their buckets (shared: runtime LoRAs change the loaded weights, never
+    the files). A pipeline over them stays loaded, unchanged, for the module: each test's own loads then reuse its
+    parsed programs (sdxl_trt/engine_dir/torch_program.py; the tiny UNet's parse is about 15 s of CPU, a module
+    from the parsed program 1 s) with weights copied from the files', so they are fresh loads all the same."""
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    keep = Pipeline.load(tiny_torch_engines, device="cpu")
+    yield tiny_torch_engines
+    del keep
+
+
+def _engines(backend: str, tiny_engines: Path, request: pytest.FixtureRequest) -> Path:
+    """The engine directory of ``backend`` (torch's only loaded when a test runs on it)."""
+    return request.getfixturevalue("torch_engines") if backend == "torch" else tiny_engines
 
 
 def _pixels(result) -> bytes:
@@ -50,12 +63,12 @@ def _pixels(result) -> bytes:
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_stacked_runtime_loras_match_diffusers_with_them_fused(backend, tiny_engines, torch_engines, lora_dir,
+def test_stacked_runtime_loras_match_diffusers_with_them_fused(backend, tiny_engines, request, lora_dir,
                                                                  tiny_models):
     from sdxl_trt.runtime.pipeline import Pipeline
 
     d, truth = lora_dir
-    engines = tiny_engines if backend == "onnxruntime" else torch_engines
+    engines = _engines(backend, tiny_engines, request)
     pipe = Pipeline.load(engines, device="cpu", lora_dirs=[d])
     result = pipe.generate(GenerationRequest(**PROMPT, loras=(("style", SCALES[0]), ("detail", SCALES[1]))))
     base = tiny_models[0]
@@ -71,18 +84,18 @@ def test_stacked_runtime_loras_match_diffusers_with_them_fused(backend, tiny_eng
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_switching_back_and_forth_equals_fresh_loads(backend, tiny_engines, torch_engines, lora_dir):
+def test_switching_back_and_forth_equals_fresh_loads(backend, tiny_engines, request, lora_dir):
     from sdxl_trt.runtime.pipeline import Pipeline
 
     d, _ = lora_dir
-    engines = tiny_engines if backend == "onnxruntime" else torch_engines
+    engines = _engines(backend, tiny_engines, request)
     sets = {"base": (), "A": (("style", 0.8),), "B": (("detail", -0.6), ("style", 0.3))}
     pipe = Pipeline.load(engines, device="cpu", lora_dirs=[d])
     addresses = None
     if backend == "torch":
         addresses = {c: {n: t.data_ptr() for n, t in e.weights().items()} for c, e in pipe.engines.items()}
     # The switching pipeline's first image (base, before any LoRA was applied) is a fresh load's base image;
-    # A and B each get their own fresh load (a torch load is the costly part: about 10 s of CPU each).
+    # A and B each get their own fresh load.
     fresh = {"base": _pixels(pipe.generate(GenerationRequest(**PROMPT)))}
     for name in ("A", "B"):
         fresh[name] = _pixels(Pipeline.load(engines, device="cpu", lora_dirs=[d]).generate(
@@ -224,14 +237,14 @@ def _refit_emulated(pipe):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch", "tensorrt-refit"])
-def test_switching_base_loha_dora_loha_base_is_exact_at_each_return(backend, tiny_engines, torch_engines, kind_dir):
+def test_switching_base_loha_dora_loha_base_is_exact_at_each_return(backend, tiny_engines, request, kind_dir):
     """One pipeline through base -> LoHa -> DoRA -> LoHa -> base: each return gives the image of its first
     visit bit for bit, and DoRA (which renormalises the weight it is merged into) the image of a fresh load's
     DoRA. TensorRT refit is emulated over ONNX Runtime (``RefitEmulation``): what is checked is what the
     switcher hands refit."""
     from sdxl_trt.runtime.pipeline import Pipeline
 
-    engines = torch_engines if backend == "torch" else tiny_engines
+    engines = _engines(backend, tiny_engines, request)
     sets = {"base": (), "LoHa": (("loha", 1.0),), "DoRA": (("dora", 0.7),)}
 
     def load():

@@ -262,6 +262,49 @@ def test_engine_moves_to_the_requested_device(tiny: dict[str, Any], built: dict[
             engine.run({n: torch.zeros(x.shape, dtype=x.dtype) for n, x in inputs.items()}, outputs, profile=profile)
 
 
+def test_a_file_loaded_again_reuses_its_parsed_program_with_weights_of_its_own(
+        tiny: dict[str, Any], built: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing is most of a load; a second load of a file whose first module lives reuses the parsed program, with
+    copied weights. Once the first module's weights change (a LoRA), later loads parse the file again, so every
+    load starts from the file's weights; the last module going frees the program."""
+    import gc
+
+    from sdxl_trt.engine_dir import torch_program
+
+    name = "vae_decoder"
+    spec, profiles = tiny["specs"][name], built[name]["profiles"]
+    path = tmp_path / f"{name}.pt2"  # a file of its own: no other test's engine shares its parsed program
+    path.write_bytes(Path(built[name]["path"]).read_bytes())
+    parses: list[str] = []
+    real_load = torch.export.load
+    monkeypatch.setattr(torch.export, "load", lambda f, *a, **k: parses.append(f) or real_load(f, *a, **k))
+
+    def load() -> TorchEngine:
+        return TorchEngine.load(path, spec, profiles, device="cpu")
+
+    def run(engine: TorchEngine) -> torch.Tensor:
+        profile, values = _cases(profiles)[0]
+        inputs = sample_inputs(spec, values, torch.float32, seed=1)
+        return _run(engine, inputs, profile)[spec.output_names[0]]
+
+    first, second = load(), load()
+    assert len(parses) == 1
+    w1, w2 = first.weights(), second.weights()
+    assert w1.keys() == w2.keys() and all(w1[k].data_ptr() != w2[k].data_ptr() for k in w1)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    file_image = run(second)
+    torch.testing.assert_close(run(first), file_image, rtol=0, atol=0)
+    first.set_weights({k: torch.zeros_like(v) for k, v in w1.items() if v.is_floating_point()})
+    assert not torch.equal(run(first), file_image)
+    torch.testing.assert_close(run(second), file_image, rtol=0, atol=0)  # untouched by the first's change
+    third = load()
+    assert len(parses) == 2  # the parsed program's weights were no longer the file's
+    torch.testing.assert_close(run(third), file_image, rtol=0, atol=0)
+    del first, second, third
+    gc.collect()
+    assert not any(key[0] == str(path.resolve()) and ref() is not None for key, ref in torch_program._PARSED.items())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_engine_on_cuda_runs_on_the_callers_stream(tmp_path: Path) -> None:

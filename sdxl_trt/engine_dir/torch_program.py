@@ -11,9 +11,11 @@ neither diffusers nor transformers (tests/test_torch_backend.py checks that in a
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +39,16 @@ class LoadedProgram:
     output_dtypes: dict[str, torch.dtype]
     compiled: bool
     weights: dict[str, torch.Tensor]  # parameters and buffers by name, the tensors the module reads
+    # the parsed program this module came from; while any module holds it, a new load of the same file reuses it
+    program: torch.export.ExportedProgram | None = field(default=None, repr=False)
+    _parsed_key: tuple[str, int, int, str] | None = field(default=None, repr=False)
+
+    def before_weights_change(self) -> None:
+        """Call before changing :attr:`weights` in place. A first load's weights are the parsed program's own, the
+        ones a later load of the file would copy; from now on a later load parses the file again instead."""
+        if self._parsed_key is not None:
+            _forget_parsed(self._parsed_key, self.program)
+            self._parsed_key = None
 
     def __call__(self, spec: ComponentSpec, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The program's outputs, in the contract's order, for inputs named as in the contract."""
@@ -63,16 +75,24 @@ def load_program(
     if not path.is_file():
         raise ManifestError(f"{spec.name}: torch engine {path} does not exist; rebuild with --backend torch")
     t0 = time.perf_counter()
-    try:
-        program = torch.export.load(str(path))
-    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad or foreign archive
-        raise ManifestError(
-            f"{spec.name}: {path} is not a loadable torch.export archive with torch {torch.__version__} "
-            f"({type(e).__name__}: {e}); rebuild the engine with this torch"
-        ) from e
-    program = _on_device(program, device)
+    key = _parsed_key(path, device)
+    program = _parsed(key)
+    reused = program is not None
+    if program is None:
+        try:
+            program = torch.export.load(str(path))
+        except Exception as e:  # noqa: BLE001 - torch raises several types for a bad or foreign archive
+            raise ManifestError(
+                f"{spec.name}: {path} is not a loadable torch.export archive with torch {torch.__version__} "
+                f"({type(e).__name__}: {e}); rebuild the engine with this torch"
+            ) from e
+        program = _on_device(program, device)
     input_dtypes, output_dtypes = _signature_dtypes(program, spec, path)
     module: torch.nn.Module = program.module()
+    if reused:
+        _own_weights(module)  # the first load's module may change its weights (LoRAs): this one starts from the file's
+    else:
+        _remember_parsed(key, program)
     weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     if compile:
         if cache_artifacts is not None:
@@ -81,9 +101,63 @@ def load_program(
         module = torch.compile(module, dynamic=False)
     elif cache_artifacts is not None:
         log.warning("%s: cache_artifacts %s ignored: compile=False", spec.name, cache_artifacts)
-    log.info("loaded torch engine %s from %s in %.2f s (compile=%s)", spec.name, path, time.perf_counter() - t0,
-             compile)
-    return LoadedProgram(module, input_dtypes, output_dtypes, compile, weights)
+    log.info("loaded torch engine %s from %s in %.2f s (compile=%s%s)", spec.name, path, time.perf_counter() - t0,
+             compile, ", parsed program reused" if reused else "")
+    return LoadedProgram(module, input_dtypes, output_dtypes, compile, weights, program=program,
+                         _parsed_key=None if reused else key)
+
+
+# ------------------------------------------------------------------------------- parsed programs, per process
+# Parsing a .pt2 is most of its load: torch rebuilds every node's symbolic shapes (sympy), 15 s of CPU for the tiny
+# UNet's 1,860 nodes, against 1 s to make a module from the parsed program. A file loaded again while a module
+# made from it lives (a second pipeline over the same engines, a benchmark's reload) reuses the parsed program and
+# gets weights of its own, copied from the program's while those are still the file's: the first load's module
+# shares them, so it calls ``before_weights_change`` before it changes them, and later loads parse again. Entries
+# are weak: the last module going frees its program, as before.
+_PARSED: dict[tuple[str, int, int, str], weakref.ref[torch.export.ExportedProgram]] = {}
+_PARSED_LOCK = threading.Lock()
+
+
+def _parsed_key(path: Path, device: torch.device) -> tuple[str, int, int, str]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(device))
+
+
+def _parsed(key: tuple[str, int, int, str]) -> torch.export.ExportedProgram | None:
+    with _PARSED_LOCK:
+        ref = _PARSED.get(key)
+        return ref() if ref is not None else None
+
+
+def _remember_parsed(key: tuple[str, int, int, str], program: torch.export.ExportedProgram) -> None:
+    with _PARSED_LOCK:
+        _PARSED[key] = weakref.ref(program)
+        for stale in [k for k, r in _PARSED.items() if r() is None]:
+            del _PARSED[stale]
+
+
+def _forget_parsed(key: tuple[str, int, int, str], program: torch.export.ExportedProgram | None) -> None:
+    with _PARSED_LOCK:
+        ref = _PARSED.get(key)
+        if ref is not None and ref() is program:
+            del _PARSED[key]
+
+
+def _own_weights(module: torch.nn.Module) -> None:
+    """Give ``module`` copies of its parameters and buffers (tied names stay tied), so changing them in place
+    touches no other module made from the same program."""
+    copies: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, param in list(module.named_parameters(remove_duplicate=False)):
+            owner_name, _, leaf = name.rpartition(".")
+            if id(param) not in copies:
+                copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            setattr(module.get_submodule(owner_name), leaf, copies[id(param)])
+        for name, buf in list(module.named_buffers(remove_duplicate=False)):
+            owner_name, _, leaf = name.rpartition(".")
+            if id(buf) not in copies:
+                copies[id(buf)] = buf.clone()
+            module.get_submodule(owner_name)._buffers[leaf] = copies[id(buf)]
 
 
 def _on_device(program: torch.export.ExportedProgram, device: torch.device) -> torch.export.ExportedProgram:
