@@ -34,12 +34,10 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_models):
-    from sdxl_trt.export.exporter import export_model
-
-    out = tmp_path_factory.mktemp("onnx")
-    export_model("tiny", out=out, components=list(COMPONENTS))
-    return out
+def exported(tiny_engines):
+    """The base export's ONNX files and weight map: the shared tiny build's (its ONNX Runtime engines are the
+    export's fp32 files). Read only."""
+    return tiny_engines
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +96,7 @@ def test_onnx_overrides_from_the_weight_map_equal_fused_pytorch(exported, loras,
     inputs = sample_inputs(spec, {"B": 2, "S": 77, "h": 32, "w": 32}, torch.float32, seed=4)
     ordered = [inputs[n] for n in spec.input_names]
     base_w = base_weights_from_onnx(cw, inits, list(cw.weights))
-
+    plain = _run(path, component, inputs, {})
     # A, then B from the kept base (not from A's weights), then both stacked.
     for sets in ([("a", 0.7)], [("b", -1.1)], [("a", 0.7), ("b", 0.4)]):
         updates = onnx_weight_updates(cw, component, base_w, [(read[k], s) for k, s in sets])
@@ -107,7 +105,6 @@ def test_onnx_overrides_from_the_weight_map_equal_fused_pytorch(exported, loras,
         with torch.inference_mode():
             want = _fused_wrapper(base, [(truths[k], s) for k, s in sets], component)(*ordered)
         want = (want,) if isinstance(want, torch.Tensor) else want
-        plain = _run(path, component, inputs, {})
         for o, w, p in zip(ours, want, plain, strict=True):
             assert _rel(o, w.numpy()) < 1e-4, (component, sets)
             assert _rel(p, w.numpy()) > 1e-3, (component, sets)  # the LoRA does change the output
