@@ -3,7 +3,7 @@
 The script runs for real (its phases, timeouts, bundling and summary) with a stand-in for the heavy commands:
 ``PYTHON`` points at a fake interpreter that writes what each command would leave (a manifest for the build,
 ``NAME.json/.md/.png`` for a benchmark, the JUnit file for pytest) and hands everything else (the summary) to
-the real one. CI also runs the real dry run (``--dry-run --controlnet --skip-tests``, .ci/run), which checks the count itself.
+the real one. CI also runs the real dry run (``--dry-run --controlnet --skip-tests --steps 2 --runs 1``, .ci/run), which checks the count itself.
 """
 
 from __future__ import annotations
