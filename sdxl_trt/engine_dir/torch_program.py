@@ -76,7 +76,8 @@ def load_program(
         raise ManifestError(f"{spec.name}: torch engine {path} does not exist; rebuild with --backend torch")
     t0 = time.perf_counter()
     key = _parsed_key(path, device)
-    program = _parsed(key)
+    with _PARSED_LOCK:
+        program = _PARSED.get(key)
     reused = program is not None
     if program is None:
         try:
@@ -92,7 +93,8 @@ def load_program(
     if reused:
         _own_weights(module)  # the first load's module may change its weights (LoRAs): this one starts from the file's
     else:
-        _remember_parsed(key, program)
+        with _PARSED_LOCK:
+            _PARSED[key] = program
     weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     if compile:
         if cache_artifacts is not None:
@@ -114,7 +116,8 @@ def load_program(
 # gets weights of its own, copied from the program's while those are still the file's: the first load's module
 # shares them, so it calls ``before_weights_change`` before it changes them, and later loads parse again. Entries
 # are weak: the last module going frees its program, as before.
-_PARSED: dict[tuple[str, int, int, str], weakref.ref[torch.export.ExportedProgram]] = {}
+_PARSED: weakref.WeakValueDictionary[tuple[str, int, int, str], torch.export.ExportedProgram] = (
+    weakref.WeakValueDictionary())
 _PARSED_LOCK = threading.Lock()
 
 
@@ -123,23 +126,9 @@ def _parsed_key(path: Path, device: torch.device) -> tuple[str, int, int, str]:
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(device))
 
 
-def _parsed(key: tuple[str, int, int, str]) -> torch.export.ExportedProgram | None:
-    with _PARSED_LOCK:
-        ref = _PARSED.get(key)
-        return ref() if ref is not None else None
-
-
-def _remember_parsed(key: tuple[str, int, int, str], program: torch.export.ExportedProgram) -> None:
-    with _PARSED_LOCK:
-        _PARSED[key] = weakref.ref(program)
-        for stale in [k for k, r in _PARSED.items() if r() is None]:
-            del _PARSED[stale]
-
-
 def _forget_parsed(key: tuple[str, int, int, str], program: torch.export.ExportedProgram | None) -> None:
     with _PARSED_LOCK:
-        ref = _PARSED.get(key)
-        if ref is not None and ref() is program:
+        if _PARSED.get(key) is program:
             del _PARSED[key]
 
 
