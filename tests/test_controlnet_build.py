@@ -200,15 +200,24 @@ def test_rebuild_without_controlnet_drops_it(tiny_controlnet_engines: Path, tmp_
 
 
 @pytest.mark.slow
-def test_torch_build_with_controlnet(tmp_path: Path) -> None:
-    """The whole torch build (about 80 s on 2 cores): the residual UNet's program and the ControlNet's (torch.export
-    with the residuals' h/4 and h/2 axes as derived Dims), each verified against PyTorch by the build."""
-    m = build_engines(BuildOptions(model="tiny", out=tmp_path / "t", backend="torch", precision="fp32",
-                                   buckets="256x256", controlnets=("tiny-controlnet:edges",)))
+def test_torch_build_with_controlnet(tiny_torch_engines: Path, tmp_path: Path) -> None:
+    """A ControlNet added to a torch build: the residual UNet's program and the ControlNet's (torch.export with the
+    residuals' h/4 and h/2 axes as derived Dims), each verified against PyTorch by the build; the text encoders and
+    VAEs, unchanged by a ControlNet, are kept as they were (the shared ``tiny-torch`` build, copied: its buckets and
+    batch size)."""
+    out = tmp_path / "t"
+    shutil.copytree(tiny_torch_engines, out)
+    before = Manifest.load(out)
+    m = build_engines(BuildOptions(model="tiny", out=out, backend="torch", precision="fp32", buckets="256x256,320x256",
+                                   max_batch=2, controlnets=("tiny-controlnet:edges",)))
     assert {"unet", "controlnet.edges"} <= set(m.components)
     assert max(m.components["controlnet.edges"].export_error.values()) < TOL
     assert max(m.components["unet"].export_error.values()) < TOL
     assert m.components["unet"].source_hash.endswith("+controlnet-residuals:fp32")
+    assert m.components["unet"].sha256 != before.components["unet"].sha256
+    kept = set(before.components) - {"unet"}
+    assert kept == {"text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder"}
+    assert all(m.components[c] == before.components[c] for c in kept), kept
 
 
 def test_presets_exist() -> None:
