@@ -324,25 +324,6 @@ def test_int8_build_writes_a_qdq_unet_and_reports_its_error(tmp_path: Path, tiny
     assert image.size == (256, 256)
 
 
-def test_torch_backend_builds_matches_pytorch_and_the_onnxruntime_pipeline(tiny_torch_engines: Path, tiny_pipeline):
-    """`--backend torch`: torch.export programs, checked against PyTorch at build time, and the whole pipeline on
-    them gives the ONNX Runtime pipeline's image (both fp32 of the same weights: at most 2 levels apart). The
-    build is the shared ``tiny-torch`` one (BuildOptions(model="tiny", backend="torch", precision="fp32",
-    buckets="256x256,320x256", max_batch=2), made by this checkout's build code: tests/support/engine_cache.py)."""
-    from sdxl_trt.request import GenerationRequest
-    from sdxl_trt.runtime.pipeline import Pipeline
-
-    out = tiny_torch_engines
-    m = Manifest.load(out)
-    assert {e.file for e in m.components.values()} == {f"{n}.pt2" for n in m.components}
-    for name, e in m.components.items():
-        assert max(e.export_error.values()) < 1e-5, name
-    req = GenerationRequest(prompt="a small red boat", steps=4, seed=9, scheduler="dpmpp_2m")
-    ours = np.asarray(Pipeline.load(out).generate(req).images[0]).astype(int)
-    ort = np.asarray(tiny_pipeline.generate(req).images[0]).astype(int)
-    assert np.abs(ours - ort).max() <= 2
-
-
 def test_manifest_written_before_the_engine_dir_move_loads(tiny_engines: Path, tmp_path: Path) -> None:
     """tests/data/manifest-format1-onnxruntime.json was written by the code before the engine-directory format
     moved to sdxl_trt.engine_dir: it loads unchanged, and today's build writes the same fields."""

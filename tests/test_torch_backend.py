@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,6 +120,26 @@ def test_engine_matches_pytorch(
             assert got[out_name].shape == spec.tensor(out_name).shape(values)
             torch.testing.assert_close(got[out_name], want[out_name], rtol=RTOL, atol=ATOL,
                                        msg=lambda m, n=out_name, v=values: f"{name}.{n} at {v}: {m}")
+
+
+def test_the_pipeline_on_torch_engines_gives_the_onnxruntime_pipelines_image(
+        tiny_torch_engines: Path, tiny_pipeline: Any, engines: dict[str, TorchEngine]) -> None:
+    """`--backend torch`: torch.export programs, checked against PyTorch at build time, and the whole pipeline on
+    them gives the ONNX Runtime pipeline's image (both fp32 of the same weights: at most 2 levels apart). The
+    build is the shared ``tiny-torch`` one (BuildOptions(model="tiny", backend="torch", precision="fp32",
+    buckets="256x256,320x256", max_batch=2), made by this checkout's build code: tests/support/engine_cache.py).
+    ``engines`` holds the same files loaded, unchanged, so the pipeline's load reuses their parsed programs."""
+    from sdxl_trt.request import GenerationRequest
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    m = Manifest.load(tiny_torch_engines)
+    assert {e.file for e in m.components.values()} == {f"{n}.pt2" for n in m.components}
+    for name, e in m.components.items():
+        assert max(e.export_error.values()) < 1e-5, name
+    req = GenerationRequest(prompt="a small red boat", steps=4, seed=9, scheduler="dpmpp_2m")
+    ours = np.asarray(Pipeline.load(tiny_torch_engines).generate(req).images[0]).astype(int)
+    ort = np.asarray(tiny_pipeline.generate(req).images[0]).astype(int)
+    assert np.abs(ours - ort).max() <= 2
 
 
 def test_unet_exports_latent_sides_as_multiples(tiny: dict[str, Any], built: dict[str, dict[str, Any]]) -> None:
