@@ -391,7 +391,9 @@ def calibration_peaks(built: dict[str, Any], tmp_path_factory: pytest.TempPathFa
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     peaks: dict[str, dict[int, float]] = {}
-    for line in run.stdout.strip().splitlines():
+    for line in run.stdout.splitlines():
+        if not line.startswith('{"fmt"'):  # anything else a library printed
+            continue
         result = json.loads(line)
         peaks.setdefault(result["fmt"], {})[result["samples"]] = result["peak_kib"] / 1024
     logging.getLogger(__name__).info("peak host memory (MB) by format and samples: %s", peaks)
