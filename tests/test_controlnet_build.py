@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from support import engine_cache
 from support.controlnet_files import (
     load_tiny_controlnet,
     write_controlnet_file,
@@ -203,13 +204,12 @@ def test_rebuild_without_controlnet_drops_it(tiny_controlnet_engines: Path, tmp_
 def test_torch_build_with_controlnet(tiny_torch_engines: Path, tmp_path: Path) -> None:
     """A ControlNet added to a torch build: the residual UNet's program and the ControlNet's (torch.export with the
     residuals' h/4 and h/2 axes as derived Dims), each verified against PyTorch by the build; the text encoders and
-    VAEs, unchanged by a ControlNet, are kept as they were (the shared ``tiny-torch`` build, copied: its buckets and
-    batch size)."""
+    VAEs, unchanged by a ControlNet, are kept as they were (the shared ``tiny-torch`` build, copied, and its recipe
+    with the ControlNet added)."""
     out = tmp_path / "t"
     shutil.copytree(tiny_torch_engines, out)
     before = Manifest.load(out)
-    m = build_engines(BuildOptions(model="tiny", out=out, backend="torch", precision="fp32", buckets="256x256,320x256",
-                                   max_batch=2, controlnets=("tiny-controlnet:edges",)))
+    m = build_engines(BuildOptions(**engine_cache.RECIPES["tiny-torch"], out=out, controlnets=("tiny-controlnet:edges",)))
     assert {"unet", "controlnet.edges"} <= set(m.components)
     assert max(m.components["controlnet.edges"].export_error.values()) < TOL
     assert max(m.components["unet"].export_error.values()) < TOL
