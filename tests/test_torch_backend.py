@@ -51,8 +51,9 @@ def built(tiny: dict[str, Any], tiny_torch_engines: Path,
           tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """Every tiny component's engine: name -> {path, profiles, info}. The base's five are the shared
     ``tiny-torch`` build's (``build_engines`` -> ``build_torch_engine`` with ``dim_multiples_for``, over these
-    BUCKETS and MAX_BATCH; its manifest holds each build's info). The refiner is built here without
-    ``dim_multiples``, so that torch.export's suggested fixes have to supply them."""
+    BUCKETS and MAX_BATCH; its manifest holds each build's info). The refiner is built here the same way (the
+    path without ``dim_multiples``, where torch.export's suggested fixes supply them at the price of a second
+    trace, has its own test on a small module: test_multiples_missing_from_the_call_come_from_a_second_trace)."""
     manifest = Manifest.load(tiny_torch_engines)
     out = {}
     for name in COMPONENTS:
@@ -61,7 +62,7 @@ def built(tiny: dict[str, Any], tiny_torch_engines: Path,
         if name == "refiner":
             path = tmp_path_factory.mktemp("torch-engines") / f"{name}.pt2"
             info = build_torch_engine(tiny["modules"][name], spec, path, profiles=profiles, precision=torch.float32,
-                                      device="cpu", dim_multiples=None)
+                                      device="cpu", dim_multiples=dim_multiples_for(name, tiny["dims"]))
         else:
             entry = manifest.components[name]
             assert [Profile.from_json(p).to_json() for p in entry.profiles] == [p.to_json() for p in profiles], name
@@ -149,9 +150,43 @@ def test_unet_exports_latent_sides_as_multiples(tiny: dict[str, Any], built: dic
     dims = built["unet"]["info"]["dynamic_dims"]
     assert dims == {"B": "1..4", "h": "32 (exported 32..36), multiple of 4", "w": "32..40, multiple of 4", "S": "77..231"}
     assert built["refiner"]["info"]["dynamic_dims"]["w"] == "32..40, multiple of 8"
-    assert built["refiner"]["info"]["dim_multiples"] == {"h": 8, "w": 8} == dim_multiples_for("refiner", tiny_dims)
+    assert dim_multiples_for("refiner", tiny_dims) == {"h": 8, "w": 8}  # three downsamplings: 2**3
     assert built["vae_encoder"]["info"]["dynamic_dims"] == {"B": "1..2", "h": "32 (exported 32..33)", "w": "32..40"}
     assert built["text_encoder"]["info"]["dynamic_dims"] == {"B": "1..12"}
+
+
+class _NeedsWidthMultipleOf4(torch.nn.Module):
+    """A VAE decoder's contract with diffusers' UNet habit: a branch on ``w % 4`` (diffusers passes explicit
+    upsample sizes when a side is not a multiple of its downsampling), which torch.export can only keep for
+    ``w = 4*k``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        x = self.conv(latent)
+        if x.shape[-1] % 4 != 0:
+            x = x[..., :-1]
+        return torch.nn.functional.interpolate(x, scale_factor=8.0, mode="nearest")
+
+
+def test_multiples_missing_from_the_call_come_from_a_second_trace(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """Without ``dim_multiples``, build_torch_engine traces with plain Dims, reads the multiples from
+    torch.export's suggested fixes, traces again with them, and the saved program runs every profile's width."""
+    spec = tiny["specs"]["vae_decoder"]
+    profiles = component_profiles(spec, buckets=BUCKETS, max_batch=MAX_BATCH)
+    module = _NeedsWidthMultipleOf4().eval()
+    path = tmp_path / "toy.pt2"
+    info = build_torch_engine(module, spec, path, profiles=profiles, precision=torch.float32, device="cpu",
+                              dim_multiples=None)
+    assert info["dim_multiples"] == {"w": 4}
+    assert info["dynamic_dims"]["w"] == "32..40, multiple of 4"
+    engine = TorchEngine.load(path, spec, profiles, device="cpu")
+    for seed, (profile, values) in enumerate(_cases(profiles)):
+        inputs = sample_inputs(spec, values, torch.float32, seed=seed)
+        torch.testing.assert_close(_run(engine, inputs, profile)["images"], _expected(module, spec, inputs)["images"],
+                                   rtol=RTOL, atol=ATOL)
 
 
 def test_multiples_come_from_torchs_suggested_fixes() -> None:
