@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,6 +40,25 @@ ROOT = Path(__file__).resolve().parents[1]
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true",
                      help="also run tests marked slow (deselected by default; CI runs them)")
+
+
+SAME_WORKER = {"tests/test_torch_backend.py": "torch-programs", "tests/test_lora_runtime.py": "torch-programs"}
+"""Files that ``--dist loadfile`` hands to one worker as one unit, by unit name: the readers of
+``tiny_torch_parsed``, which share its parsed programs only within a process."""
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile``, with the files of :data:`SAME_WORKER` grouped (other modes: xdist's own)."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return SAME_WORKER.get(file, file)
+
+    return GroupedFiles(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -125,6 +145,20 @@ def tiny_torch_engines() -> Path:
     """torch.export programs of tiny (no refiner), fp32, buckets 256x256 and 320x256, up to 2 images per batch.
     Shared: read it, or copy it before changing anything."""
     return engine_cache.shared("tiny-torch")
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_parsed(tiny_torch_engines: Path) -> Iterator[Path]:
+    """``tiny_torch_engines``, with a pipeline over them held loaded and unchanged for the session: every later load
+    of these files in this process reuses its parsed programs (sdxl_trt/engine_dir/torch_program.py: parsing is
+    most of a load, about 15 s of CPU for the tiny UNet against 1 s for a module made from the parsed program) and
+    gets weights of its own copied from the files', so it is a fresh load all the same. The files that read it
+    run on one xdist worker (:data:`SAME_WORKER`), so the suite parses each program once."""
+    from sdxl_trt.runtime.pipeline import Pipeline
+
+    held = Pipeline.load(tiny_torch_engines, device="cpu")
+    yield tiny_torch_engines
+    del held
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +40,11 @@ def lora_dir(request):
 
 
 @pytest.fixture(scope="module")
-def torch_engines(tiny_torch_engines: Path) -> Iterator[Path]:
+def torch_engines(tiny_torch_parsed: Path) -> Path:
     """torch programs of tiny, 256x256 among their buckets (shared: runtime LoRAs change the loaded weights, never
-    the files). A pipeline over them stays loaded, unchanged, for the module: each test's own loads then reuse its
-    parsed programs (sdxl_trt/engine_dir/torch_program.py; the tiny UNet's parse is about 15 s of CPU, a module
-    from the parsed program 1 s) with weights copied from the files', so they are fresh loads all the same."""
-    from sdxl_trt.runtime.pipeline import Pipeline
-
-    keep = Pipeline.load(tiny_torch_engines, device="cpu")
-    yield tiny_torch_engines
-    del keep
+    the files); their parsed programs are held for the session (conftest's ``tiny_torch_parsed``), so each test's
+    loads are fresh loads that skip the parse."""
+    return tiny_torch_parsed
 
 
 def _engines(backend: str, tiny_engines: Path, request: pytest.FixtureRequest) -> Path:

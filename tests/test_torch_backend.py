@@ -47,14 +47,14 @@ def tiny() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def built(tiny: dict[str, Any], tiny_torch_engines: Path,
+def built(tiny: dict[str, Any], tiny_torch_parsed: Path,
           tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """Every tiny component's engine: name -> {path, profiles, info}. The base's five are the shared
     ``tiny-torch`` build's (``build_engines`` -> ``build_torch_engine`` with ``dim_multiples_for``, over these
     BUCKETS and MAX_BATCH; its manifest holds each build's info). The refiner is built here the same way (the
     path without ``dim_multiples``, where torch.export's suggested fixes supply them at the price of a second
     trace, has its own test on a small module: test_multiples_missing_from_the_call_come_from_a_second_trace)."""
-    manifest = Manifest.load(tiny_torch_engines)
+    manifest = Manifest.load(tiny_torch_parsed)
     out = {}
     for name in COMPONENTS:
         spec = tiny["specs"][name]
@@ -66,7 +66,7 @@ def built(tiny: dict[str, Any], tiny_torch_engines: Path,
         else:
             entry = manifest.components[name]
             assert [Profile.from_json(p).to_json() for p in entry.profiles] == [p.to_json() for p in profiles], name
-            path, info = tiny_torch_engines / entry.file, entry.extra
+            path, info = tiny_torch_parsed / entry.file, entry.extra
         out[name] = {"path": path, "profiles": profiles, "info": info}
     return out
 
@@ -124,21 +124,21 @@ def test_engine_matches_pytorch(
 
 
 def test_the_pipeline_on_torch_engines_gives_the_onnxruntime_pipelines_image(
-        tiny_torch_engines: Path, tiny_pipeline: Any, engines: dict[str, TorchEngine]) -> None:
+        tiny_torch_parsed: Path, tiny_pipeline: Any) -> None:
     """`--backend torch`: torch.export programs, checked against PyTorch at build time, and the whole pipeline on
     them gives the ONNX Runtime pipeline's image (both fp32 of the same weights: at most 2 levels apart). The
     build is the shared ``tiny-torch`` one (BuildOptions(model="tiny", backend="torch", precision="fp32",
     buckets="256x256,320x256", max_batch=2), made by this checkout's build code: tests/support/engine_cache.py).
-    ``engines`` holds the same files loaded, unchanged, so the pipeline's load reuses their parsed programs."""
+    ``tiny_torch_parsed`` holds their parsed programs, so the pipeline's load skips the parse."""
     from sdxl_trt.request import GenerationRequest
     from sdxl_trt.runtime.pipeline import Pipeline
 
-    m = Manifest.load(tiny_torch_engines)
+    m = Manifest.load(tiny_torch_parsed)
     assert {e.file for e in m.components.values()} == {f"{n}.pt2" for n in m.components}
     for name, e in m.components.items():
         assert max(e.export_error.values()) < 1e-5, name
     req = GenerationRequest(prompt="a small red boat", steps=4, seed=9, scheduler="dpmpp_2m")
-    ours = np.asarray(Pipeline.load(tiny_torch_engines).generate(req).images[0]).astype(int)
+    ours = np.asarray(Pipeline.load(tiny_torch_parsed).generate(req).images[0]).astype(int)
     ort = np.asarray(tiny_pipeline.generate(req).images[0]).astype(int)
     assert np.abs(ours - ort).max() <= 2
 
