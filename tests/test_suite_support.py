@@ -108,3 +108,29 @@ def test_a_write_into_a_shared_dir_is_caught_and_the_next_hand_out_rebuilds(fake
     engine_cache._handed_out.clear()  # the next process
     assert engine_cache.shared("fake", key_dir=key_dir) == out
     assert fake_builds == ["fake", "fake"] and not (out / "new.txt").exists()
+
+
+
+def test_the_files_grouped_on_one_worker_exist_and_read_the_held_programs() -> None:
+    """conftest.SAME_WORKER names files by path: a renamed file would silently leave its group (and parse the torch
+    programs again on another worker), a file that stopped reading ``tiny_torch_parsed`` would be grouped for
+    nothing. Under ``--dist loadfile`` the scheduler gives each of them its group's unit, every other file its own."""
+    import conftest
+
+    class LoadfileConfig:  # what the hook and xdist's scheduler read of a `-n 2 --dist loadfile` run
+        values = {"dist": "loadfile", "tx": ["2*popen"]}
+
+        def getoption(self, name: str, default: object = None) -> object:
+            return self.values.get(name, default)
+
+        getvalue = getoption
+
+    assert len(set(conftest.SAME_WORKER.values())) == 1 < len(conftest.SAME_WORKER)
+    for rel in conftest.SAME_WORKER:
+        assert "tiny_torch_parsed" in (ROOT / rel).read_text(encoding="utf-8"), rel
+    scheduler = conftest.pytest_xdist_make_scheduler(LoadfileConfig(), None)
+    units = {scheduler._split_scope(f"{rel}::test_x[a]") for rel in conftest.SAME_WORKER}
+    assert units == set(conftest.SAME_WORKER.values())
+    assert scheduler._split_scope("tests/test_pipeline.py::test_x") == "tests/test_pipeline.py"
+    LoadfileConfig.values["dist"] = "load"
+    assert conftest.pytest_xdist_make_scheduler(LoadfileConfig(), None) is None  # xdist's own scheduler
