@@ -47,11 +47,27 @@ SAME_WORKER = {"tests/test_torch_backend.py": "torch-programs", "tests/test_lora
 ``tiny_torch_parsed``, which share its parsed programs only within a process."""
 
 
+COSTLIEST_FIRST = (
+    "tests/test_torch_backend.py", "tests/test_lora_runtime.py",  # one unit (SAME_WORKER), the tiny-torch build in it
+    "tests/test_int8.py", "tests/test_lora_kinds.py", "tests/test_export.py", "tests/test_gpu.py",
+    "tests/test_controlnet_build.py", "tests/test_serve_http.py", "tests/test_build.py", "tests/test_playground.py",
+    "tests/test_serve_hardening2.py",
+)
+"""The files that cost the most CPU (self + the processes they start: 47-200 s each on 2 cores, 2026-12-02), collected
+first and in this order, the rest after them as pytest found them. Under xdist a worker takes the next file when it
+runs low, so big files at the start leave small ones to even out the end. xdist's own order (most tests first) left
+the torch unit, few tests and the costliest, to start near the end. ``test_controlnet_build`` waits for the
+tiny-torch build of the first unit, so it comes after files that take the other worker that long."""
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadfile``, with the files of :data:`SAME_WORKER` grouped (other modes: xdist's own)."""
+    """``--dist loadfile``, with the files of :data:`SAME_WORKER` grouped and handed out in collection order
+    (:data:`COSTLIEST_FIRST`), not most tests first; other modes: xdist's own."""
     if config.getoption("dist", None) != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False
 
     class GroupedFiles(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -62,6 +78,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {f: k for k, f in enumerate(COSTLIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:

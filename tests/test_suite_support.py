@@ -119,6 +119,7 @@ def test_the_files_grouped_on_one_worker_exist_and_read_the_held_programs() -> N
 
     class LoadfileConfig:  # what the hook and xdist's scheduler read of a `-n 2 --dist loadfile` run
         values = {"dist": "loadfile", "tx": ["2*popen"]}
+        option = type("Option", (), {"loadscopereorder": True})
 
         def getoption(self, name: str, default: object = None) -> object:
             return self.values.get(name, default)
@@ -126,11 +127,13 @@ def test_the_files_grouped_on_one_worker_exist_and_read_the_held_programs() -> N
         getvalue = getoption
 
     assert len(set(conftest.SAME_WORKER.values())) == 1 < len(conftest.SAME_WORKER)
+    assert all((ROOT / rel).is_file() for rel in conftest.COSTLIEST_FIRST), conftest.COSTLIEST_FIRST
     for rel in conftest.SAME_WORKER:
         assert "tiny_torch_parsed" in (ROOT / rel).read_text(encoding="utf-8"), rel
     scheduler = conftest.pytest_xdist_make_scheduler(LoadfileConfig(), None)
     units = {scheduler._split_scope(f"{rel}::test_x[a]") for rel in conftest.SAME_WORKER}
     assert units == set(conftest.SAME_WORKER.values())
     assert scheduler._split_scope("tests/test_pipeline.py::test_x") == "tests/test_pipeline.py"
+    assert LoadfileConfig.option.loadscopereorder is False  # units go out in collection order, costliest first
     LoadfileConfig.values["dist"] = "load"
     assert conftest.pytest_xdist_make_scheduler(LoadfileConfig(), None) is None  # xdist's own scheduler
