@@ -124,7 +124,8 @@ def test_a_service_never_imports_export_or_engine(tiny_engines: Path) -> None:
         from sdxl_trt.cli.serve import settings_from_args
         from sdxl_trt.serve.http.app import create_app
 
-        args = build_parser().parse_args(["serve", "--engines", {str(tiny_engines)!r}, "--device", "cpu"])
+        args = build_parser().parse_args(["serve", "--engines", {str(tiny_engines)!r}, "--device", "cpu",
+                                          "--warmup", "256x256"])  # the warm-up path, on one bucket
         app = create_app(settings_from_args(args))
 
         async def main():
