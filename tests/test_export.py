@@ -24,12 +24,15 @@ SHAPES = [{"B": 1, "S": 77, "h": 32, "w": 32}, {"B": 3, "S": 154, "h": 24, "w": 
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_models, tmp_path_factory: pytest.TempPathFactory):
+def exported(tiny_models, tiny_engines: Path):
+    """The tiny components' ONNX files as a build exports them (export_model -> export_onnx, fp32): the shared
+    ``tiny`` build's export stage (``onnx/``, base + refiner), read only, and the PyTorch modules they came from."""
     base, refiner = tiny_models
     specs = component_specs(model_dims(base, refiner))
     modules = wrap_components(base, refiner)
-    out = tmp_path_factory.mktemp("onnx")
-    paths = {n: export_onnx(m, specs[n], out / f"{n}.onnx", precision=torch.float32) for n, m in modules.items()}
+    stage = json.loads((tiny_engines / "onnx" / "manifest.json").read_text())
+    assert stage["precision"] == "fp32" and set(stage["components"]) == set(modules)
+    paths = {n: tiny_engines / "onnx" / e["file"] for n, e in stage["components"].items()}
     return specs, modules, paths
 
 
