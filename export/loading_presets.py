@@ -8,8 +8,6 @@ model rounded.
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -26,7 +24,7 @@ def load_preset(preset: Preset, *, dtype: torch.dtype, device: str | torch.devic
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     log.info("creating preset %s with seeded random weights (seed %d)", preset.name, preset.seed)
-    config_dir = preset.write_config_dir(Path(tempfile.mkdtemp(prefix=f"sdxl-trt-{preset.name}-")))
+    config_dir = preset.config_dir()
     # Each component gets its own seed so that adding one never changes another's weights. The weights
     # are drawn in float32 whatever ``dtype`` is, then cast (in finish): a bf16/fp16 load is the fp32
     # model rounded, so half-precision engines can be checked against it. (Drawn on ``device``: CUDA's

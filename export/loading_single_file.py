@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,7 @@ def load_single_file(
         kind = _checkpoint_kind(path, ckpt)
         if config is None:
             preset = PRESETS["sdxl-base-1.0" if kind == "base" else "sdxl-refiner-1.0"]
-            config_dir = preset.write_config_dir(Path(tempfile.mkdtemp(prefix="sdxl-trt-config-")))
+            config_dir = preset.config_dir()
             hint = ("(for a checkpoint of another shape pass config= / --model-config, a diffusers-format "
                     "directory whose configs describe it)")
 

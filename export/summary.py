@@ -7,7 +7,6 @@ as an :class:`~.result.ExportResult` with no components, without reading a weigh
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from sdxl_trt.errors import ExportError
+from sdxl_trt.files import process_temp_dir
 from sdxl_trt.identity import file_sha256, model_identity_hash
 from sdxl_trt.lora import LoraSpec
 from sdxl_trt.presets import PRESETS
@@ -52,7 +52,7 @@ def model_summary(model: str, *, refiner: str | None = None, model_config: str |
     dims = with_controlnet_residuals(model_dims(base, ref), base.unet.config, controlnets)
     dims = replace(dims, deepcache_features=deepcache_features(base.unet.config, deepcache))
     buckets = PRESETS[model].buckets if model in PRESETS else None
-    assets = Path(tempfile.mkdtemp(prefix="sdxl-trt-assets-"))
+    assets = process_temp_dir("assets")
     copy_runtime_assets(base, ref, assets)
     return ExportResult(
         model=model_entry(base, base.identity_hash, fused, fused_identity(base.identity_hash, loras)),
@@ -85,7 +85,7 @@ def _config_only(config_dir: Path, name: str, source: dict[str, Any], identity: 
 def _config_dir_of(source: str, model_config: str | None) -> tuple[Path, dict[str, Any]]:
     if source in PRESETS:
         preset = PRESETS[source]
-        d = preset.write_config_dir(Path(tempfile.mkdtemp(prefix=f"sdxl-trt-{source}-")))
+        d = preset.config_dir()
         return d, {"type": "preset", "name": source, "seed": preset.seed}
     path = Path(source).expanduser()
     if path.is_dir():

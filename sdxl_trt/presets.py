@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .buckets import SDXL_BUCKETS, Bucket
+from .files import process_temp_dir
 
 DATA_DIR = Path(__file__).parent / "data"
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
@@ -243,6 +245,22 @@ class Preset:
         for sub, pad in tokenizers.items():
             write_tokenizer_dir(out / sub, pad_token=pad)
         return out
+
+    def config_dir(self) -> Path:
+        """This preset's weightless diffusers directory for this process: written once (the first call), into a
+        scratch folder removed when the process exits (:func:`sdxl_trt.files.process_temp_dir`). Loads read it
+        (tokenizers, scheduler config, the assets a build copies next to its engines); nothing writes into it."""
+        with _config_dirs_lock:
+            known = _config_dirs.get(self.name)
+            if known is not None and known[0] == self and known[1].is_dir():
+                return known[1]
+            path = self.write_config_dir(process_temp_dir(self.name))
+            _config_dirs[self.name] = (self, path)
+            return path
+
+
+_config_dirs: dict[str, tuple[Preset, Path]] = {}
+_config_dirs_lock = threading.Lock()
 
 
 def write_tokenizer_dir(out: Path, *, pad_token: str) -> None:

@@ -35,6 +35,7 @@ from sdxl_trt.engine_dir.layout import BACKENDS, engine_file_name, export_onnx_p
 from sdxl_trt.engine_dir.manifest import Manifest, check_engine_dir
 from sdxl_trt.errors import ManifestError
 from sdxl_trt.files import atomic_path, write_atomic
+from sdxl_trt.presets import PRESETS
 
 ALL = (*COMPONENT_NAMES, "controlnet.edges")
 
@@ -177,6 +178,8 @@ def test_the_torch_summary_is_the_same_type_and_identity(tiny_engines: Path) -> 
     assert (summary.model, summary.refiner, summary.model_dims, summary.pipeline) == (
         export.model, export.refiner, export.model_dims, export.pipeline)
     assert summary.assets_dir is not None and (summary.assets_dir / "tokenizer").is_dir()
+    # in this process's scratch root (removed at exit: test_loading), beside the presets' configs it read
+    assert summary.assets_dir.parent == PRESETS["tiny"].config_dir().parent
 
 
 # --------------------------------------------------------------------------- contract version

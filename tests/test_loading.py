@@ -9,8 +9,11 @@ that compares against the same loaded model.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,8 +213,36 @@ def test_presets_are_deterministic(name: str, tiny: LoadedModel, tiny_refiner: L
     again = load_model(name)
     _assert_weights_equal(again, _state_dicts(first.modules()))
     assert again.identity_hash == first.identity_hash
+    assert again.config_dir == first.config_dir == PRESETS[name].config_dir()  # written once per process
     for m in again.modules().values():
         assert not m.training and not any(p.requires_grad for p in m.parameters())
+
+
+_SCRATCH_SCRIPT = """
+import os, sys
+from sdxl_trt.presets import PRESETS
+tiny = PRESETS["tiny"].config_dir()
+assert PRESETS["tiny"].config_dir() == tiny and (tiny / "tokenizer" / "vocab.json").is_file()
+assert PRESETS["tiny-refiner"].config_dir().parent == tiny.parent
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a forked child runs the exit hooks it inherited
+os.waitpid(pid, 0)
+assert tiny.is_dir(), "a forked child removed its parent's scratch folder"
+print(tiny.parent)
+"""
+
+
+def test_preset_configs_are_written_once_per_process_and_removed_at_exit(tmp_path: Path) -> None:
+    """Every load of a preset reads its weightless configs from a folder the process wrote: one per process, not one
+    per load, gone when the process exits (a service or script that loads presets again and again once left a
+    3 MB folder in /tmp per load)."""
+    run = subprocess.run([sys.executable, "-c", _SCRATCH_SCRIPT], env={**os.environ, "TMPDIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    root = Path(run.stdout.strip())
+    assert root.parent == tmp_path and root.name.startswith("sdxl-trt-")
+    assert list(tmp_path.iterdir()) == [], "the scratch root outlived its process"
 
 
 def test_refiner_shares_the_base_text_encoder_2(tiny: LoadedModel, tiny_refiner: LoadedModel) -> None:
