@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
     width, height = (int(v) for v in args.size.split("x"))
     size = (width, height)
-    rows = {"sdxl-trt": ours(args, Path(tempfile.mkdtemp(prefix="bench-controlnet-")), size)}
+    with tempfile.TemporaryDirectory(prefix="bench-controlnet-") as work:  # the engines it builds: GBs at full size
+        rows = {"sdxl-trt": ours(args, Path(work), size)}
     if args.baseline == "diffusers":
         rows["diffusers eager"] = diffusers_baseline(args, size)
     report = {"model": args.model, "controlnet": args.controlnet, "backend": args.backend,

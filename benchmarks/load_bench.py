@@ -294,6 +294,10 @@ class SpawnedServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log_file.close()
+        if exc[0] is None and self.proc is not None and self.proc.returncode == 0:
+            Path(self.log_file.name).unlink(missing_ok=True)
+        else:  # kept for whoever reads the failure
+            log.warning("the server's log is kept at %s", self.log_file.name)
 
     def log_tail(self, chars: int = 4000) -> str:
         self.log_file.flush()

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -23,7 +25,9 @@ import torch
 from support import engine_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("SDXL_TRT_CACHE_DIR", tempfile.mkdtemp(prefix="sdxl-trt-test-cache-"))  # hermetic hash cache
+if "SDXL_TRT_CACHE_DIR" not in os.environ:  # a hermetic hash cache, made by the first process (the workers inherit it)
+    os.environ["SDXL_TRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdxl-trt-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SDXL_TRT_CACHE_DIR"], ignore_errors=True)
 # Under pytest-xdist (CI runs two workers on its two cores) each worker takes one core's share of threads, and so
 # do the processes it starts (servers, CLI runs: torch reads OMP_NUM_THREADS at import). With torch's default of
 # one thread per core there, a server beside a busy worker has 3 threads on 2 cores, and OpenMP's barriers made its
