@@ -182,8 +182,13 @@ def test_limit_concurrency_refuses_with_503(double: ServerProcess) -> None:
 def test_15mb_prompt_is_refused_in_under_a_second_while_another_generates(tiny: ServerProcess) -> None:
     body = {"prompt": "a slow one", "size": "256x256", "steps": 10, "seed": 3}
     results: list[httpx.Response] = []
+
+    def generate() -> None:  # another client, on its own connection (an httpx.Client is not shared across threads)
+        with httpx.Client(headers=auth(), timeout=TIMEOUT) as other:
+            results.append(other.post(tiny.url + GEN, json=body))
+
     with httpx.Client(headers=auth(), timeout=TIMEOUT) as client:
-        busy = threading.Thread(target=lambda: results.append(client.post(tiny.url + GEN, json=body)))
+        busy = threading.Thread(target=generate)
         busy.start()
         for _ in range(200):  # until it runs (bounded: 10 s)
             if client.get(tiny.url + "/sdapi/v1/progress").json()["state"]["job_count"] >= 1:
