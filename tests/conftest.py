@@ -10,12 +10,9 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +21,11 @@ import pytest
 import torch
 from support import engine_cache
 
+from sdxl_trt.files import process_temp_dir
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if "SDXL_TRT_CACHE_DIR" not in os.environ:  # a hermetic hash cache, made by the first process (the workers inherit it)
-    os.environ["SDXL_TRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdxl-trt-test-cache-")
-    atexit.register(shutil.rmtree, os.environ["SDXL_TRT_CACHE_DIR"], ignore_errors=True)
+    os.environ["SDXL_TRT_CACHE_DIR"] = str(process_temp_dir("hash-cache"))  # removed when that process exits
 # Under pytest-xdist (CI runs two workers on its two cores) each worker takes one core's share of threads, and so
 # do the processes it starts (servers, CLI runs: torch reads OMP_NUM_THREADS at import). With torch's default of
 # one thread per core there, a server beside a busy worker has 3 threads on 2 cores, and OpenMP's barriers made its

@@ -183,7 +183,8 @@ def test_15mb_prompt_is_refused_in_under_a_second_while_another_generates(tiny: 
     body = {"prompt": "a slow one", "size": "256x256", "steps": 10, "seed": 3}
     results: list[httpx.Response] = []
 
-    def generate() -> None:  # another client, on its own connection (an httpx.Client is not shared across threads)
+    def generate() -> None:  # another client, on a connection of its own: the refusal below closes the refused
+        # client's connection early, and with one shared httpx.Client that once broke this request's read (EBADF)
         with httpx.Client(headers=auth(), timeout=TIMEOUT) as other:
             results.append(other.post(tiny.url + GEN, json=body))
 
